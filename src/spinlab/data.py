@@ -1,0 +1,335 @@
+"""Prompts, real responses and self-play pairs.
+
+A *source* turns a file, a hub data set or a built-in task into rows
+`{"prompt": str, "response": str, ...}` (any extra keys travel along as metadata).
+`SelfPlayDataModule` validates them, holds this round's pairs (prompt, real, synthetic),
+and batches them for training: the real and the synthetic sequence of a pair share the
+prompt's tokens, and each sequence is scored on its response tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from spinlab.logprobs import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the row and the field."""
+
+
+def _load_with_datasets(path: str, split: str | None = None, name: str | None = None):
+    import datasets
+
+    if name is not None:
+        return datasets.load_dataset(name, split=split)
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(FILE_FORMATS)}")
+    if not Path(path).exists():
+        raise DataError(f"{path}: file not found (set data.source.train to an existing file)")
+    return datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+
+
+def _to_rows(records, origin: str, prompt_field: str, response_field: str | None, messages_field):
+    rows = []
+    for i, rec in enumerate(records):
+        row = dict(rec)
+        if messages_field is not None:
+            prompt, response = _first_exchange(row.get(messages_field), origin, i, messages_field)
+        else:
+            prompt, response = row.get(prompt_field), row.get(response_field)
+        row.pop(prompt_field, None)
+        row.pop(response_field, None)
+        row.pop(messages_field, None)
+        rows.append({"prompt": prompt, "response": response, **row, "_origin": (origin, i)})
+    return rows
+
+
+def _first_exchange(messages, origin: str, i: int, field: str):
+    """First user turn and the assistant turn answering it (UltraChat's layout)."""
+    if not isinstance(messages, list):
+        return None, None
+    for a, b in zip(messages, messages[1:]):
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a.get("role") == "user" and b.get("role") == "assistant":
+                return a.get("content"), b.get("content")
+    return None, None
+
+
+class LocalFileSource:
+    """JSON, JSONL, Parquet or CSV files, one per split, read with `datasets`."""
+
+    def __init__(
+        self,
+        train: str,
+        validation: str | None = None,
+        test: str | None = None,
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        messages_field: str | None = None,
+    ):
+        self.paths = {"train": train, "validation": validation, "test": test}
+        self.fields = (prompt_field, response_field, messages_field)
+
+    def load(self, split: str) -> list[dict]:
+        path = self.paths.get(split)
+        if path is None:
+            return []
+        return _to_rows(_load_with_datasets(path), path, *self.fields)
+
+
+class HubSource:
+    """A Hugging Face hub data set (UltraChat200k by default); needs the network or a cache."""
+
+    def __init__(
+        self,
+        name: str,
+        splits: dict | None = None,
+        prompt_field: str = "prompt",
+        response_field: str | None = None,
+        messages_field: str | None = "messages",
+    ):
+        self.name = name
+        self.splits = dict(splits or {"train": "train"})
+        self.fields = (prompt_field, response_field, messages_field)
+
+    def load(self, split: str) -> list[dict]:
+        if split not in self.splits:
+            return []
+        try:
+            ds = _load_with_datasets("", split=self.splits[split], name=self.name)
+        except (ConnectionError, OSError) as err:
+            raise RuntimeError(
+                f"cannot load data set {self.name!r} split {self.splits[split]!r} from the hub: "
+                "it is not cached and the hub is unreachable (HF_HUB_OFFLINE=1?). Download it on a "
+                "machine with network access or use data=local with a file."
+            ) from err
+        return _to_rows(ds, f"{self.name}[{self.splits[split]}]", *self.fields)
+
+
+def validate_rows(rows: list[dict], bad_rows: str = "error") -> tuple[list[dict], int]:
+    """Keep rows with a non-empty string prompt and response and an unseen prompt.
+
+    With bad_rows="error" the first bad row raises a DataError naming file, row and field;
+    with "skip" bad rows are dropped and counted.
+    """
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    kept, seen, skipped = [], set(), 0
+    for row in rows:
+        origin, index = row.pop("_origin", ("<rows>", None))
+        problem = None
+        for field in ("prompt", "response"):
+            value = row.get(field)
+            if value is None:
+                problem = f"field {field!r} is missing"
+            elif not isinstance(value, str):
+                problem = f"field {field!r} must be a string, got {type(value).__name__}"
+            elif not value.strip():
+                problem = f"field {field!r} is empty"
+            if problem:
+                break
+        if problem is None and row["prompt"] in seen:
+            problem = "field 'prompt' duplicates an earlier row"
+        if problem:
+            if bad_rows == "error":
+                raise DataError(
+                    f"{origin}: row {index}: {problem}. Fix the row, or set data.bad_rows=skip "
+                    "to drop such rows (they are counted in the log)."
+                )
+            skipped += 1
+            continue
+        seen.add(row["prompt"])
+        kept.append(row)
+    if skipped:
+        log.warning("skipped %d bad rows (data.bad_rows=skip)", skipped)
+    return kept, skipped
+
+
+class SelfPlayDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source,
+        tokenizer=None,
+        batch_size: int = 4,
+        max_length: int = 256,
+        max_prompt_length: int = 128,
+        num_prompts: int | None = None,
+        mix_previous_rounds: int = 0,
+        system_prompt: str | None = None,
+        bad_rows: str = "error",
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if max_prompt_length >= max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({max_prompt_length}) must be below data.max_length "
+                f"({max_length}): the response needs room"
+            )
+        if mix_previous_rounds < 0:
+            raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
+        self.source = source
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.num_prompts = num_prompts
+        self.mix_previous_rounds = mix_previous_rounds
+        self.system_prompt = system_prompt
+        self.bad_rows = bad_rows
+        self.num_workers = num_workers
+        self.seed = seed
+        self.rows: dict[str, list[dict]] = {}
+        self.skipped: dict[str, int] = {}
+        self.pairs: list[dict] = []
+        self.encoded: list[dict] = []
+        self.opponent_logps: torch.Tensor | None = None
+
+    # -- rows -------------------------------------------------------------------------------
+    def load_split(self, split: str) -> list[dict]:
+        if split not in self.rows:
+            rows, skipped = validate_rows(self.source.load(split), self.bad_rows)
+            if split == "train" and self.num_prompts is not None:
+                rows = rows[: self.num_prompts]
+            rows = self._check_prompt_lengths(rows, split)
+            self.rows[split], self.skipped[split] = rows, skipped
+        return self.rows[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("SelfPlayDataModule needs a tokenizer before setup()")
+        if not self.load_split("train"):
+            raise DataError("the training split has no usable rows")
+
+    def _check_prompt_lengths(self, rows: list[dict], split: str) -> list[dict]:
+        kept = []
+        for i, row in enumerate(rows):
+            n = len(self.encode_prompt(row["prompt"]))
+            if n <= self.max_prompt_length:
+                kept.append(row)
+            elif self.bad_rows == "error":
+                raise DataError(
+                    f"{split} row {i}: field 'prompt' is {n} tokens with the chat template, over "
+                    f"data.max_prompt_length={self.max_prompt_length}. Raise the limit or set "
+                    "data.bad_rows=skip."
+                )
+        if len(kept) < len(rows):
+            log.warning("%s: skipped %d prompts over the length limit", split, len(rows) - len(kept))
+            self.skipped[split] = self.skipped.get(split, 0) + len(rows) - len(kept)
+        return kept
+
+    # -- tokens -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt as the chat template renders it, up to the assistant's turn.
+
+        Generation and training both use this, so the opponent answers exactly the
+        context that the policy is later scored in.
+        """
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_response(self, response: str, budget: int) -> list[int]:
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = ids + [self.tokenizer.eos_token_id]
+        return ids[:budget]
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    # -- pairs ------------------------------------------------------------------------------
+    def set_pairs(self, pairs: Sequence[dict]) -> None:
+        """This round's pairs; opponent log-probs, if cached, follow via set_opponent_logps."""
+        self.pairs = list(pairs)
+        self.encoded = []
+        for i, pair in enumerate(self.pairs):
+            prompt = self.encode_prompt(pair["prompt"])
+            budget = self.max_length - len(prompt)
+            self.encoded.append(
+                {
+                    "index": i,
+                    "prompt": prompt,
+                    "real": self.encode_response(pair["real"], budget),
+                    "synthetic": self.encode_response(pair["synthetic"], budget),
+                }
+            )
+        self.opponent_logps = None
+
+    def set_opponent_logps(self, logps: torch.Tensor) -> None:
+        if logps.shape != (len(self.encoded), 2):
+            raise ValueError(f"opponent log-probs of shape {tuple(logps.shape)} for {len(self.encoded)} pairs")
+        self.opponent_logps = logps
+
+    def steps_per_epoch(self, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
+        batches = math.ceil(math.ceil(len(self.encoded) / world_size) / self.batch_size)
+        return math.ceil(batches / accumulate_grad_batches)
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """[2B, T] batch: the B real sequences, then the B synthetic ones, right-padded."""
+        seqs, labels = [], []
+        for kind in ("real", "synthetic"):
+            for item in items:
+                seqs.append(item["prompt"] + item[kind])
+                labels.append([IGNORE_INDEX] * len(item["prompt"]) + item[kind])
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        label_ids = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (seq, lab) in enumerate(zip(seqs, labels)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            label_ids[row, : len(lab)] = torch.tensor(lab)
+            attention_mask[row, : len(seq)] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_ids,
+            "index": torch.tensor([item["index"] for item in items]),
+        }
+        if self.opponent_logps is not None:
+            batch["opponent_logps"] = self.opponent_logps[batch["index"]]
+        return batch
+
+    def _loader(self, shuffle: bool) -> DataLoader:
+        if not self.encoded:
+            raise RuntimeError("no pairs yet: SelfPlayCallback builds them at each round's start")
+        if shuffle:
+            # Seeded by epoch so that a resumed run sees the same order as an uninterrupted one.
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            sampler = RandomSampler(self.encoded, generator=generator)
+        else:
+            sampler = SequentialSampler(self.encoded)
+        return DataLoader(
+            self.encoded,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=True)
+
+    def scoring_dataloader(self) -> DataLoader:
+        """The round's pairs in order, for the opponent's log-probs."""
+        return self._loader(shuffle=False)

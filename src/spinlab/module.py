@@ -1,0 +1,164 @@
+"""SPINModule: the policy (θ_t+1, trained) against the opponent (θ_t, frozen).
+
+The opponent enters the loss only through its log-probs of each pair's real and synthetic
+response. With `opponent="cached"` (the default) they are computed once at the round's start
+from the policy's weights at that moment (exact, because the opponent is frozen for the whole
+round) and arrive in the batch; with `opponent="model"` a frozen copy of the policy scores
+every batch. Both give the same loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from spinlab.logprobs import sequence_logps
+
+OPPONENT_MODES = ("cached", "model")
+METRICS = ("loss", "margin", "accuracy", "reward_real", "reward_synthetic", "logp_real", "logp_synthetic")
+
+
+def warmup_linear_decay(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear warm-up over warmup_ratio of the round, then linear decay to 0."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+class SPINModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: nn.Module,
+        loss: Callable[[torch.Tensor], torch.Tensor],
+        optimizer: Callable,
+        lam: float = 0.1,
+        opponent: str = "cached",
+        warmup_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if opponent not in OPPONENT_MODES:
+            raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
+        if lam <= 0:
+            raise ValueError(f"lam must be > 0, got {lam}")
+        self.policy = policy
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.opponent_mode = opponent
+        self.warmup_ratio = warmup_ratio
+        if gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            policy.config.use_cache = False
+        self.opponent = None
+        if opponent == "model":
+            self.opponent = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.means = nn.ModuleDict({k: MeanMetric() for k in METRICS})
+        for metric in self.means.values():
+            metric.persistent(True)  # a resumed round's summary still covers the whole round
+        # Set by SelfPlayCallback.begin_round; these defaults serve a bare training step.
+        self.round_index, self.lam, self.round_lr = 0, lam, None
+        self.round_start_step, self.round_total_steps = 0, 1
+        self._batch_started = 0.0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.opponent is not None:
+            self.opponent.eval()  # frozen for the round: no dropout, ever
+        return self
+
+    # -- rounds -----------------------------------------------------------------------------
+    def begin_round(self, index: int, lam: float, lr: float, start_step: int, total_steps: int, fresh: bool):
+        """Called at each round's start (and again on resume, with fresh=False)."""
+        self.round_index, self.lam, self.round_lr = index, lam, lr
+        self.round_start_step, self.round_total_steps = start_step, max(1, total_steps)
+        if fresh:
+            for metric in self.means.values():
+                metric.reset()
+            if self.opponent is not None:
+                self.opponent.load_state_dict(self.policy.state_dict())
+
+    def round_means(self) -> dict[str, float]:
+        return {k: float(m.compute()) for k, m in self.means.items() if m.update_called}
+
+    # -- log-probs --------------------------------------------------------------------------
+    def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, synthetic) summed response log-probs of a collated [2B, T] batch."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return sequence_logps(logits, batch["labels"]).chunk(2)
+
+    @torch.no_grad()
+    def score_opponent(self, loader, desc: str = "opponent log-probs") -> torch.Tensor:
+        """[N, 2] log-probs of every pair under the current weights (= this round's opponent)."""
+        from tqdm.auto import tqdm
+
+        was_training = self.policy.training
+        self.policy.eval()
+        out = torch.zeros(len(loader.dataset), 2)
+        try:
+            for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                real, synthetic = self.sequence_logps(self.policy, batch)
+                out[batch["index"].cpu()] = torch.stack([real, synthetic], -1).float().cpu()
+        finally:
+            self.policy.train(was_training)
+        return out
+
+    # -- training ---------------------------------------------------------------------------
+    def forward_pairs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The SPIN objective on one batch (Eq. 4.7); returns per-pair tensors and the loss."""
+        logp_real, logp_synthetic = self.sequence_logps(self.policy, batch)
+        if self.opponent is not None:
+            with torch.no_grad():
+                opp_real, opp_synthetic = self.sequence_logps(self.opponent, batch)
+        elif "opponent_logps" in batch:
+            opp_real, opp_synthetic = batch["opponent_logps"].to(logp_real.dtype).unbind(-1)
+        else:
+            raise RuntimeError("opponent='cached' but the batch carries no opponent log-probs")
+        reward_real = self.lam * (logp_real - opp_real)
+        reward_synthetic = self.lam * (logp_synthetic - opp_synthetic)
+        margin = reward_real - reward_synthetic
+        return {
+            "loss": self.loss_fn(margin).mean(),
+            "margin": margin,
+            "accuracy": (margin > 0).float(),
+            "reward_real": reward_real,
+            "reward_synthetic": reward_synthetic,
+            "logp_real": logp_real,
+            "logp_synthetic": logp_synthetic,
+        }
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.round_lr is not None:
+            step = self.global_step - self.round_start_step
+            lr = self.round_lr * warmup_linear_decay(step, self.round_total_steps, self.warmup_ratio)
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = lr
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        out = self.forward_pairs(batch)
+        pairs = batch["input_ids"].shape[0] // 2
+        for name in METRICS:
+            value = out[name].detach()
+            self.means[name].update(value)
+            self.log(f"train/{name}", value.float().mean(), batch_size=pairs, sync_dist=True)
+        self.log("round", float(self.round_index), batch_size=pairs)
+        self.log("train/lam", float(self.lam), batch_size=pairs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=pairs)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._batch_started
+        tokens = float(batch["attention_mask"].sum())
+        self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1, sync_dist=False)
+
+    def configure_optimizers(self):
+        return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

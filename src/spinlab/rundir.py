@@ -1,0 +1,115 @@
+"""The run directory, the project's public output contract (README "Run directory").
+
+Every file is written atomically: to a temporary name in the same directory, fsynced, then
+renamed, so a reader never sees half a file. Only `*.partial.jsonl` files grow in place,
+one fsynced line at a time, and a torn last line is dropped when they are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class RunDir:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.root / "rounds" / f"round_{round_index:03d}"
+
+    def synthetic(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "synthetic.jsonl"
+
+    def synthetic_partial(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "synthetic.partial.jsonl"
+
+    def opponent_logps(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "opponent_logps.pt"
+
+    def round_stats(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "stats.json"
+
+    def hf(self, round_index: int) -> Path:
+        return self.root / "hf" / f"round_{round_index:03d}"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def write_json(path: Path, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append whole lines and fsync, so a kill loses at most the batch being written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
+    rows = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    complete, tail = lines[:-1], lines[-1]
+    if tail and not drop_torn_tail:
+        complete.append(tail)
+    for i, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg})") from err
+    return rows
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put a fully written directory in place of `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -1,0 +1,1 @@
+"""Built-in tasks whose data the project generates itself."""

@@ -1,0 +1,97 @@
+"""Run every SPIN round in one command: `python train.py model=tiny loss=hinge lam=0.5 rounds=3`.
+
+Read top to bottom: check the config, build the parts by `_target_`, fit (which resumes from
+the run directory's last checkpoint when there is one), print the per-round summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from spinlab.callbacks import check_round_overrides
+from spinlab.rundir import RunDir
+
+log = logging.getLogger("spinlab")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject impossible values before anything slow starts."""
+    if cfg.lam <= 0:
+        raise ValueError(f"lam must be > 0 (the KL strength λ), got {cfg.lam}")
+    if cfg.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
+    if cfg.epochs_per_round < 1:
+        raise ValueError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
+    if cfg.resume not in ("auto", "never"):
+        raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ValueError(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be below "
+            f"data.max_length ({cfg.data.max_length})"
+        )
+    check_round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
+
+
+def run(cfg: DictConfig) -> dict:
+    check_config(cfg)
+    run_dir = RunDir(cfg.run_dir)
+    ckpt = run_dir.last_checkpoint if run_dir.last_checkpoint.exists() else None
+    if ckpt is not None and cfg.resume == "never":
+        raise FileExistsError(
+            f"{run_dir.root} already holds a run ({ckpt}); choose another run_dir or name, "
+            "or set resume=auto to continue it"
+        )
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    loaded = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
+    module = instantiate(cfg.module, policy=loaded.model)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer = instantiate(
+        cfg.trainer,
+        max_epochs=cfg.rounds * cfg.epochs_per_round,
+        reload_dataloaders_every_n_epochs=1,
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(run_dir.root),
+    )
+    if ckpt is not None:
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
+
+    summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
+    if trainer.is_global_zero:
+        print_summary(summary, run_dir)
+    return summary
+
+
+def print_summary(summaries: dict, run_dir: RunDir) -> None:
+    header = f"{'round':>5} {'loss':>8} {'margin':>8} {'accuracy':>8} {'lam':>6} {'pairs':>6} {'seconds':>8}"
+    lines = [header]
+    for index in sorted(summaries):
+        s = summaries[index]
+        lines.append(
+            f"{index:>5} {s.get('loss', float('nan')):>8.4f} {s.get('margin', float('nan')):>8.4f} "
+            f"{s.get('accuracy', float('nan')):>8.3f} {s['lam']:>6g} {s['pairs']:>6} {s['seconds']:>8.1f}"
+        )
+    print("\nSPIN rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
+    print("\n".join(lines))
+    print(f"run directory: {run_dir.root}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
