@@ -6,6 +6,7 @@ the run directory's last checkpoint when there is one), print the per-round summ
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -47,6 +48,11 @@ def run(cfg: DictConfig) -> dict:
             f"{run_dir.root} already holds a run ({ckpt}); choose another run_dir or name, "
             "or set resume=auto to continue it"
         )
+    done = finished_rounds(run_dir)
+    if len(done) >= cfg.rounds:
+        log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
+        print_summary(done, run_dir)
+        return done
     run_dir.root.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -71,6 +77,12 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         print_summary(summary, run_dir)
     return summary
+
+
+def finished_rounds(run_dir: RunDir) -> dict:
+    if not run_dir.summary.exists():
+        return {}
+    return {s["round"]: s for s in json.loads(run_dir.summary.read_text())}
 
 
 def print_summary(summaries: dict, run_dir: RunDir) -> None:

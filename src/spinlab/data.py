@@ -120,17 +120,20 @@ class HubSource:
         return _to_rows(ds, f"{self.name}[{self.splits[split]}]", *self.fields)
 
 
-def validate_rows(rows: list[dict], bad_rows: str = "error") -> tuple[list[dict], int]:
+def validate_rows(
+    rows: list[dict], bad_rows: str = "error", check=None, origin: str = "<rows>"
+) -> tuple[list[dict], int]:
     """Keep rows with a non-empty string prompt and response and an unseen prompt.
 
-    With bad_rows="error" the first bad row raises a DataError naming file, row and field;
-    with "skip" bad rows are dropped and counted.
+    `check(row)` may name a further problem (a string) or return None. With bad_rows="error"
+    the first bad row raises a DataError naming file, row and field; with "skip" bad rows are
+    dropped and counted.
     """
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     kept, seen, skipped = [], set(), 0
-    for row in rows:
-        origin, index = row.pop("_origin", ("<rows>", None))
+    for position, row in enumerate(rows):
+        where, index = row.pop("_origin", (origin, position))
         problem = None
         for field in ("prompt", "response"):
             value = row.get(field)
@@ -144,10 +147,12 @@ def validate_rows(rows: list[dict], bad_rows: str = "error") -> tuple[list[dict]
                 break
         if problem is None and row["prompt"] in seen:
             problem = "field 'prompt' duplicates an earlier row"
+        if problem is None and check is not None:
+            problem = check(row)
         if problem:
             if bad_rows == "error":
                 raise DataError(
-                    f"{origin}: row {index}: {problem}. Fix the row, or set data.bad_rows=skip "
+                    f"{where}: row {index}: {problem}. Fix the row, or set data.bad_rows=skip "
                     "to drop such rows (they are counted in the log)."
                 )
             skipped += 1
@@ -202,10 +207,11 @@ class SelfPlayDataModule(L.LightningDataModule):
     # -- rows -------------------------------------------------------------------------------
     def load_split(self, split: str) -> list[dict]:
         if split not in self.rows:
-            rows, skipped = validate_rows(self.source.load(split), self.bad_rows)
+            origin = f"{type(self.source).__name__}[{split}]"
+            rows = self.source.load(split)
+            rows, skipped = validate_rows(rows, self.bad_rows, self._prompt_too_long, origin)
             if split == "train" and self.num_prompts is not None:
                 rows = rows[: self.num_prompts]
-            rows = self._check_prompt_lengths(rows, split)
             self.rows[split], self.skipped[split] = rows, skipped
         return self.rows[split]
 
@@ -215,22 +221,14 @@ class SelfPlayDataModule(L.LightningDataModule):
         if not self.load_split("train"):
             raise DataError("the training split has no usable rows")
 
-    def _check_prompt_lengths(self, rows: list[dict], split: str) -> list[dict]:
-        kept = []
-        for i, row in enumerate(rows):
-            n = len(self.encode_prompt(row["prompt"]))
-            if n <= self.max_prompt_length:
-                kept.append(row)
-            elif self.bad_rows == "error":
-                raise DataError(
-                    f"{split} row {i}: field 'prompt' is {n} tokens with the chat template, over "
-                    f"data.max_prompt_length={self.max_prompt_length}. Raise the limit or set "
-                    "data.bad_rows=skip."
-                )
-        if len(kept) < len(rows):
-            log.warning("%s: skipped %d prompts over the length limit", split, len(rows) - len(kept))
-            self.skipped[split] = self.skipped.get(split, 0) + len(rows) - len(kept)
-        return kept
+    def _prompt_too_long(self, row: dict) -> str | None:
+        n = len(self.encode_prompt(row["prompt"]))
+        if n > self.max_prompt_length:
+            return (
+                f"field 'prompt' is {n} tokens with the chat template, over "
+                f"data.max_prompt_length={self.max_prompt_length} (raise the limit)"
+            )
+        return None
 
     # -- tokens -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:

@@ -49,7 +49,7 @@ class SPINModule(L.LightningModule):
             raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
-        self.policy = policy
+        self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
         self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.opponent_mode = opponent

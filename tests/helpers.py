@@ -1,0 +1,39 @@
+"""Test-only parts that crash on cue, to exercise resume."""
+
+import lightning as L
+
+from spinlab.generation import HFGenerator
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAtBatch(L.Callback):
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Crash(f"injected crash at epoch {self.epoch} batch {self.batch}")
+
+
+class CrashingGenerator(HFGenerator):
+    """Writes `after` batches of round `round_index`, then dies."""
+
+    def __init__(self, crash_round: int, after: int, **kwargs):
+        super().__init__(**kwargs)
+        self.crash_round, self.after = crash_round, after
+
+    def generate(self, model, tokenizer, prompt_ids, on_batch, done=frozenset(), round_index=0, desc=""):
+        if round_index != self.crash_round:
+            return super().generate(model, tokenizer, prompt_ids, on_batch, done, round_index, desc)
+        written = []
+
+        def counting(rows):
+            on_batch(rows)
+            written.append(len(rows))
+            if len(written) == self.after:
+                raise Crash(f"injected crash after {self.after} generation batches")
+
+        return super().generate(model, tokenizer, prompt_ids, counting, done, round_index, desc)

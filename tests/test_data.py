@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from spinlab.data import DataError, LocalFileSource, SelfPlayDataModule, validate_rows
+from spinlab.logprobs import IGNORE_INDEX
+from spinlab.models import tiny_model
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_model().tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_collate_masks_prompt_and_appends_eos(tokenizer):
+    dm = SelfPlayDataModule(source=None, tokenizer=tokenizer, max_length=64, max_prompt_length=32)
+    dm.set_pairs([{"prompt": "hi", "real": "abc", "synthetic": "xy"}])
+    batch = dm.collate(dm.encoded)
+    prompt = dm.encode_prompt("hi")
+    assert tokenizer.decode(prompt) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    eos = tokenizer.eos_token_id
+    assert batch["input_ids"].shape == (2, len(prompt) + 4)
+    real, synthetic = batch["labels"].tolist()
+    assert real == [IGNORE_INDEX] * len(prompt) + tokenizer("abc", add_special_tokens=False)["input_ids"] + [eos]
+    assert synthetic[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert synthetic[len(prompt) :] == tokenizer("xy", add_special_tokens=False)["input_ids"] + [eos, IGNORE_INDEX]
+    assert batch["attention_mask"].sum(1).tolist() == [len(prompt) + 4, len(prompt) + 3]
+    # The real and the synthetic sequence share the prompt tokens.
+    assert torch.equal(batch["input_ids"][0, : len(prompt)], batch["input_ids"][1, : len(prompt)])
+
+
+def test_responses_are_truncated_to_max_length(tokenizer):
+    dm = SelfPlayDataModule(source=None, tokenizer=tokenizer, max_length=40, max_prompt_length=32)
+    dm.set_pairs([{"prompt": "hi", "real": "a" * 100, "synthetic": "b"}])
+    assert dm.collate(dm.encoded)["input_ids"].shape[1] == 40
+
+
+def test_local_jsonl_source_and_validation_messages(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"q": "1+1?", "a": "2"}, {"q": "2+2?", "a": "4", "extra": 1}])
+    rows = LocalFileSource(train=good, prompt_field="q", response_field="a").load("train")
+    kept, skipped = validate_rows(rows)
+    assert [(r["prompt"], r["response"]) for r in kept] == [("1+1?", "2"), ("2+2?", "4")]
+    assert kept[1]["extra"] == 1 and skipped == 0
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "x", "response": ""}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'response' is empty"):
+        validate_rows(LocalFileSource(train=bad).load("train"))
+    kept, skipped = validate_rows(LocalFileSource(train=bad).load("train"), bad_rows="skip")
+    assert len(kept) == 1 and skipped == 1
+
+
+def test_duplicate_and_missing_fields_are_named():
+    rows = [{"prompt": "a", "response": "b", "_origin": ("f.jsonl", 0)}, {"prompt": "a", "response": "c", "_origin": ("f.jsonl", 1)}]
+    with pytest.raises(DataError, match="f.jsonl: row 1: field 'prompt' duplicates"):
+        validate_rows([dict(r) for r in rows])
+    with pytest.raises(DataError, match="row 0: field 'response' is missing"):
+        validate_rows([{"prompt": "a", "_origin": ("f.jsonl", 0)}])
+    with pytest.raises(DataError, match="must be a string, got int"):
+        validate_rows([{"prompt": 3, "response": "b", "_origin": ("f.jsonl", 0)}])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        LocalFileSource(train=str(tmp_path / "nope.jsonl")).load("train")
+
+
+def test_long_prompts_error_or_skip(tokenizer):
+    class Rows:
+        def load(self, split):
+            return [{"prompt": "short", "response": "r"}, {"prompt": "x" * 200, "response": "r"}]
+
+    dm = SelfPlayDataModule(source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64)
+    with pytest.raises(DataError, match="row 1: field .prompt. is .* over data.max_prompt_length=64"):
+        dm.load_split("train")
+    dm = SelfPlayDataModule(source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64, bad_rows="skip")
+    assert [r["prompt"] for r in dm.load_split("train")] == ["short"]
+    assert dm.skipped["train"] == 1
+
+
+def test_impossible_lengths_rejected():
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        SelfPlayDataModule(source=None, max_length=64, max_prompt_length=64)
+
+
+def test_shuffle_is_seeded_per_epoch(tokenizer):
+    dm = SelfPlayDataModule(source=None, tokenizer=tokenizer, batch_size=1, seed=3)
+    dm.set_pairs([{"prompt": str(i), "real": "r", "synthetic": "s"} for i in range(20)])
+    first = [int(b["index"]) for b in dm.train_dataloader()]
+    again = [int(b["index"]) for b in dm.train_dataloader()]
+    assert first == again and sorted(first) == list(range(20)) and first != list(range(20))

@@ -1,0 +1,164 @@
+"""Whole runs of the tiny model: rounds, run directory, opponent hand-over, resume."""
+
+import csv
+import json
+
+import pytest
+import torch
+from omegaconf import open_dict
+from safetensors.torch import load_file
+
+import train
+from spinlab.data import SelfPlayDataModule
+from spinlab.models import tiny_model
+from spinlab.module import SPINModule
+from tests.conftest import compose_cfg
+from tests.helpers import Crash
+
+NUM_PROMPTS = 16
+
+
+def run(tmp_path, name, *overrides, extra_callbacks=None, generator=None):
+    cfg = compose_cfg(["debug=fast", f"data.num_prompts={NUM_PROMPTS}", *overrides], tmp_path / name)
+    with open_dict(cfg):
+        for key, value in (extra_callbacks or {}).items():
+            cfg.callbacks[key] = value
+        if generator is not None:
+            cfg.callbacks.self_play.generator = generator
+    return train.run(cfg), cfg
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    summary, cfg = run(tmp, "run")
+    return tmp / "run", summary, cfg
+
+
+def test_two_rounds_leave_the_documented_run_directory(reference):
+    root, summary, cfg = reference
+    for r in (0, 1):
+        rd = root / "rounds" / f"round_{r:03d}"
+        pairs = rows(rd / "synthetic.jsonl")
+        assert len(pairs) == NUM_PROMPTS
+        assert len({p["prompt"] for p in pairs}) == NUM_PROMPTS
+        assert set(pairs[0]) == {"prompt", "real", "synthetic", "meta"} and pairs[0]["meta"]["round"] == r
+        assert (rd / "opponent_logps.pt").exists() and (rd / "stats.json").exists()
+        assert json.loads((rd / "stats.json").read_text())["generation"]["new_tokens"] > 0
+        hf = root / "hf" / f"round_{r:03d}"
+        assert (hf / "model.safetensors").exists() and (hf / "config.json").exists()
+        assert (hf / "tokenizer.json").exists()
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    assert not list(root.rglob("*.tmp")) and not list(root.rglob("*.partial.jsonl"))
+    with open(root / "csv" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    for name in ("train/loss", "train/margin", "train/accuracy", "train/reward_real", "train/reward_synthetic",
+                 "train/logp_real", "train/logp_synthetic", "round", "gen/tokens_per_s", "perf/tokens_per_s"):
+        assert name in header, name
+    saved = json.loads((root / "summary.json").read_text())
+    assert [s["round"] for s in saved] == [0, 1]
+    assert saved[0]["pairs"] == NUM_PROMPTS and 0.0 <= saved[1]["accuracy"] <= 1.0
+    assert summary[0]["loss"] == pytest.approx(saved[0]["loss"])
+
+
+def test_policy_moved_each_round(reference):
+    root, _, cfg = reference
+    start = tiny_model(seed=cfg.seed).model.state_dict()
+    r0, r1 = weights(root / "hf" / "round_000"), weights(root / "hf" / "round_001")
+    for name, tensor in r0.items():
+        assert not torch.equal(tensor, start[name]), name
+        assert not torch.equal(r1[name], tensor), name
+
+
+def test_next_opponent_is_the_previous_final_policy(reference):
+    """Round 1's cached opponent log-probs are exactly those of the policy saved after round 0."""
+    root, _, cfg = reference
+    loaded = tiny_model(seed=cfg.seed)
+    loaded.model.load_state_dict(weights(root / "hf" / "round_000"), strict=False)
+    loaded.model.tie_weights()
+    dm = SelfPlayDataModule(None, loaded.tokenizer, batch_size=4, max_length=cfg.data.max_length,
+                            max_prompt_length=cfg.data.max_prompt_length)
+    dm.set_pairs(rows(root / "rounds" / "round_001" / "synthetic.jsonl"))
+    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    expected = module.score_opponent(dm.scoring_dataloader())
+    cached = torch.load(root / "rounds" / "round_001" / "opponent_logps.pt", weights_only=True)
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-4)
+    # ... and not those of the initial model: the opponent really changed between rounds.
+    initial = SPINModule(tiny_model(seed=cfg.seed).model, loss=None, optimizer=None)
+    assert not torch.allclose(cached, initial.score_opponent(dm.scoring_dataloader()), atol=1e-2)
+
+
+def test_model_opponent_mode_trains_the_same_policy(reference, tmp_path):
+    root, _, _ = reference
+    run(tmp_path, "model", "opponent=model")
+    for r in ("round_000", "round_001"):
+        a, b = weights(root / "hf" / r), weights(tmp_path / "model" / "hf" / r)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def assert_same_run(a, b):
+    for r in ("round_000", "round_001"):
+        assert (a / "rounds" / r / "synthetic.jsonl").read_bytes() == (b / "rounds" / r / "synthetic.jsonl").read_bytes()
+        wa, wb = weights(a / "hf" / r), weights(b / "hf" / r)
+        for name in wa:
+            assert torch.equal(wa[name], wb[name]), (r, name)
+
+
+def test_resume_after_a_crash_mid_epoch(reference, tmp_path):
+    root, _, _ = reference
+    crash = {"_target_": "tests.helpers.CrashAtBatch", "epoch": 1, "batch": 2}
+    with pytest.raises(Crash):
+        run(tmp_path, "run", extra_callbacks={"crash": crash})
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "run" / "hf" / "round_001").exists()
+    run(tmp_path, "run")  # the same command again
+    assert_same_run(root, tmp_path / "run")
+
+
+def test_resume_after_a_crash_mid_generation(reference, tmp_path):
+    root, _, cfg = reference
+    crashing = {**cfg.callbacks.self_play.generator, "_target_": "tests.helpers.CrashingGenerator",
+                "crash_round": 1, "after": 1}
+    with pytest.raises(Crash):
+        run(tmp_path, "run", generator=crashing)
+    partial = tmp_path / "run" / "rounds" / "round_001" / "synthetic.partial.jsonl"
+    assert len(rows(partial)) == cfg.generation.batch_size  # one batch kept, not lost
+    run(tmp_path, "run")
+    assert not partial.exists()
+    assert_same_run(root, tmp_path / "run")
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
+    root, _, _ = reference
+    run(tmp_path, "run")
+    before = (tmp_path / "run" / "rounds" / "round_001" / "synthetic.jsonl").read_bytes()
+    summary, _ = run(tmp_path, "run")
+    assert (tmp_path / "run" / "rounds" / "round_001" / "synthetic.jsonl").read_bytes() == before
+    assert sorted(summary) == [0, 1]
+
+
+def test_resume_never_refuses_an_existing_run(reference, tmp_path):
+    run(tmp_path, "run")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run(tmp_path, "run", "resume=never")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("lam=0", "lam must be > 0"), ("rounds=0", "rounds must be >= 1"),
+     ("data.max_prompt_length=400", "max_prompt_length"), ("+round_overrides.5.lr=1", "round_overrides key"),
+     ("+round_overrides.1.beta=1", "unknown setting")],
+)
+def test_impossible_values_fail_at_start(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, "bad", override)
+    assert not (tmp_path / "bad" / "rounds").exists()

@@ -1,0 +1,38 @@
+import math
+
+import pytest
+import torch
+
+from spinlab.logprobs import IGNORE_INDEX, sequence_logps, token_logps
+
+
+def test_sequence_logp_sums_response_tokens_only():
+    # One sequence of 4 tokens over a 3-token vocabulary; the prompt is token 0,
+    # the response tokens 1..3 (the last one plays EOS).
+    logits = torch.log(
+        torch.tensor(
+            [
+                [0.2, 0.5, 0.3],  # predicts token at position 1
+                [0.1, 0.1, 0.8],  # position 2
+                [0.6, 0.3, 0.1],  # position 3
+                [1 / 3, 1 / 3, 1 / 3],  # after the end: never scored
+            ]
+        )
+    ).unsqueeze(0)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 0]])
+    expected = math.log(0.5) + math.log(0.8) + math.log(0.6)
+    assert sequence_logps(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_prompt_and_padding_are_masked():
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 4, 5, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 3, 4, 5]]
+    )
+    per_token = token_logps(logits, labels)
+    assert per_token.shape == (2, 5)
+    assert (per_token[0, [0, 3, 4]] == 0).all()
+    log_probs = logits.log_softmax(-1)
+    manual0 = log_probs[0, 1, 4] + log_probs[0, 2, 5]
+    manual1 = sum(log_probs[1, t - 1, labels[1, t]] for t in range(1, 6))
+    torch.testing.assert_close(sequence_logps(logits, labels), torch.stack([manual0, manual1]))

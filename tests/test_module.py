@@ -1,0 +1,127 @@
+import copy
+import functools
+
+import pytest
+import torch
+
+from spinlab import losses
+from spinlab.data import SelfPlayDataModule
+from spinlab.models import tiny_model
+from spinlab.module import SPINModule, warmup_linear_decay
+
+PAIRS = [
+    {"prompt": "2 + 3?", "real": "2 + 3 = 5. The answer is 5.", "synthetic": "It is 7"},
+    {"prompt": "4 * 6?", "real": "4 * 6 = 24. The answer is 24.", "synthetic": "4 * 6 = 20, I think."},
+    {"prompt": "Half of 10?", "real": "10 / 2 = 5. The answer is 5.", "synthetic": "5"},
+]
+
+
+def make(opponent: str, seed: int = 0):
+    loaded = tiny_model(seed=seed)
+    module = SPINModule(
+        loaded.model,
+        loss=losses.logistic,
+        optimizer=functools.partial(torch.optim.RMSprop, lr=1e-3),
+        lam=0.5,
+        opponent=opponent,
+    )
+    dm = SelfPlayDataModule(source=None, tokenizer=loaded.tokenizer, max_length=96, max_prompt_length=48)
+    dm.set_pairs(PAIRS)
+    return module, dm
+
+
+def batch_of(dm):
+    return next(iter(dm.scoring_dataloader()))
+
+
+def test_cached_and_model_opponents_give_the_same_loss_and_gradients():
+    cached, dm = make("cached")
+    model_mode, _ = make("model")
+    # Move both policies away from the opponent, identically, so the log-ratios are non-zero.
+    with torch.no_grad():
+        for p, q in zip(cached.policy.parameters(), model_mode.policy.parameters()):
+            noise = torch.randn_like(p) * 0.05
+            p.add_(noise)
+            q.add_(noise)
+    opponent_logps = make("cached")[0].score_opponent(dm.scoring_dataloader())
+    dm.set_opponent_logps(opponent_logps)
+    batch = batch_of(dm)
+
+    out_cached = cached.forward_pairs(batch)
+    out_model = model_mode.forward_pairs({k: v for k, v in batch.items() if k != "opponent_logps"})
+    torch.testing.assert_close(out_cached["loss"], out_model["loss"])
+    assert out_cached["margin"].abs().min() > 1e-3  # a real comparison, not 0 == 0
+    out_cached["loss"].backward()
+    out_model["loss"].backward()
+    for p, q in zip(cached.policy.parameters(), model_mode.policy.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_loss_matches_hand_computation_from_logps():
+    module, dm = make("cached")
+    dm.set_opponent_logps(torch.tensor([[-10.0, -20.0], [-30.0, -5.0], [-1.0, -1.0]]))
+    batch = batch_of(dm)
+    out = module.forward_pairs(batch)
+    logp_real, logp_syn = module.sequence_logps(module.policy, batch)
+    margin = 0.5 * (logp_real - batch["opponent_logps"][:, 0]) - 0.5 * (logp_syn - batch["opponent_logps"][:, 1])
+    torch.testing.assert_close(out["margin"], margin)
+    torch.testing.assert_close(out["loss"], torch.log1p(torch.exp(-margin)).mean())
+    assert out["accuracy"].tolist() == (margin > 0).float().tolist()
+
+
+def test_opponent_is_visibly_frozen():
+    module, _ = make("model")
+    module.train()
+    assert module.policy.training
+    assert not module.opponent.training
+    assert not any(p.requires_grad for p in module.opponent.parameters())
+    assert all(p.requires_grad for p in module.policy.parameters())
+    opt = module.configure_optimizers()
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in module.policy.parameters()}
+
+
+def test_a_training_step_moves_the_policy_not_the_opponent():
+    module, dm = make("model")
+    batch = batch_of(dm)
+    opt = module.configure_optimizers()
+    policy_before = copy.deepcopy(module.policy.state_dict())
+    opponent_before = copy.deepcopy(module.opponent.state_dict())
+    for _ in range(3):
+        opt.zero_grad()
+        module.forward_pairs(batch)["loss"].backward()
+        opt.step()
+    moved = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
+    assert len(moved) == len(policy_before)
+    for k, v in module.opponent.state_dict().items():
+        assert torch.equal(v, opponent_before[k]), k
+    # The policy now prefers the real responses over the synthetic ones relative to the opponent.
+    assert module.forward_pairs(batch)["margin"].mean() > 0
+
+
+def test_begin_round_copies_policy_into_opponent_only_when_fresh():
+    module, _ = make("model")
+    with torch.no_grad():
+        next(module.policy.parameters()).add_(1.0)
+    module.begin_round(1, lam=0.2, lr=1e-3, start_step=0, total_steps=4, fresh=False)
+    assert not torch.equal(next(module.policy.parameters()), next(module.opponent.parameters()))
+    module.begin_round(1, lam=0.2, lr=1e-3, start_step=0, total_steps=4, fresh=True)
+    for p, q in zip(module.policy.parameters(), module.opponent.parameters()):
+        assert torch.equal(p, q)
+    assert module.lam == 0.2
+
+
+def test_invalid_settings_are_rejected():
+    loaded = tiny_model()
+    with pytest.raises(ValueError, match="lam"):
+        SPINModule(loaded.model, losses.logistic, torch.optim.SGD, lam=0.0)
+    with pytest.raises(ValueError, match="opponent"):
+        SPINModule(loaded.model, losses.logistic, torch.optim.SGD, opponent="ema")
+
+
+def test_warmup_linear_decay_numbers():
+    # 10 steps, 10 % warm-up: step 0 is the single warm-up step, then 9 → 0 linearly.
+    assert warmup_linear_decay(0, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_linear_decay(1, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_linear_decay(5, 10, 0.1) == pytest.approx(5 / 9)
+    assert warmup_linear_decay(9, 10, 0.1) == pytest.approx(1 / 9)
+    assert [warmup_linear_decay(s, 20, 0.2) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
