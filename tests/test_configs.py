@@ -21,7 +21,18 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
-    assert set(GROUPS) >= {"model", "data", "loss", "generation", "optimizer", "trainer", "logger", "callbacks", "experiment", "debug"}
+    assert set(GROUPS) >= {
+        "model",
+        "data",
+        "loss",
+        "generation",
+        "optimizer",
+        "trainer",
+        "logger",
+        "callbacks",
+        "experiment",
+        "debug",
+    }
     for group in GROUPS:
         assert options(group), group
 
@@ -63,7 +74,9 @@ def test_smollm2_model_config_loads_the_embedded_model(tmp_path, monkeypatch):
     assert loaded.tokenizer.chat_template and loaded.tokenizer.eos_token == "<|im_end|>"
 
 
-@pytest.mark.parametrize("overrides", [["model=zephyr"], ["model=zephyr", "loss=logistic"], ["experiment=paper_zephyr"]])
+@pytest.mark.parametrize(
+    "overrides", [["model=zephyr"], ["model=zephyr", "loss=logistic"], ["experiment=paper_zephyr"]]
+)
 def test_zephyr_composes_and_fails_only_at_the_network(overrides):
     cfg = compose_cfg(overrides)
     assert cfg.model.name_or_path == "alignment-handbook/zephyr-7b-sft-full"
@@ -71,7 +84,9 @@ def test_zephyr_composes_and_fails_only_at_the_network(overrides):
     assert cfg.trainer.strategy._target_.endswith("FSDPStrategy")
     from hydra.errors import InstantiationException
 
-    with pytest.raises(InstantiationException, match="HF_HUB_OFFLINE=1 is set and the model is not in the local cache") as err:
+    with pytest.raises(
+        InstantiationException, match="HF_HUB_OFFLINE=1 is set and the model is not in the local cache"
+    ) as err:
         instantiate(cfg.model)
     assert isinstance(err.value.__cause__, RuntimeError)
 
@@ -121,7 +136,9 @@ def test_trainer_configs(trainer):
         assert type(strategy).__name__ == "FSDPStrategy"
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        assert LlamaDecoderLayer in strategy.kwargs.get("auto_wrap_policy", ()) or LlamaDecoderLayer in getattr(strategy, "_auto_wrap_policy", ())
+        assert LlamaDecoderLayer in strategy.kwargs.get(
+            "auto_wrap_policy", ()
+        ) or LlamaDecoderLayer in getattr(strategy, "_auto_wrap_policy", ())
     if torch.cuda.is_available():
         assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
 

@@ -27,9 +27,14 @@ def test_collate_masks_prompt_and_appends_eos(tokenizer):
     eos = tokenizer.eos_token_id
     assert batch["input_ids"].shape == (2, len(prompt) + 4)
     real, synthetic = batch["labels"].tolist()
-    assert real == [IGNORE_INDEX] * len(prompt) + tokenizer("abc", add_special_tokens=False)["input_ids"] + [eos]
+    assert real == [IGNORE_INDEX] * len(prompt) + tokenizer("abc", add_special_tokens=False)["input_ids"] + [
+        eos
+    ]
     assert synthetic[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert synthetic[len(prompt) :] == tokenizer("xy", add_special_tokens=False)["input_ids"] + [eos, IGNORE_INDEX]
+    assert synthetic[len(prompt) :] == tokenizer("xy", add_special_tokens=False)["input_ids"] + [
+        eos,
+        IGNORE_INDEX,
+    ]
     assert batch["attention_mask"].sum(1).tolist() == [len(prompt) + 4, len(prompt) + 3]
     # The real and the synthetic sequence share the prompt tokens.
     assert torch.equal(batch["input_ids"][0, : len(prompt)], batch["input_ids"][1, : len(prompt)])
@@ -42,13 +47,17 @@ def test_responses_are_truncated_to_max_length(tokenizer):
 
 
 def test_local_jsonl_source_and_validation_messages(tmp_path):
-    good = write_jsonl(tmp_path / "good.jsonl", [{"q": "1+1?", "a": "2"}, {"q": "2+2?", "a": "4", "extra": 1}])
+    good = write_jsonl(
+        tmp_path / "good.jsonl", [{"q": "1+1?", "a": "2"}, {"q": "2+2?", "a": "4", "extra": 1}]
+    )
     rows = LocalFileSource(train=good, prompt_field="q", response_field="a").load("train")
     kept, skipped = validate_rows(rows)
     assert [(r["prompt"], r["response"]) for r in kept] == [("1+1?", "2"), ("2+2?", "4")]
     assert kept[1]["extra"] == 1 and skipped == 0
 
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "x", "response": ""}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "x", "response": ""}]
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'response' is empty"):
         validate_rows(LocalFileSource(train=bad).load("train"))
     kept, skipped = validate_rows(LocalFileSource(train=bad).load("train"), bad_rows="skip")
@@ -56,7 +65,10 @@ def test_local_jsonl_source_and_validation_messages(tmp_path):
 
 
 def test_duplicate_and_missing_fields_are_named():
-    rows = [{"prompt": "a", "response": "b", "_origin": ("f.jsonl", 0)}, {"prompt": "a", "response": "c", "_origin": ("f.jsonl", 1)}]
+    rows = [
+        {"prompt": "a", "response": "b", "_origin": ("f.jsonl", 0)},
+        {"prompt": "a", "response": "c", "_origin": ("f.jsonl", 1)},
+    ]
     with pytest.raises(DataError, match="f.jsonl: row 1: field 'prompt' duplicates"):
         validate_rows([dict(r) for r in rows])
     with pytest.raises(DataError, match="row 0: field 'response' is missing"):
@@ -78,7 +90,9 @@ def test_long_prompts_error_or_skip(tokenizer):
     dm = SelfPlayDataModule(source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64)
     with pytest.raises(DataError, match="row 1: field .prompt. is .* over data.max_prompt_length=64"):
         dm.load_split("train")
-    dm = SelfPlayDataModule(source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64, bad_rows="skip")
+    dm = SelfPlayDataModule(
+        source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64, bad_rows="skip"
+    )
     assert [r["prompt"] for r in dm.load_split("train")] == ["short"]
     assert dm.skipped["train"] == 1
 

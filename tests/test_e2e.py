@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train
 from spinlab.data import SelfPlayDataModule
-from spinlab.models import tiny_model
+from spinlab.models import pretrained, tiny_model
 from spinlab.module import SPINModule
 from tests.conftest import compose_cfg
 from tests.helpers import Crash
@@ -44,7 +44,7 @@ def reference(tmp_path_factory):
 
 
 def test_two_rounds_leave_the_documented_run_directory(reference):
-    root, summary, cfg = reference
+    root, summary, _cfg = reference
     for r in (0, 1):
         rd = root / "rounds" / f"round_{r:03d}"
         pairs = rows(rd / "synthetic.jsonl")
@@ -60,8 +60,18 @@ def test_two_rounds_leave_the_documented_run_directory(reference):
     assert not list(root.rglob("*.tmp")) and not list(root.rglob("*.partial.jsonl"))
     with open(root / "csv" / "metrics.csv") as f:
         header = next(csv.reader(f))
-    for name in ("train/loss", "train/margin", "train/accuracy", "train/reward_real", "train/reward_synthetic",
-                 "train/logp_real", "train/logp_synthetic", "round", "gen/tokens_per_s", "perf/tokens_per_s"):
+    for name in (
+        "train/loss",
+        "train/margin",
+        "train/accuracy",
+        "train/reward_real",
+        "train/reward_synthetic",
+        "train/logp_real",
+        "train/logp_synthetic",
+        "round",
+        "gen/tokens_per_s",
+        "perf/tokens_per_s",
+    ):
         assert name in header, name
     saved = json.loads((root / "summary.json").read_text())
     assert [s["round"] for s in saved] == [0, 1]
@@ -81,11 +91,14 @@ def test_policy_moved_each_round(reference):
 def test_next_opponent_is_the_previous_final_policy(reference):
     """Round 1's cached opponent log-probs are exactly those of the policy saved after round 0."""
     root, _, cfg = reference
-    loaded = tiny_model(seed=cfg.seed)
-    loaded.model.load_state_dict(weights(root / "hf" / "round_000"), strict=False)
-    loaded.model.tie_weights()
-    dm = SelfPlayDataModule(None, loaded.tokenizer, batch_size=4, max_length=cfg.data.max_length,
-                            max_prompt_length=cfg.data.max_prompt_length)
+    loaded = pretrained(str(root / "hf" / "round_000"))  # the saved directory reloads as is
+    dm = SelfPlayDataModule(
+        None,
+        loaded.tokenizer,
+        batch_size=4,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
     dm.set_pairs(rows(root / "rounds" / "round_001" / "synthetic.jsonl"))
     module = SPINModule(loaded.model, loss=None, optimizer=None)
     expected = module.score_opponent(dm.scoring_dataloader())
@@ -107,7 +120,9 @@ def test_model_opponent_mode_trains_the_same_policy(reference, tmp_path):
 
 def assert_same_run(a, b):
     for r in ("round_000", "round_001"):
-        assert (a / "rounds" / r / "synthetic.jsonl").read_bytes() == (b / "rounds" / r / "synthetic.jsonl").read_bytes()
+        assert (a / "rounds" / r / "synthetic.jsonl").read_bytes() == (
+            b / "rounds" / r / "synthetic.jsonl"
+        ).read_bytes()
         wa, wb = weights(a / "hf" / r), weights(b / "hf" / r)
         for name in wa:
             assert torch.equal(wa[name], wb[name]), (r, name)
@@ -126,8 +141,12 @@ def test_resume_after_a_crash_mid_epoch(reference, tmp_path):
 
 def test_resume_after_a_crash_mid_generation(reference, tmp_path):
     root, _, cfg = reference
-    crashing = {**cfg.callbacks.self_play.generator, "_target_": "tests.helpers.CrashingGenerator",
-                "crash_round": 1, "after": 1}
+    crashing = {
+        **cfg.callbacks.self_play.generator,
+        "_target_": "tests.helpers.CrashingGenerator",
+        "crash_round": 1,
+        "after": 1,
+    }
     with pytest.raises(Crash):
         run(tmp_path, "run", generator=crashing)
     partial = tmp_path / "run" / "rounds" / "round_001" / "synthetic.partial.jsonl"
@@ -138,7 +157,7 @@ def test_resume_after_a_crash_mid_generation(reference, tmp_path):
 
 
 def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
-    root, _, _ = reference
+    _root, _, _ = reference
     run(tmp_path, "run")
     before = (tmp_path / "run" / "rounds" / "round_001" / "synthetic.jsonl").read_bytes()
     summary, _ = run(tmp_path, "run")
@@ -154,9 +173,13 @@ def test_resume_never_refuses_an_existing_run(reference, tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("lam=0", "lam must be > 0"), ("rounds=0", "rounds must be >= 1"),
-     ("data.max_prompt_length=400", "max_prompt_length"), ("+round_overrides.5.lr=1", "round_overrides key"),
-     ("+round_overrides.1.beta=1", "unknown setting")],
+    [
+        ("lam=0", "lam must be > 0"),
+        ("rounds=0", "rounds must be >= 1"),
+        ("data.max_prompt_length=400", "max_prompt_length"),
+        ("+round_overrides.5.lr=1", "round_overrides key"),
+        ("+round_overrides.1.beta=1", "unknown setting"),
+    ],
 )
 def test_impossible_values_fail_at_start(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

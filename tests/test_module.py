@@ -39,7 +39,7 @@ def test_cached_and_model_opponents_give_the_same_loss_and_gradients():
     model_mode, _ = make("model")
     # Move both policies away from the opponent, identically, so the log-ratios are non-zero.
     with torch.no_grad():
-        for p, q in zip(cached.policy.parameters(), model_mode.policy.parameters()):
+        for p, q in zip(cached.policy.parameters(), model_mode.policy.parameters(), strict=True):
             noise = torch.randn_like(p) * 0.05
             p.add_(noise)
             q.add_(noise)
@@ -53,7 +53,7 @@ def test_cached_and_model_opponents_give_the_same_loss_and_gradients():
     assert out_cached["margin"].abs().min() > 1e-3  # a real comparison, not 0 == 0
     out_cached["loss"].backward()
     out_model["loss"].backward()
-    for p, q in zip(cached.policy.parameters(), model_mode.policy.parameters()):
+    for p, q in zip(cached.policy.parameters(), model_mode.policy.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
 
 
@@ -63,7 +63,9 @@ def test_loss_matches_hand_computation_from_logps():
     batch = batch_of(dm)
     out = module.forward_pairs(batch)
     logp_real, logp_syn = module.sequence_logps(module.policy, batch)
-    margin = 0.5 * (logp_real - batch["opponent_logps"][:, 0]) - 0.5 * (logp_syn - batch["opponent_logps"][:, 1])
+    margin = 0.5 * (logp_real - batch["opponent_logps"][:, 0]) - 0.5 * (
+        logp_syn - batch["opponent_logps"][:, 1]
+    )
     torch.testing.assert_close(out["margin"], margin)
     torch.testing.assert_close(out["loss"], torch.log1p(torch.exp(-margin)).mean())
     assert out["accuracy"].tolist() == (margin > 0).float().tolist()
@@ -77,7 +79,9 @@ def test_opponent_is_visibly_frozen():
     assert not any(p.requires_grad for p in module.opponent.parameters())
     assert all(p.requires_grad for p in module.policy.parameters())
     opt = module.configure_optimizers()
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in module.policy.parameters()}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in module.policy.parameters()
+    }
 
 
 def test_a_training_step_moves_the_policy_not_the_opponent():
@@ -105,7 +109,7 @@ def test_begin_round_copies_policy_into_opponent_only_when_fresh():
     module.begin_round(1, lam=0.2, lr=1e-3, start_step=0, total_steps=4, fresh=False)
     assert not torch.equal(next(module.policy.parameters()), next(module.opponent.parameters()))
     module.begin_round(1, lam=0.2, lr=1e-3, start_step=0, total_steps=4, fresh=True)
-    for p, q in zip(module.policy.parameters(), module.opponent.parameters()):
+    for p, q in zip(module.policy.parameters(), module.opponent.parameters(), strict=True):
         assert torch.equal(p, q)
     assert module.lam == 0.2
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+
 import lightning as L
 import torch
 
@@ -139,7 +140,9 @@ class SelfPlayCallback(L.Callback):
         rows = dm.load_split("train")
         if trainer.is_global_zero:
             partial = self.run_dir.synthetic_partial(index)
-            done = {r["index"] for r in read_jsonl(partial, drop_torn_tail=True)} if partial.exists() else set()
+            done = (
+                {r["index"] for r in read_jsonl(partial, drop_torn_tail=True)} if partial.exists() else set()
+            )
             if done:
                 log.info("round %d: resuming generation, %d of %d prompts done", index, len(done), len(rows))
 
@@ -158,26 +161,39 @@ class SelfPlayCallback(L.Callback):
             generated = {r["index"]: r for r in read_jsonl(partial, drop_torn_tail=True)}
             missing = set(range(len(rows))) - generated.keys()
             if missing:
-                raise RuntimeError(f"round {index}: generation left {len(missing)} prompts without a response")
+                raise RuntimeError(
+                    f"round {index}: generation left {len(missing)} prompts without a response"
+                )
             pairs = []
             for i, row in enumerate(rows):
                 meta = {k: v for k, v in row.items() if k not in ("prompt", "response")}
                 gen = generated[i]
                 meta.update(round=index, tokens=gen["tokens"], finished=gen["finished"])
-                pairs.append({"prompt": row["prompt"], "real": row["response"], "synthetic": gen["synthetic"], "meta": meta})
+                pairs.append(
+                    {
+                        "prompt": row["prompt"],
+                        "real": row["response"],
+                        "synthetic": gen["synthetic"],
+                        "meta": meta,
+                    }
+                )
             write_jsonl(final, pairs)
             partial.unlink(missing_ok=True)
             write_json(self.run_dir.round_stats(index), {"generation": stats, "pairs": len(pairs)})
             write_jsonl(self.run_dir.round_dir(index) / "samples.jsonl", pairs[: self.num_samples])
             for logger in trainer.loggers:
-                logger.log_metrics({"gen/tokens_per_s": stats["tokens_per_s"], "round": index}, step=trainer.global_step)
+                logger.log_metrics(
+                    {"gen/tokens_per_s": stats["tokens_per_s"], "round": index}, step=trainer.global_step
+                )
         trainer.strategy.barrier("synthetic data")
         return read_jsonl(final)
 
     def opponent_logps(self, trainer: L.Trainer, pl_module, index: int) -> torch.Tensor:
         path = self.run_dir.opponent_logps(index)
         if not path.exists() and trainer.is_global_zero:
-            logps = pl_module.score_opponent(trainer.datamodule.scoring_dataloader(), desc=f"round {index} opponent")
+            logps = pl_module.score_opponent(
+                trainer.datamodule.scoring_dataloader(), desc=f"round {index} opponent"
+            )
             buffer = io.BytesIO()
             torch.save(logps, buffer)
             write_bytes(path, buffer.getvalue())

@@ -9,6 +9,7 @@ prompt's tokens, and each sequence is scored on its response tokens only.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ def _to_rows(records, origin: str, prompt_field: str, response_field: str | None
     for i, rec in enumerate(records):
         row = dict(rec)
         if messages_field is not None:
-            prompt, response = _first_exchange(row.get(messages_field), origin, i, messages_field)
+            prompt, response = _first_exchange(row.get(messages_field))
         else:
             prompt, response = row.get(prompt_field), row.get(response_field)
         row.pop(prompt_field, None)
@@ -58,14 +59,14 @@ def _to_rows(records, origin: str, prompt_field: str, response_field: str | None
     return rows
 
 
-def _first_exchange(messages, origin: str, i: int, field: str):
+def _first_exchange(messages):
     """First user turn and the assistant turn answering it (UltraChat's layout)."""
     if not isinstance(messages, list):
         return None, None
-    for a, b in zip(messages, messages[1:]):
-        if isinstance(a, dict) and isinstance(b, dict):
-            if a.get("role") == "user" and b.get("role") == "assistant":
-                return a.get("content"), b.get("content")
+    for a, b in itertools.pairwise(messages):
+        roles = (a.get("role"), b.get("role")) if isinstance(a, dict) and isinstance(b, dict) else ()
+        if roles == ("user", "assistant"):
+            return a.get("content"), b.get("content")
     return None, None
 
 
@@ -240,14 +241,12 @@ class SelfPlayDataModule(L.LightningDataModule):
         messages = [{"role": "user", "content": prompt}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_response(self, response: str, budget: int) -> list[int]:
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        ids = ids + [self.tokenizer.eos_token_id]
+        ids = [*ids, self.tokenizer.eos_token_id]
         return ids[:budget]
 
     @property
@@ -275,7 +274,9 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     def set_opponent_logps(self, logps: torch.Tensor) -> None:
         if logps.shape != (len(self.encoded), 2):
-            raise ValueError(f"opponent log-probs of shape {tuple(logps.shape)} for {len(self.encoded)} pairs")
+            raise ValueError(
+                f"opponent log-probs of shape {tuple(logps.shape)} for {len(self.encoded)} pairs"
+            )
         self.opponent_logps = logps
 
     def steps_per_epoch(self, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
@@ -293,7 +294,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         label_ids = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, (seq, lab) in enumerate(zip(seqs, labels)):
+        for row, (seq, lab) in enumerate(zip(seqs, labels, strict=True)):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             label_ids[row, : len(lab)] = torch.tensor(lab)
             attention_mask[row, : len(seq)] = 1

@@ -91,7 +91,9 @@ class SPINModule(L.LightningModule):
     # -- log-probs --------------------------------------------------------------------------
     def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(real, synthetic) summed response log-probs of a collated [2B, T] batch."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
         return sequence_logps(logits, batch["labels"]).chunk(2)
 
     @torch.no_grad()

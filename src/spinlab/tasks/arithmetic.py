@@ -137,8 +137,7 @@ def _convert(rng: random.Random) -> tuple[str, str, int]:
     a = rng.randint(LO, HI)
     r = a * factor
     response = (
-        f"1 {one} is {factor} {small}, so {a} {many} is {a} * {factor} = {r} {small}. "
-        f"The answer is {r}."
+        f"1 {one} is {factor} {small}, so {a} {many} is {a} * {factor} = {r} {small}. The answer is {r}."
     )
     return prompt.format(name=name, a=a, item=item), response, r
 
@@ -151,9 +150,7 @@ def _divide(rng: random.Random) -> tuple[str, str, int]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     k, q = rng.randint(*_DIV_K), rng.randint(*_DIV_Q)
     n = k * q  # built from the quotient so the division is always exact
-    prompt = (
-        f"{name} shares {n} {item} equally among {k} friends. How many {item} does each friend get?"
-    )
+    prompt = f"{name} shares {n} {item} equally among {k} friends. How many {item} does each friend get?"
     return prompt, f"Each friend gets {n} / {k} = {q} {item}. The answer is {q}.", q
 
 
@@ -197,24 +194,19 @@ def _sample_rows(rng: random.Random, n: int, taken: set[str], templates=TEMPLATE
 class ArithmeticTask:
     """Train/validation/test splits of arithmetic word problems, disjoint by prompt."""
 
-    def __init__(
-        self, n_train: int = 2000, n_validation: int = 200, n_test: int = 200, seed: int = 0
-    ):
+    def __init__(self, n_train: int = 2000, n_validation: int = 200, n_test: int = 200, seed: int = 0):
         sizes = {"train": n_train, "validation": n_validation, "test": n_test}
         for split, n in sizes.items():
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"n_{split} must be a non-negative int, got {n!r}")
         total = sum(sizes.values())
         if total > PROMPT_SPACE:
-            raise ValueError(
-                f"requested {total} examples but at most {PROMPT_SPACE} distinct prompts exist"
-            )
+            raise ValueError(f"requested {total} examples but at most {PROMPT_SPACE} distinct prompts exist")
         self.seed = seed
         self.sizes = sizes
         taken: set[str] = set()
         self._rows = {
-            split: _sample_rows(random.Random(f"{seed}-{split}"), sizes[split], taken)
-            for split in _PRIORITY
+            split: _sample_rows(random.Random(f"{seed}-{split}"), sizes[split], taken) for split in _PRIORITY
         }
 
     def load(self, split: str) -> list[dict]:
