@@ -15,8 +15,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from spinlab.callbacks import check_round_overrides
-from spinlab.rundir import RunDir
+import spinlab.config  # noqa: F401  (registers the schema train.yaml builds on)
+from spinlab.callbacks import AtomicCheckpointIO, check_round_overrides
+from spinlab.rundir import RunDir, check_writable
 
 log = logging.getLogger("spinlab")
 
@@ -53,10 +54,12 @@ def run(cfg: DictConfig) -> dict:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
         print_summary(done, run_dir)
         return done
-    run_dir.root.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir.root, need_bytes=0)
     L.seed_everything(cfg.seed, workers=True)
 
     loaded = instantiate(cfg.model)
+    # fp32 weights in the round's HF directory, plus a checkpoint with weights and optimizer state.
+    check_writable(run_dir.root, need_bytes=4 * 4 * sum(p.numel() for p in loaded.model.parameters()))
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
     module = instantiate(cfg.module, policy=loaded.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -68,10 +71,12 @@ def run(cfg: DictConfig) -> dict:
         callbacks=callbacks,
         logger=loggers,
         default_root_dir=str(run_dir.root),
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # RoundCheckpoint writes checkpoints/last.ckpt
     )
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:

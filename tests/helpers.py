@@ -37,3 +37,18 @@ class CrashingGenerator(HFGenerator):
                 raise Crash(f"injected crash after {self.after} generation batches")
 
         return super().generate(model, tokenizer, prompt_ids, counting, done, round_index, desc)
+
+
+class PoisonRound(L.Callback):
+    """Makes round `round_index` non-finite: its loss (via λ = NaN) or its gradients."""
+
+    def __init__(self, round_index: int, what: str = "loss"):
+        self.round_index, self.what = round_index, what
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.what == "loss" and pl_module.round_index == self.round_index:
+            pl_module.lam = float("nan")
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.what == "gradient" and pl_module.round_index == self.round_index:
+            next(pl_module.policy.parameters()).grad.view(-1)[0] = float("inf")

@@ -158,7 +158,7 @@ def test_callbacks_and_module_configs(tmp_path):
     callbacks = {k: instantiate(v) for k, v in cfg.callbacks.items()}
     assert isinstance(callbacks["self_play"], SelfPlayCallback)
     assert callbacks["self_play"].rounds == cfg.rounds
-    assert Path(callbacks["checkpoint"].dirpath) == tmp_path / "checkpoints"
+    assert callbacks["checkpoint"].path == tmp_path / "checkpoints" / "last.ckpt"
     module = instantiate(cfg.module, policy=instantiate(cfg.model).model)
     assert isinstance(module, SPINModule) and module.lam == cfg.lam and module.opponent is None
 

@@ -58,7 +58,7 @@ def test_local_jsonl_source_and_validation_messages(tmp_path):
     bad = write_jsonl(
         tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "x", "response": ""}]
     )
-    with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'response' is empty"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 2: field 'response' is empty"):
         validate_rows(LocalFileSource(train=bad).load("train"))
     kept, skipped = validate_rows(LocalFileSource(train=bad).load("train"), bad_rows="skip")
     assert len(kept) == 1 and skipped == 1
@@ -88,7 +88,7 @@ def test_long_prompts_error_or_skip(tokenizer):
             return [{"prompt": "short", "response": "r"}, {"prompt": "x" * 200, "response": "r"}]
 
     dm = SelfPlayDataModule(source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64)
-    with pytest.raises(DataError, match="row 1: field .prompt. is .* over data.max_prompt_length=64"):
+    with pytest.raises(DataError, match="row 2: field .prompt. is .* over data.max_prompt_length=64"):
         dm.load_split("train")
     dm = SelfPlayDataModule(
         source=Rows(), tokenizer=tokenizer, max_length=128, max_prompt_length=64, bad_rows="skip"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from spinlab.logprobs import IGNORE_INDEX, sequence_logps, token_logps
+from spinlab.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps, token_logps
 
 
 def test_sequence_logp_sums_response_tokens_only():
@@ -36,3 +36,29 @@ def test_prompt_and_padding_are_masked():
     manual0 = log_probs[0, 1, 4] + log_probs[0, 2, 5]
     manual1 = sum(log_probs[1, t - 1, labels[1, t]] for t in range(1, 6))
     torch.testing.assert_close(sequence_logps(logits, labels), torch.stack([manual0, manual1]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_chunked_logps_equal_plain_values_and_gradients(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (4, 7), generator=g)
+    labels[:, :3] = IGNORE_INDEX  # prompt
+    labels[1, 5:] = IGNORE_INDEX  # padding
+    plain = sequence_logps(hidden @ weight.t(), labels)
+    chunked = chunked_sequence_logps(hidden, weight, labels, chunk_size)
+    torch.testing.assert_close(chunked, plain)
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    gh, gw = torch.autograd.grad((plain * upstream).sum(), (hidden, weight))
+    ch, cw = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight))
+    torch.testing.assert_close(ch, gh)
+    torch.testing.assert_close(cw, gw)
+
+
+def test_chunked_logps_of_a_sequence_without_response_is_zero():
+    hidden = torch.randn(2, 4, 8)
+    labels = torch.full((2, 4), IGNORE_INDEX)
+    labels[1, 2] = 3
+    out = chunked_sequence_logps(hidden, torch.randn(10, 8), labels)
+    assert out[0].item() == 0.0 and out[1].item() != 0.0

@@ -129,3 +129,23 @@ def test_warmup_linear_decay_numbers():
     assert warmup_linear_decay(5, 10, 0.1) == pytest.approx(5 / 9)
     assert warmup_linear_decay(9, 10, 0.1) == pytest.approx(1 / 9)
     assert [warmup_linear_decay(s, 20, 0.2) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_chunked_and_plain_logprobs_give_the_same_loss_and_gradients():
+    chunked, dm = make("model")
+    plain, _ = make("model")
+    plain.logprob_chunk_size = None
+    assert chunked.logprob_chunk_size
+    with torch.no_grad():
+        for p, q in zip(chunked.policy.parameters(), plain.policy.parameters(), strict=True):
+            noise = torch.randn_like(p) * 0.05
+            p.add_(noise)
+            q.add_(noise)
+    batch = batch_of(dm)
+    a, b = chunked.forward_pairs(batch), plain.forward_pairs(batch)
+    torch.testing.assert_close(a["logp_real"], b["logp_real"])
+    torch.testing.assert_close(a["loss"], b["loss"])
+    a["loss"].backward()
+    b["loss"].backward()
+    for p, q in zip(chunked.policy.parameters(), plain.policy.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import io
 import logging
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from spinlab.rundir import RunDir, append_jsonl, read_jsonl, replace_dir, write_bytes, write_json, write_jsonl
 
@@ -42,6 +44,31 @@ def check_round_overrides(overrides: dict | None, rounds: int) -> None:
                 raise ValueError(f"round_overrides.{key}.{name}: unknown setting; allowed: {ROUND_KEYS}")
             if name == "lam" and value <= 0:
                 raise ValueError(f"round_overrides.{key}.lam must be > 0, got {value}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file, fsynced, then renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes(Path(path), buffer.getvalue())
+
+
+class RoundCheckpoint(L.Callback):
+    """Saves `last.ckpt` at every epoch end, after SelfPlayCallback has prepared the next round.
+
+    Place it after SelfPlayCallback. Written atomically (see AtomicCheckpointIO), so a kill
+    while saving leaves the previous checkpoint whole.
+    """
+
+    def __init__(self, dirpath: str):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        log.info("saving checkpoint %s (epoch %d)", self.path, trainer.current_epoch)
+        trainer.save_checkpoint(self.path, weights_only=False)
+        log.info("checkpoint saved (epoch %d)", trainer.current_epoch)
 
 
 class SelfPlayCallback(L.Callback):
@@ -148,6 +175,7 @@ class SelfPlayCallback(L.Callback):
 
             def save(batch_rows: list[dict]) -> None:
                 append_jsonl(partial, [r for r in batch_rows if r["index"] not in done])
+                log.info("round %d: generation batch written (%d responses)", index, len(batch_rows))
 
             stats = self.generator.generate(
                 pl_module.policy,
@@ -203,6 +231,7 @@ class SelfPlayCallback(L.Callback):
     def finish_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
         out = self.run_dir.hf(index)
         if trainer.is_global_zero:
+            log.info("round %d: saving the policy to %s", index, out)
             tmp = out.with_name(out.name + ".tmp")
             pl_module.policy.save_pretrained(tmp, safe_serialization=True)
             trainer.datamodule.tokenizer.save_pretrained(tmp)

@@ -10,6 +10,7 @@ prompt's tokens, and each sequence is scored on its response tokens only.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from spinlab.logprobs import IGNORE_INDEX
+from spinlab.models import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +33,49 @@ class DataError(ValueError):
     """Bad input data: the message names the file, the row and the field."""
 
 
-def _load_with_datasets(path: str, split: str | None = None, name: str | None = None):
-    import datasets
+class _Invalid(str):
+    """A record that could not be parsed; validate_rows reports or skips it."""
 
-    if name is not None:
-        return datasets.load_dataset(name, split=split)
+
+def _read_jsonl(path: str) -> list:
+    """JSON Lines read line by line, so that a broken line is reported by its number."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                records.append(_Invalid(f"line {number} is not valid JSON ({err.msg}, column {err.colno})"))
+    return records
+
+
+def _load_file(path: str) -> list:
     suffix = Path(path).suffix.lower()
     if suffix not in FILE_FORMATS:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(FILE_FORMATS)}")
-    if not Path(path).exists():
+    if not Path(path).is_file():
         raise DataError(f"{path}: file not found (set data.source.train to an existing file)")
-    return datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train"))
+    except Exception as err:  # datasets wraps parse errors in several types of its own
+        raise DataError(
+            f"{path}: cannot be read as {FILE_FORMATS[suffix]} ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _to_rows(records, origin: str, prompt_field: str, response_field: str | None, messages_field):
     rows = []
     for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            problem = rec if isinstance(rec, _Invalid) else f"is a {type(rec).__name__}, not an object"
+            rows.append({"_origin": (origin, i + 1), "_problem": problem})
+            continue
         row = dict(rec)
         if messages_field is not None:
             prompt, response = _first_exchange(row.get(messages_field))
@@ -55,7 +84,7 @@ def _to_rows(records, origin: str, prompt_field: str, response_field: str | None
         row.pop(prompt_field, None)
         row.pop(response_field, None)
         row.pop(messages_field, None)
-        rows.append({"prompt": prompt, "response": response, **row, "_origin": (origin, i)})
+        rows.append({"prompt": prompt, "response": response, **row, "_origin": (origin, i + 1)})
     return rows
 
 
@@ -89,7 +118,7 @@ class LocalFileSource:
         path = self.paths.get(split)
         if path is None:
             return []
-        return _to_rows(_load_with_datasets(path), path, *self.fields)
+        return _to_rows(_load_file(path), path, *self.fields)
 
 
 class HubSource:
@@ -110,8 +139,10 @@ class HubSource:
     def load(self, split: str) -> list[dict]:
         if split not in self.splits:
             return []
+        import datasets
+
         try:
-            ds = _load_with_datasets("", split=self.splits[split], name=self.name)
+            ds = datasets.load_dataset(self.name, split=self.splits[split])
         except (ConnectionError, OSError) as err:
             raise RuntimeError(
                 f"cannot load data set {self.name!r} split {self.splits[split]!r} from the hub: "
@@ -127,16 +158,16 @@ def validate_rows(
     """Keep rows with a non-empty string prompt and response and an unseen prompt.
 
     `check(row)` may name a further problem (a string) or return None. With bad_rows="error"
-    the first bad row raises a DataError naming file, row and field; with "skip" bad rows are
-    dropped and counted.
+    the first bad row raises a DataError naming file, row (1-based; in JSON Lines files, the
+    n-th non-blank line) and field; with "skip" bad rows are dropped and counted.
     """
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     kept, seen, skipped = [], set(), 0
     for position, row in enumerate(rows):
-        where, index = row.pop("_origin", (origin, position))
-        problem = None
-        for field in ("prompt", "response"):
+        where, index = row.pop("_origin", (origin, position + 1))
+        problem = row.pop("_problem", None)
+        for field in () if problem else ("prompt", "response"):
             value = row.get(field)
             if value is None:
                 problem = f"field {field!r} is missing"
@@ -176,6 +207,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         num_prompts: int | None = None,
         mix_previous_rounds: int = 0,
         system_prompt: str | None = None,
+        chat_template: str | None = None,
         bad_rows: str = "error",
         num_workers: int = 0,
         seed: int = 0,
@@ -196,6 +228,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.num_prompts = num_prompts
         self.mix_previous_rounds = mix_previous_rounds
         self.system_prompt = system_prompt
+        self.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
         self.bad_rows = bad_rows
         self.num_workers = num_workers
         self.seed = seed
@@ -251,6 +284,7 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     @property
     def pad_token_id(self) -> int:
+        # Without a pad token, EOS pads: padded positions are masked out of attention and loss.
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
 

@@ -29,3 +29,38 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed response log-prob per sequence, [B]."""
     return token_logps(logits, labels).sum(-1)
+
+
+def _selected_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()
+    picked = torch.gather(logits, 1, targets.unsqueeze(1)).squeeze(1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_sequence_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Summed response log-prob per sequence from final hidden states and the output layer.
+
+    Same value as `sequence_logps(hidden @ weight.T, labels)`, but the vocabulary projection
+    runs only on response positions, `chunk_size` tokens at a time, and each chunk is
+    recomputed in the backward pass instead of stored: the [B, T, V] logits, which dominate
+    memory for small models with large vocabularies, never exist.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    h = hidden[:, :-1][rows, cols]
+    t = targets[rows, cols]
+    parts = []
+    for start in range(0, t.numel(), chunk_size):
+        end = start + chunk_size
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            parts.append(checkpoint(_selected_logps, h[start:end], weight, t[start:end], use_reentrant=False))
+        else:
+            parts.append(_selected_logps(h[start:end], weight, t[start:end]))
+    per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(
+        0, rows, per_token
+    )

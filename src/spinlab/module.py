@@ -10,6 +10,7 @@ every batch. Both give the same loss.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,11 +18,20 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from spinlab.logprobs import sequence_logps
 
+log = logging.getLogger(__name__)
+
 OPPONENT_MODES = ("cached", "model")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinite loss or gradient; the last good checkpoint is kept."""
+
+
 METRICS = ("loss", "margin", "accuracy", "reward_real", "reward_synthetic", "logp_real", "logp_synthetic")
 
 
@@ -43,17 +53,23 @@ class SPINModule(L.LightningModule):
         opponent: str = "cached",
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        logprob_chunk_size: int | None = 1024,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         if opponent not in OPPONENT_MODES:
             raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+        self.on_nonfinite = on_nonfinite
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
         self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.opponent_mode = opponent
         self.warmup_ratio = warmup_ratio
+        self.logprob_chunk_size = logprob_chunk_size
         if gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
@@ -61,7 +77,8 @@ class SPINModule(L.LightningModule):
         if opponent == "model":
             self.opponent = copy.deepcopy(policy).requires_grad_(False).eval()
         self.means = nn.ModuleDict({k: MeanMetric() for k in METRICS})
-        for metric in self.means.values():
+        self.skipped = SumMetric()
+        for metric in [*self.means.values(), self.skipped]:
             metric.persistent(True)  # a resumed round's summary still covers the whole round
         # Set by SelfPlayCallback.begin_round; these defaults serve a bare training step.
         self.round_index, self.lam, self.round_lr = 0, lam, None
@@ -80,13 +97,15 @@ class SPINModule(L.LightningModule):
         self.round_index, self.lam, self.round_lr = index, lam, lr
         self.round_start_step, self.round_total_steps = start_step, max(1, total_steps)
         if fresh:
-            for metric in self.means.values():
+            for metric in [*self.means.values(), self.skipped]:
                 metric.reset()
             if self.opponent is not None:
                 self.opponent.load_state_dict(self.policy.state_dict())
 
     def round_means(self) -> dict[str, float]:
-        return {k: float(m.compute()) for k, m in self.means.items() if m.update_called}
+        means = {k: float(m.compute()) for k, m in self.means.items() if m.update_called}
+        means["skipped_batches"] = int(self.skipped.compute()) if self.skipped.update_called else 0
+        return means
 
     # -- log-probs --------------------------------------------------------------------------
     def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +164,26 @@ class SPINModule(L.LightningModule):
                 group["lr"] = lr
         self._batch_started = time.perf_counter()
 
+    def _nonfinite(self, what: str) -> None:
+        where = f"round {self.round_index}, step {self.global_step}"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{where}: the {what} is not finite (NaN or inf). The run stops here; the last good "
+                "checkpoint is kept. Lower the learning rate or lam, check the data, or set "
+                "module.on_nonfinite=skip to skip such batches (they are counted)."
+            )
+        log.warning("%s: non-finite %s, batch skipped (module.on_nonfinite=skip)", where, what)
+        self.skipped.update(1.0)
+        self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
+
     def training_step(self, batch, batch_idx):
         out = self.forward_pairs(batch)
+        # Every process must agree, or one would skip a step the others take.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out["loss"])), all=True)
+        if not finite:
+            self._nonfinite("loss")
+            return None
+        log.debug("round %d step %d", self.round_index, self.global_step)
         pairs = batch["input_ids"].shape[0] // 2
         for name in METRICS:
             value = out[name].detach()
@@ -161,6 +198,13 @@ class SPINModule(L.LightningModule):
         seconds = time.perf_counter() - self._batch_started
         tokens = float(batch["attention_mask"].sum())
         self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1, sync_dist=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        local = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not self.trainer.strategy.reduce_boolean_decision(local, all=True):
+            self._nonfinite("gradient")
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
 
     def configure_optimizers(self):
         return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

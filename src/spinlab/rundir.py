@@ -7,6 +7,7 @@ one fsynced line at a time, and a torn last line is dropped when they are read b
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -50,17 +51,44 @@ class RunDir:
         return self.root / "summary.json"
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def check_writable(root: Path, need_bytes: int) -> None:
+    """Fail before any work if the run directory cannot be written or the disk is too full."""
+    root = Path(root)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            err.errno, f"cannot write the run directory {root}: {err.strerror}. Choose another run_dir."
+        ) from err
+    free = shutil.disk_usage(root).free
+    if free < need_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"{root} has {free} bytes free, and a round's model and checkpoint needs about {need_bytes}. "
+            "Free some space or choose another run_dir.",
+        )
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -1,0 +1,44 @@
+"""The schema of conf/train.yaml's top level, so that Hydra refuses a mistyped key or a
+wrongly typed value when the config is composed, wherever it comes from (command line,
+experiment preset, your own YAML). The groups (model, data, ...) are checked when they are
+instantiated: a mistyped argument there fails at start, naming the class and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainConfig:
+    name: str = "spin"
+    seed: int = 0
+    rounds: int = 3
+    epochs_per_round: int = 1
+    lam: float = 0.1
+    opponent: str = "cached"
+    warmup_ratio: float = 0.1
+    gradient_checkpointing: bool = False
+    resume: str = "auto"
+    round_overrides: dict[Any, Any] = field(default_factory=dict)
+    run_dir: str = MISSING
+    module: Any = MISSING
+    model: Any = MISSING
+    data: Any = MISSING
+    loss: Any = MISSING
+    generation: Any = MISSING
+    optimizer: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    callbacks: Any = MISSING
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register()

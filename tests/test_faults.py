@@ -1,0 +1,160 @@
+"""Faults: non-finite values, unwritable or full disks, secrets, kills at any phase."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spinlab import rundir
+from spinlab.module import NonFiniteError
+from tests.conftest import ROOT
+from tests.test_e2e import NUM_PROMPTS, assert_same_run, run, weights
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_nonfinite_stops_with_round_and_step_and_keeps_the_last_checkpoint(tmp_path, what):
+    poison = {"_target_": "tests.helpers.PoisonRound", "round_index": 1, "what": what}
+    with pytest.raises(NonFiniteError, match=rf"round 1, step 4: the {what} is not finite"):
+        run(tmp_path, "run", extra_callbacks={"poison": poison})
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 4  # the end of round 0, intact
+    assert (tmp_path / "run" / "hf" / "round_000").exists()
+    assert not (tmp_path / "run" / "hf" / "round_001").exists()
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_nonfinite_skip_counts_and_does_not_update(tmp_path, what):
+    poison = {"_target_": "tests.helpers.PoisonRound", "round_index": 1, "what": what}
+    summary, _ = run(tmp_path, "run", "module.on_nonfinite=skip", extra_callbacks={"poison": poison})
+    assert summary[0]["skipped_batches"] == 0
+    assert summary[1]["skipped_batches"] == NUM_PROMPTS // 4  # every batch of round 1
+    r0, r1 = weights(tmp_path / "run" / "hf" / "round_000"), weights(tmp_path / "run" / "hf" / "round_001")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def test_unwritable_run_dir_fails_early_naming_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=rf"cannot write the run directory {blocker}/run"):
+        rundir.check_writable(blocker / "run", need_bytes=0)
+
+
+def test_full_disk_fails_early_naming_the_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: rundir.shutil._ntuple_diskusage(10, 9, 1))
+    with pytest.raises(OSError, match=rf"{tmp_path}.*1 bytes free.*needs about 1000"):
+        rundir.check_writable(tmp_path, need_bytes=1000)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "synthetic.jsonl"
+    rundir.write_bytes(target, b"old\n")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", no_space)
+    with pytest.raises(OSError, match=rf"cannot write {target}: No space left on device"):
+        rundir.write_bytes(target, b"new\n")
+    assert target.read_bytes() == b"old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic.jsonl"]
+
+
+def test_no_secret_reaches_the_run_directory(tmp_path, monkeypatch):
+    secrets = {
+        "WANDB_API_KEY": "wandb-secret-7781",
+        "HF_TOKEN": "hf_secret_5512",
+        "OPENAI_API_KEY": "sk-secret-9930",
+    }
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    run(tmp_path, "run")
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in secrets.values():
+                assert value.encode() not in data, (path, value)
+
+
+def test_torn_partial_line_is_dropped(tmp_path):
+    partial = tmp_path / "synthetic.partial.jsonl"
+    partial.write_text('{"index": 0, "synthetic": "a"}\n{"index": 1, "synth')
+    assert rundir.read_jsonl(partial, drop_torn_tail=True) == [{"index": 0, "synthetic": "a"}]
+
+
+# -- SIGKILL at several phases of a real training subprocess -------------------------------
+
+COMMAND = [
+    "debug=fast",
+    f"data.num_prompts={NUM_PROMPTS}",
+    "generation.batch_size=4",
+    "hydra.verbose=[spinlab.module]",  # per-step log lines to aim the kill at
+]
+PHASES = {
+    "round 1 generation": ("round 1: generation batch written", 2),
+    "round 1 mid-epoch": ("round 1 step", 2),
+    "checkpoint save": ("saving checkpoint", 1),
+    "round model save": ("round 0: saving the policy", 1),
+}
+
+
+def train_command(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *COMMAND, f"hydra.run.dir={run_dir}"]
+
+
+def env():
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}",
+    }
+
+
+def run_and_kill(run_dir: Path, marker: str, occurrence: int) -> list[str]:
+    """Start training, SIGKILL it when the marker shows up for the n-th time."""
+    seen, lines = 0, []
+    with open(run_dir.parent / f"{run_dir.name}.stderr", "w") as err:
+        proc = subprocess.Popen(
+            train_command(run_dir), stdout=subprocess.PIPE, stderr=err, text=True, env=env()
+        )
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen += 1
+                if seen == occurrence:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        proc.wait(timeout=120)
+    assert seen == occurrence, f"marker {marker!r} seen {seen} times:\n{''.join(lines[-20:])}"
+    assert proc.returncode == -signal.SIGKILL
+    return lines
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sigkill") / "reference"
+    subprocess.run(train_command(run_dir), check=True, env=env(), capture_output=True, timeout=600)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path, phase):
+    marker, occurrence = PHASES[phase]
+    run_dir = tmp_path / "run"
+    run_and_kill(run_dir, marker, occurrence)
+    subprocess.run(train_command(run_dir), check=True, env=env(), capture_output=True, timeout=600)
+    assert_same_run(uninterrupted, run_dir)
+    for r in ("round_000", "round_001"):
+        rows = [json.loads(x) for x in (run_dir / "rounds" / r / "synthetic.jsonl").read_text().splitlines()]
+        assert len(rows) == NUM_PROMPTS and len({x["prompt"] for x in rows}) == NUM_PROMPTS
+    final = load_file(str(run_dir / "hf" / "round_001" / "model.safetensors"))
+    assert final.keys() == load_file(str(uninterrupted / "hf" / "round_001" / "model.safetensors")).keys()
+    assert not list(run_dir.rglob("*.tmp"))
