@@ -142,10 +142,13 @@ def test_chunked_and_plain_logprobs_give_the_same_loss_and_gradients():
             p.add_(noise)
             q.add_(noise)
     batch = batch_of(dm)
+    head_calls = []
+    chunked.policy.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     a, b = chunked.forward_pairs(batch), plain.forward_pairs(batch)
+    assert not head_calls, "the chunked path never runs the full output layer"
     torch.testing.assert_close(a["logp_real"], b["logp_real"])
     torch.testing.assert_close(a["loss"], b["loss"])
     a["loss"].backward()
     b["loss"].backward()
     for p, q in zip(chunked.policy.parameters(), plain.policy.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)

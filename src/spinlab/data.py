@@ -274,7 +274,17 @@ class SelfPlayDataModule(L.LightningDataModule):
         messages = [{"role": "user", "content": prompt}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        template = self.chat_template or self.tokenizer.chat_template
+        if not template:
+            raise DataError(
+                "the model's tokenizer has no chat template, and generation and training must render "
+                "prompts the same way: set data.chat_template=chatml, or to a Jinja template string"
+            )
+        if self.tokenizer.eos_token_id is None:
+            raise DataError("the model's tokenizer has no EOS token: responses could not end")
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_response(self, response: str, budget: int) -> list[int]:

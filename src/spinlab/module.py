@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from spinlab.logprobs import sequence_logps
+from spinlab.logprobs import chunked_sequence_logps, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,20 @@ class SPINModule(L.LightningModule):
     # -- log-probs --------------------------------------------------------------------------
     def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(real, synthetic) summed response log-probs of a collated [2B, T] batch."""
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        return sequence_logps(logits, batch["labels"]).chunk(2)
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
+        if self.logprob_chunk_size:
+            # Logits are the output layer applied to the decoder's last hidden state (no bias,
+            # no soft-capping), so the vocabulary projection can run chunk by chunk.
+            hidden = model.get_decoder()(**inputs).last_hidden_state
+            weight = model.get_output_embeddings().weight
+            logps = chunked_sequence_logps(hidden, weight, batch["labels"], self.logprob_chunk_size)
+        else:
+            logps = sequence_logps(model(**inputs).logits, batch["labels"])
+        return logps.chunk(2)
 
     @torch.no_grad()
     def score_opponent(self, loader, desc: str = "opponent log-probs") -> torch.Tensor:

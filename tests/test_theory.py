@@ -1,0 +1,138 @@
+"""SPIN's theory (arXiv 2401.01335, Theorems 5.2 and 5.4) checked exactly on a tabular model."""
+
+from itertools import pairwise
+
+import pytest
+import torch
+
+from spinlab import losses
+from spinlab import theory as th
+
+LOSSES = {
+    "logistic": losses.logistic,
+    "hinge": losses.hinge,
+    "exponential": losses.exponential,
+    "correlation": losses.correlation,
+    "smoothed_logistic": losses.smoothed_logistic,
+}
+# One round "trained to convergence": Adam, lr decayed linearly from 0.5 to 0 over 400 full-batch steps.
+CONVERGED = {"steps": 400, "lr": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tensors of a few hundred numbers: extra threads only add contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dists():
+    """p_data (full support) and a nearby p_0: 4 prompts, 5 responses, float64."""
+    gen = torch.Generator().manual_seed(0)
+    logits, noise = torch.randn(2, 4, 5, dtype=torch.float64, generator=gen)
+    p_data = torch.softmax(logits, -1)
+    return torch.softmax(p_data.log() + noise, -1), p_data
+
+
+def _centred(log_p: torch.Tensor) -> torch.Tensor:
+    return log_p - log_p.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5, 1.0, 2.0])
+def test_theorem_5_4_update_is_the_exact_minimiser_of_the_logistic_loss(dists, lam):
+    # The loss is convex in the logits, so a zero gradient at the closed form means global minimum.
+    p_t, p_data = dists
+    theta = th.closed_form_update(p_t, p_data, lam).log().requires_grad_(True)
+    loss = th.population_loss(theta, p_t, p_data, lam, losses.logistic)
+    loss.backward()
+    assert theta.grad.abs().max().item() < 1e-14
+    nudge = 1e-3 * torch.randn(theta.shape, dtype=theta.dtype, generator=torch.Generator().manual_seed(1))
+    assert th.population_loss(theta.detach() + nudge, p_t, p_data, lam, losses.logistic) > loss
+
+
+def test_logistic_round_trained_to_convergence_matches_theorem_5_4(dists):
+    # The four λ train as one table (one λ per prompt): prompts do not interact in L.
+    p_t, p_data = dists
+    lams = (0.1, 0.5, 1.0, 2.0)
+    lam = torch.tensor(lams, dtype=torch.float64).repeat_interleave(len(p_t))[:, None]
+    trained = th.spin_round(p_t.repeat(4, 1), p_data.repeat(4, 1), lam, losses.logistic, **CONVERGED)
+    error = (trained - th.closed_form_update(p_t.repeat(4, 1), p_data.repeat(4, 1), lam)).abs()
+    # Observed ≤ 2e-9 for every λ; λ = 0.1 is the slowest (logits move by 10·|log(p_data/p_t)|).
+    for lam_value, err in zip(lams, error.reshape(4, -1).amax(-1).tolist(), strict=True):
+        assert err < 1e-6, f"λ = {lam_value}: max |p_trained − p_closed_form| = {err:.1e}"
+
+
+def test_exponential_loss_minimiser_is_theorem_5_4_at_twice_lambda(dists):
+    # Pairwise optimum of p(a)q(b)e^(−d) + p(b)q(a)e^(d) is d = ½·log-odds: the logistic one halved.
+    p_t, p_data = dists
+    trained = th.spin_round(p_t, p_data, 1.0, losses.exponential, **CONVERGED)
+    assert (trained - th.closed_form_update(p_t, p_data, 2.0)).abs().max().item() < 1e-9
+    assert (trained - th.closed_form_update(p_t, p_data, 1.0)).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_p_data_is_a_fixed_point_for_every_loss(dists, name):
+    # Theorem 5.2. At p_t = p_data pairs (y, y') and (y', y) weigh the same: the gradient is 0.
+    _, p_data = dists
+    p_data = p_data.repeat(2, 1)
+    lam = torch.tensor([0.1, 2.0], dtype=torch.float64).repeat_interleave(4)[:, None]
+    sgd = th.spin_round(p_data, p_data, lam, LOSSES[name], steps=200, lr=1.0, optimizer="sgd")
+    assert (sgd - p_data).abs().max().item() < 1e-14
+    # Adam divides the float64 rounding noise of that zero gradient (~1e-16) by its eps (1e-8),
+    # so it drifts a little (observed ≤ 2.4e-6 here) and nothing pulls it back: 1e-5 tolerance.
+    adam = th.spin_round(p_data, p_data, lam, LOSSES[name], steps=200, lr=0.5)
+    assert (adam - p_data).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5, 1.0, 2.0])
+def test_closed_form_contracts_log_ratio_by_one_minus_one_over_lambda(dists, lam):
+    p_t, p_data = dists
+    p_next = th.closed_form_update(p_t, p_data, lam)
+    expected = (1 - 1 / lam) * _centred(p_t.log() - p_data.log())
+    assert torch.allclose(_centred(p_next.log() - p_data.log()), expected, rtol=0, atol=1e-12)
+
+
+def test_closed_form_rounds_converge_iff_lambda_above_one_half(dists):
+    p0, p_data = dists
+    tv0 = th.tv_distance(p0, p_data)
+    assert tv0 > 0.1
+    # λ = 1: one round lands on p_data.
+    assert th.tv_distance(th.closed_form_update(p0, p_data, 1.0), p_data) < 1e-12
+    # λ = 2: log-ratios halve every round.
+    tv = [th.tv_distance(p, p_data) for p in th.closed_form_rounds(p0, p_data, 2.0, 10)]
+    assert all(b < a for a, b in pairwise(tv)) and tv[-1] < 1e-3
+    # λ = 1/2: factor −1, a 2-cycle that never gets closer.
+    p = th.closed_form_rounds(p0, p_data, 0.5, 2)
+    assert torch.allclose(p[2], p0, rtol=0, atol=1e-12) and th.tv_distance(p[1], p_data) > 0.1
+    # λ = 0.1: factor −9, every round overshoots further, the policy piles onto single responses.
+    tv = [th.tv_distance(p, p_data) for p in th.closed_form_rounds(p0, p_data, 0.1, 6)]
+    assert min(tv[1:]) > tv0 and max(tv[1:]) > 0.5
+
+
+@pytest.mark.parametrize(("optimizer", "lr", "shrink"), [("adam", 0.01, 0.4), ("sgd", 1.0, 0.7)])
+def test_few_small_steps_per_round_reduce_tv_at_lambda_0_1(dists, optimizer, lr, shrink):
+    # The paper's regime: λ = 0.1, each round stopped far from its optimum, which (Theorem 5.4,
+    # factor 1 − 1/λ = −9) would overshoot. Observed TV 0.181 → 0.059 (Adam), → 0.115 (SGD).
+    p0, p_data = dists
+    ps = th.run_rounds(p0, p_data, 0.1, losses.logistic, rounds=8, steps=10, lr=lr, optimizer=optimizer)
+    tv = [th.tv_distance(p, p_data) for p in ps]
+    assert all(b < a for a, b in pairwise(tv))
+    assert tv[-1] < shrink * tv[0]
+
+
+def test_correlation_loss_is_unbounded_and_piles_mass_on_the_most_underweighted_response(dists):
+    # ℓ(t) = 1 − t makes L linear in the logits, slope ∝ p_t − p_data: there is no minimum.
+    p_t, p_data = dists
+    target = (p_data - p_t).argmax(-1, keepdim=True)
+    loss, mass = [], []
+    for lr in (1.0, 3.0, 10.0):
+        p = th.spin_round(p_t, p_data, 1.0, losses.correlation, steps=50, lr=lr, optimizer="sgd")
+        loss.append(th.population_loss(p.log(), p_t, p_data, 1.0, losses.correlation).item())
+        mass.append(p.gather(-1, target).min().item())
+    # Longer moves only lower the loss further, and SGD moves the logits along p_data − p_t,
+    # so its argmax takes the mass (observed, least over prompts: 0.06 → 0.27 → 0.87).
+    assert loss[0] > loss[1] + 1 > loss[2] + 2
+    assert mass[0] < mass[1] < mass[2] and mass[2] > 0.8
