@@ -15,8 +15,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import spinlab.config  # noqa: F401  (registers the schema train.yaml builds on)
 from spinlab.callbacks import AtomicCheckpointIO, check_round_overrides
+from spinlab.config import redact  # importing it registers the schema train.yaml builds on
 from spinlab.rundir import RunDir, check_writable
 
 log = logging.getLogger("spinlab")
@@ -74,6 +74,8 @@ def run(cfg: DictConfig) -> dict:
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,  # RoundCheckpoint writes checkpoints/last.ckpt
     )
+    for logger in loggers:
+        logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
@@ -91,14 +93,22 @@ def finished_rounds(run_dir: RunDir) -> dict:
 
 
 def print_summary(summaries: dict, run_dir: RunDir) -> None:
-    header = f"{'round':>5} {'loss':>8} {'margin':>8} {'accuracy':>8} {'lam':>6} {'pairs':>6} {'seconds':>8}"
-    lines = [header]
+    nan = float("nan")
+    columns = [  # (header, summary key, format)
+        ("loss", "loss", ".4f"),
+        ("margin", "margin", ".4f"),
+        ("accuracy", "accuracy", ".3f"),
+        ("heldout_acc", "eval/heldout_accuracy", ".3f"),
+        ("task_acc", "eval/task_accuracy", ".3f"),
+        ("lam", "lam", "g"),
+        ("pairs", "pairs", "d"),
+        ("seconds", "seconds", ".1f"),
+    ]
+    columns = [c for c in columns if any(c[1] in s for s in summaries.values())]
+    lines = [f"{'round':>5} " + " ".join(f"{h:>11}" for h, _, _ in columns)]
     for index in sorted(summaries):
         s = summaries[index]
-        lines.append(
-            f"{index:>5} {s.get('loss', float('nan')):>8.4f} {s.get('margin', float('nan')):>8.4f} "
-            f"{s.get('accuracy', float('nan')):>8.3f} {s['lam']:>6g} {s['pairs']:>6} {s['seconds']:>8.1f}"
-        )
+        lines.append(f"{index:>5} " + " ".join(f"{s.get(k, nan):>11{f}}" for _, k, f in columns))
     print("\nSPIN rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
     print("\n".join(lines))
     print(f"run directory: {run_dir.root}")

@@ -25,6 +25,7 @@ def compose_cfg(overrides: list[str], run_dir: Path | None = None) -> DictConfig
         cfg = compose(config_name="train", overrides=list(overrides))
     with open_dict(cfg):
         cfg.run_dir = str(run_dir) if run_dir is not None else "/nonexistent/run_dir"
+        cfg.run_name = ",".join(overrides)
     return cfg
 
 

@@ -6,6 +6,7 @@ instantiated: a mistyped argument there fails at start, naming the class and the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ class TrainConfig:
     resume: str = "auto"
     round_overrides: dict[Any, Any] = field(default_factory=dict)
     run_dir: str = MISSING
+    run_name: str = ""
     module: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING
@@ -35,6 +37,19 @@ class TrainConfig:
     trainer: Any = MISSING
     logger: Any = MISSING
     callbacks: Any = MISSING
+    eval: Any = None
+
+
+SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
+
+
+def redact(node):
+    """The config without values under secret-looking keys, for dumps and loggers."""
+    if isinstance(node, dict):
+        return {k: "<redacted>" if SECRET.search(str(k)) else redact(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return node
 
 
 def register() -> None:

@@ -236,7 +236,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.skipped: dict[str, int] = {}
         self.pairs: list[dict] = []
         self.encoded: list[dict] = []
-        self.opponent_logps: torch.Tensor | None = None
 
     # -- rows -------------------------------------------------------------------------------
     def load_split(self, split: str) -> list[dict]:
@@ -299,14 +298,13 @@ class SelfPlayDataModule(L.LightningDataModule):
         return self.tokenizer.eos_token_id if pad is None else pad
 
     # -- pairs ------------------------------------------------------------------------------
-    def set_pairs(self, pairs: Sequence[dict]) -> None:
-        """This round's pairs; opponent log-probs, if cached, follow via set_opponent_logps."""
-        self.pairs = list(pairs)
-        self.encoded = []
-        for i, pair in enumerate(self.pairs):
+    def encode_pairs(self, pairs: Sequence[dict]) -> list[dict]:
+        """Token ids of each pair; the response budget is what the prompt leaves of max_length."""
+        encoded = []
+        for i, pair in enumerate(pairs):
             prompt = self.encode_prompt(pair["prompt"])
             budget = self.max_length - len(prompt)
-            self.encoded.append(
+            encoded.append(
                 {
                     "index": i,
                     "prompt": prompt,
@@ -314,14 +312,19 @@ class SelfPlayDataModule(L.LightningDataModule):
                     "synthetic": self.encode_response(pair["synthetic"], budget),
                 }
             )
-        self.opponent_logps = None
+        return encoded
 
-    def set_opponent_logps(self, logps: torch.Tensor) -> None:
-        if logps.shape != (len(self.encoded), 2):
-            raise ValueError(
-                f"opponent log-probs of shape {tuple(logps.shape)} for {len(self.encoded)} pairs"
-            )
-        self.opponent_logps = logps
+    def set_pairs(self, pairs: Sequence[dict]) -> None:
+        """This round's pairs; opponent log-probs, if cached, follow via set_opponent_logps."""
+        self.pairs = list(pairs)
+        self.encoded = self.encode_pairs(self.pairs)
+
+    def set_opponent_logps(self, logps: torch.Tensor, encoded: list[dict] | None = None) -> None:
+        encoded = self.encoded if encoded is None else encoded
+        if logps.shape != (len(encoded), 2):
+            raise ValueError(f"opponent log-probs of shape {tuple(logps.shape)} for {len(encoded)} pairs")
+        for item in encoded:
+            item["opponent_logps"] = logps[item["index"]]
 
     def steps_per_epoch(self, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
         batches = math.ceil(math.ceil(len(self.encoded) / world_size) / self.batch_size)
@@ -348,22 +351,22 @@ class SelfPlayDataModule(L.LightningDataModule):
             "labels": label_ids,
             "index": torch.tensor([item["index"] for item in items]),
         }
-        if self.opponent_logps is not None:
-            batch["opponent_logps"] = self.opponent_logps[batch["index"]]
+        if all("opponent_logps" in item for item in items):
+            batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
         return batch
 
-    def _loader(self, shuffle: bool) -> DataLoader:
-        if not self.encoded:
+    def _loader(self, encoded: list[dict], shuffle: bool) -> DataLoader:
+        if not encoded:
             raise RuntimeError("no pairs yet: SelfPlayCallback builds them at each round's start")
         if shuffle:
             # Seeded by epoch so that a resumed run sees the same order as an uninterrupted one.
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            sampler = RandomSampler(self.encoded, generator=generator)
+            sampler = RandomSampler(encoded, generator=generator)
         else:
-            sampler = SequentialSampler(self.encoded)
+            sampler = SequentialSampler(encoded)
         return DataLoader(
-            self.encoded,
+            encoded,
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=self.collate,
@@ -371,8 +374,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(shuffle=True)
+        return self._loader(self.encoded, shuffle=True)
 
-    def scoring_dataloader(self) -> DataLoader:
-        """The round's pairs in order, for the opponent's log-probs."""
-        return self._loader(shuffle=False)
+    def scoring_dataloader(self, encoded: list[dict] | None = None) -> DataLoader:
+        """Pairs in order (this round's, or the given encoded ones), for scoring them."""
+        return self._loader(self.encoded if encoded is None else encoded, shuffle=False)

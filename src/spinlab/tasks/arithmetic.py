@@ -209,6 +209,11 @@ class ArithmeticTask:
             split: _sample_rows(random.Random(f"{seed}-{split}"), sizes[split], taken) for split in _PRIORITY
         }
 
+    @staticmethod
+    def is_correct(response: str, answer: str) -> bool:
+        """Answers are checkable: the evaluation grades generated responses with this."""
+        return is_correct(response, answer)
+
     def load(self, split: str) -> list[dict]:
         if split not in self._rows:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")

