@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -17,15 +18,18 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+log = logging.getLogger(__name__)
 
 CELL = ["loss_fn", "lam", "variant"]
 DEFAULT_METRICS = ("loss", "margin", "accuracy")
 # Per-round evaluations join the default columns whatever their names.
 EVAL_PREFIXES = ("eval/", "val/")
 # Overrides that name the cell or the seed, or only say where the run goes: not part of the variant.
-NOT_VARIANT = {"loss", "lam", "seed", "resume", "name", "run_dir"}
+NOT_VARIANT = {"loss", "lam", "seed", "resume", "name", "run_dir", "run_name"}
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -97,7 +101,7 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 def default_metrics(df: pd.DataFrame) -> list[str]:
     names = metric_names(df)
     return [m for m in DEFAULT_METRICS if m in names] + sorted(
-        m for m in names if m.startswith(EVAL_PREFIXES)
+        m for m in names if m.startswith(EVAL_PREFIXES) and not m.endswith("seconds")  # timing is not a result
     )
 
 
@@ -218,6 +222,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(path.read_text())
     print(f"report: {path}")
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a multirun, the sweep-level report lands in the sweep directory."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            path = write_report(sweep_dir)
+        except (FileNotFoundError, ValueError) as err:  # e.g. every run of the sweep failed
+            log.warning("no sweep report for %s: %s", sweep_dir, err)
+            return
+        log.info("sweep report: %s", path)
 
 
 if __name__ == "__main__":
