@@ -25,9 +25,11 @@ class CrashingGenerator(HFGenerator):
         super().__init__(**kwargs)
         self.crash_round, self.after = crash_round, after
 
-    def generate(self, model, tokenizer, prompt_ids, on_batch, done=frozenset(), round_index=0, desc=""):
+    def generate(
+        self, model, tokenizer, prompt_ids, on_batch, done=frozenset(), round_index=0, desc="", shard=(0, 1)
+    ):
         if round_index != self.crash_round:
-            return super().generate(model, tokenizer, prompt_ids, on_batch, done, round_index, desc)
+            return super().generate(model, tokenizer, prompt_ids, on_batch, done, round_index, desc, shard)
         written = []
 
         def counting(rows):
@@ -36,7 +38,7 @@ class CrashingGenerator(HFGenerator):
             if len(written) == self.after:
                 raise Crash(f"injected crash after {self.after} generation batches")
 
-        return super().generate(model, tokenizer, prompt_ids, counting, done, round_index, desc)
+        return super().generate(model, tokenizer, prompt_ids, counting, done, round_index, desc, shard)
 
 
 class PoisonRound(L.Callback):

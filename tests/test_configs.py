@@ -125,9 +125,10 @@ def test_data_configs(data, tmp_path):
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainer_configs(trainer):
     cfg = compose_cfg([f"trainer={trainer}"])
-    if trainer == "cpu":
+    if cfg.trainer.accelerator == "cpu":
         t = instantiate(cfg.trainer, max_epochs=2, logger=False)
         assert isinstance(t, L.Trainer) and t.max_epochs == 2
+        assert t.world_size == cfg.trainer.devices
         return
     # GPU trainers: the strategy is built here; the Trainer itself needs a GPU (tests/test_gpu.py).
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"

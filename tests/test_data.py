@@ -108,3 +108,14 @@ def test_shuffle_is_seeded_per_epoch(tokenizer):
     first = [int(b["index"]) for b in dm.train_dataloader()]
     again = [int(b["index"]) for b in dm.train_dataloader()]
     assert first == again and sorted(first) == list(range(20)) and first != list(range(20))
+
+
+def test_global_batches_are_split_across_processes():
+    from spinlab.data import global_batch_shard
+
+    order = [7, 3, 5, 0, 1, 6, 2, 4, 8, 9]
+    assert global_batch_shard(order, 4, 0, 1) == order
+    # Two processes at batch 2: each global batch of 4 is split 2 + 2; the tail wraps around.
+    r0, r1 = global_batch_shard(order, 2, 0, 2), global_batch_shard(order, 2, 1, 2)
+    assert r0 == [7, 3, 1, 6, 8, 9] and r1 == [5, 0, 2, 4, 7, 3]
+    assert len(r0) == len(r1)

@@ -187,28 +187,31 @@ class SelfPlayCallback(L.Callback):
             return read_jsonl(final)
         dm = trainer.datamodule
         rows = dm.load_split("train")
+        # Every process generates its share of the batches into a file of its own; batches are
+        # seeded by their content, so the result does not depend on the number of processes.
+        partials = lambda: sorted(self.run_dir.round_dir(index).glob("synthetic.partial*.jsonl"))  # noqa: E731
+        done = {r["index"] for path in partials() for r in read_jsonl(path, drop_torn_tail=True)}
+        if done:
+            log.info("round %d: resuming generation, %d of %d prompts done", index, len(done), len(rows))
+        partial = self.run_dir.synthetic_partial(index, trainer.global_rank)
+
+        def save(batch_rows: list[dict]) -> None:
+            append_jsonl(partial, [r for r in batch_rows if r["index"] not in done])
+            log.info("round %d: generation batch written (%d responses)", index, len(batch_rows))
+
+        stats = self.generator.generate(
+            pl_module.policy,
+            dm.tokenizer,
+            [dm.encode_prompt(r["prompt"]) for r in rows],
+            on_batch=save,
+            done=done,
+            round_index=index,
+            desc=f"round {index} generate",
+            shard=(trainer.global_rank, trainer.world_size),
+        )
+        trainer.strategy.barrier("generation shards")
         if trainer.is_global_zero:
-            partial = self.run_dir.synthetic_partial(index)
-            done = (
-                {r["index"] for r in read_jsonl(partial, drop_torn_tail=True)} if partial.exists() else set()
-            )
-            if done:
-                log.info("round %d: resuming generation, %d of %d prompts done", index, len(done), len(rows))
-
-            def save(batch_rows: list[dict]) -> None:
-                append_jsonl(partial, [r for r in batch_rows if r["index"] not in done])
-                log.info("round %d: generation batch written (%d responses)", index, len(batch_rows))
-
-            stats = self.generator.generate(
-                pl_module.policy,
-                dm.tokenizer,
-                [dm.encode_prompt(r["prompt"]) for r in rows],
-                on_batch=save,
-                done=done,
-                round_index=index,
-                desc=f"round {index} generate",
-            )
-            generated = {r["index"]: r for r in read_jsonl(partial, drop_torn_tail=True)}
+            generated = {r["index"]: r for path in partials() for r in read_jsonl(path, drop_torn_tail=True)}
             missing = set(range(len(rows))) - generated.keys()
             if missing:
                 raise RuntimeError(
@@ -228,7 +231,8 @@ class SelfPlayCallback(L.Callback):
                     }
                 )
             write_jsonl(final, pairs)
-            partial.unlink(missing_ok=True)
+            for path in partials():
+                path.unlink()
             write_json(self.run_dir.round_stats(index), {"generation": stats, "pairs": len(pairs)})
             write_jsonl(self.run_dir.round_dir(index) / "samples.jsonl", pairs[: self.num_samples])
             for logger in trainer.loggers:

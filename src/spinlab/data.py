@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 from spinlab.logprobs import IGNORE_INDEX
 from spinlab.models import CHATML_TEMPLATE
@@ -196,6 +196,22 @@ def validate_rows(
     return kept, skipped
 
 
+def global_batch_shard(order: list[int], batch_size: int, rank: int, world: int) -> list[int]:
+    """This process's part of each global batch of batch_size × world pairs, in `order`.
+
+    With W processes at batch size B every optimizer step sees the same B·W pairs as one process
+    at batch size B·W would, so a run's result does not depend on how it is spread. The order is
+    padded by wrapping around so that every process gets the same number of batches.
+    """
+    span = batch_size * world
+    padded = order + order[: (-len(order)) % span] if world > 1 else order
+    return [
+        i
+        for start in range(0, len(padded), span)
+        for i in padded[start + rank * batch_size : start + (rank + 1) * batch_size]
+    ]
+
+
 class SelfPlayDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -362,7 +378,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             # Seeded by epoch so that a resumed run sees the same order as an uninterrupted one.
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            sampler = RandomSampler(encoded, generator=generator)
+            order = torch.randperm(len(encoded), generator=generator).tolist()
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            sampler = global_batch_shard(order, self.batch_size, rank, world)
         else:
             sampler = SequentialSampler(encoded)
         return DataLoader(

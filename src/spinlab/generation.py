@@ -55,12 +55,17 @@ class HFGenerator:
         done: set[int] = frozenset(),
         round_index: int = 0,
         desc: str = "generate",
+        shard: tuple[int, int] = (0, 1),
     ) -> dict:
-        """Generate for every prompt index not in `done`; returns timing statistics."""
+        """Generate for every prompt index not in `done`; returns timing statistics.
+
+        With shard=(rank, world) only every world-th batch of the plan, from the rank-th, is done here.
+        """
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         device = next(model.parameters()).device
-        plan = [b for b in self.batches(prompt_ids) if not set(b) <= done]
+        rank, world = shard
+        plan = [b for k, b in enumerate(self.batches(prompt_ids)) if k % world == rank and not set(b) <= done]
         was_training = model.training
         model.eval()
         new_tokens, started = 0, time.perf_counter()

@@ -101,7 +101,9 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 def default_metrics(df: pd.DataFrame) -> list[str]:
     names = metric_names(df)
     return [m for m in DEFAULT_METRICS if m in names] + sorted(
-        m for m in names if m.startswith(EVAL_PREFIXES) and not m.endswith("seconds")  # timing is not a result
+        m
+        for m in names
+        if m.startswith(EVAL_PREFIXES) and not m.endswith("seconds")  # timing is not a result
     )
 
 

@@ -26,8 +26,9 @@ class RunDir:
     def synthetic(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "synthetic.jsonl"
 
-    def synthetic_partial(self, round_index: int) -> Path:
-        return self.round_dir(round_index) / "synthetic.partial.jsonl"
+    def synthetic_partial(self, round_index: int, rank: int = 0) -> Path:
+        suffix = f".rank{rank}" if rank else ""
+        return self.round_dir(round_index) / f"synthetic.partial{suffix}.jsonl"
 
     def opponent_logps(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "opponent_logps.pt"
