@@ -10,7 +10,6 @@ prompt's tokens, and each sequence is scored on its response tokens only.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from spinlab.logprobs import IGNORE_INDEX
 from spinlab.models import CHATML_TEMPLATE
+from spinlab.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,11 @@ class _Invalid(str):
 
 
 def _read_jsonl(path: str) -> list:
-    """JSON Lines read line by line, so that a broken line is reported by its number."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                records.append(_Invalid(f"line {number} is not valid JSON ({err.msg}, column {err.colno})"))
-    return records
+    """JSON Lines, with each broken line kept as an _Invalid record naming its line number."""
+    return read_jsonl(
+        Path(path),
+        invalid=lambda n, err: _Invalid(f"line {n} is not valid JSON ({err.msg}, column {err.colno})"),
+    )
 
 
 def _load_file(path: str) -> list:

@@ -115,7 +115,11 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
+def read_jsonl(path: Path, drop_torn_tail: bool = False, invalid=None) -> list:
+    """Rows of a JSON Lines file; blank lines are skipped.
+
+    A line that is not JSON raises, unless `invalid(line_number, error)` gives a row for it.
+    """
     rows = []
     lines = path.read_text(encoding="utf-8").split("\n")
     complete, tail = lines[:-1], lines[-1]
@@ -127,7 +131,9 @@ def read_jsonl(path: Path, drop_torn_tail: bool = False) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg})") from err
+            if invalid is None:
+                raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg})") from err
+            rows.append(invalid(i, err))
     return rows
 
 
