@@ -1,0 +1,296 @@
+"""Shared pieces of the benchmarks: model shapes, a word-level tokenizer over the shape's
+vocabulary, random token pairs, memory probes, and running one side in its own subprocess.
+
+Nothing here times anything; each benchmark script does its own timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Random-init Llama shapes, written out so that no hub access is needed.
+SHAPES: dict[str, dict] = {
+    # CPU shape of anchors.md: hidden 256, 4 layers, SmolLM2's 49,152-token vocabulary and
+    # head size 64 with grouped-query attention, tied embeddings: 15.7M parameters.
+    "cpu-small": dict(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json.
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # meta-llama/Llama-3.2-1B config.json.
+    "llama-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+}
+
+EOS_TEXT = "</s>"
+
+
+def build_model(shape: str, seed: int = 0):
+    """Random-init LlamaForCausalLM of a named shape, fp32, train mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SHAPES[shape], pad_token_id=SHAPES[shape]["eos_token_id"])
+    config.use_cache = False
+    model = LlamaForCausalLM(config).float()
+    return model.train()
+
+
+def build_tokenizer(shape: str):
+    """Word-level tokenizer whose token i is the text `t<i>` (the EOS id is `</s>`).
+
+    Lets TRL, which wants text or a tokenizer, see exactly the random token ids that our side
+    gets as tensors: "t5 t17 </s>" tokenizes to [5, 17, eos].
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = SHAPES[shape]
+    eos = cfg["eos_token_id"]
+    vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
+    del vocab[f"t{eos}"]
+    vocab[EOS_TEXT] = eos
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS_TEXT))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TEXT, pad_token=EOS_TEXT)
+    tok.padding_side = "right"
+    return tok
+
+
+def random_pairs(shape: str, pairs: int, prompt_len: int, response_len: int, seed: int = 0) -> list[dict]:
+    """`pairs` items {index, prompt, real, synthetic} of token ids; each response ends in EOS."""
+    import torch
+
+    cfg = SHAPES[shape]
+    eos = cfg["eos_token_id"]
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        x = torch.randint(3, cfg["vocab_size"], (n,), generator=g)
+        x[x == eos] = 3  # keep EOS only where it belongs
+        return x.tolist()
+
+    return [
+        {
+            "index": i,
+            "prompt": ids(prompt_len),
+            "real": [*ids(response_len - 1), eos],
+            "synthetic": [*ids(response_len - 1), eos],
+        }
+        for i in range(pairs)
+    ]
+
+
+class HeadProbe:
+    """Counts calls of the model's output layer as a module.
+
+    Hugging Face's forward computes the full [batch, length, vocabulary] logits through
+    `lm_head(...)`; a chunked or fused log-prob path multiplies by `lm_head.weight` itself and
+    never calls the module. So `calls > 0` while training means full logits were materialised.
+    """
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.get_output_embeddings().register_forward_hook(self._count)
+
+    def _count(self, *args) -> None:
+        self.calls += 1
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+def ids_to_text(ids: list[int], eos: int) -> str:
+    return " ".join(EOS_TEXT if i == eos else f"t{i}" for i in ids)
+
+
+# -- memory -------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_probe(device: str) -> dict:
+    """Memory figures now: RSS always, CUDA allocated and peak allocated on a GPU."""
+    out = {"rss_gib": rss_bytes() / 2**30, "peak_rss_gib": peak_rss_bytes() / 2**30}
+    if device == "cuda":
+        import torch
+
+        out["cuda_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+        out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def peak_memory_gib(device: str) -> float:
+    """The figure compared between sides: CUDA max allocated on a GPU, peak RSS on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return peak_rss_bytes() / 2**30
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def now(device: str) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def cpu_now() -> float:
+    """CPU seconds used by this process, all threads: less disturbed than wall time on a shared box."""
+    return time.process_time()
+
+
+# -- one side per subprocess ---------------------------------------------------------------------
+def run_child(script: Path, argv: list[str], timeout: float | None = None) -> dict:
+    """Run `script --child ... --result-file F` in a fresh Python, return the JSON it wrote.
+
+    A side that fails is reported as {"error": ...} instead of stopping the benchmark.
+    """
+    with tempfile.TemporaryDirectory(prefix="spinlab-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        env = dict(os.environ)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("HF_DATASETS_OFFLINE", "1")
+        env.setdefault("TQDM_DISABLE", "1")
+        env.setdefault("WANDB_MODE", "disabled")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")) if p
+        )
+        cmd = [sys.executable, str(script), "--result-file", str(result), *argv]
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s", "command": cmd}
+        wall = time.perf_counter() - started
+        if proc.returncode != 0 or not result.exists():
+            tail = (proc.stderr or proc.stdout or "")[-3000:]
+            return {"error": f"exit status {proc.returncode}", "stderr_tail": tail}
+        out = json.loads(result.read_text())
+        out["subprocess_wall_s"] = wall
+        return out
+
+
+def write_result(path: str, result: dict) -> None:
+    Path(path).write_text(json.dumps(result))
+
+
+def machine() -> dict:
+    """Where the figures come from: CPU model, core count, GPU if any, versions, date."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": str(date.today()),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    for name in ("transformers", "trl", "lightning"):
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
+    return info
+
+
+def emit(record: dict) -> None:
+    """One JSON line per measurement, on stdout."""
+    print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def ratio(ours: float | None, peer: float | None) -> float | None:
+    if ours is None or peer is None or peer == 0:
+        return None
+    return ours / peer

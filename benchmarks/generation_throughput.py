@@ -1,0 +1,272 @@
+"""Generation throughput: Hugging Face `generate` against spinlab's generation path.
+
+    python benchmarks/generation_throughput.py --device cpu
+    python benchmarks/generation_throughput.py --device cuda --shape llama-1b
+
+Both sides sample from the same random-init model with the same prompts (random token ids,
+fixed seed, equal lengths) and the same settings (temperature 1, top-p 1, top-k 0, the
+same max_new_tokens and batch):
+
+- hf: `model.generate` on left-padded batches with the default dynamic KV cache.
+- ours: `spinlab.generation.HFGenerator.generate`, the path that makes each round's synthetic
+  responses (batched by length, seeded per batch, responses decoded and handed back).
+
+Each side runs in its own subprocess, `--repeats` times, alternating, and the fastest run of
+each side is compared (on a shared CPU a run can only be slowed down by others; on the 2-core
+box the same process is either ~4x slow or not, depending on whether its second OpenMP thread
+gets a core). A decode step is a chain of tiny matrix products, and on a loaded 2-core box
+each of them waits at an OpenMP barrier for the second thread: measured here, 2 threads ran
+8-15x slower than 1 and flipped between two speeds from one process to the next. So on CPU
+both sides run with 1 thread unless --threads says otherwise. The first batch of each run is a
+warm-up and is not timed. New
+tokens count every sampled token up to and including the first EOS. On a GPU the model is
+cast to bf16 (generation needs no fp32 master weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+DEFAULTS = {  # shape: (batch, prompt, new tokens)
+    "cpu-small": (8, 128, 32),
+    "smollm2-135m": (64, 256, 256),
+    "llama-1b": (64, 256, 256),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--shape", choices=sorted(common.SHAPES), default=None, help="cpu-small on CPU, smollm2-135m on GPU"
+    )
+    p.add_argument("--batch", type=int, default=None, help="prompts per generate call (CPU 8, GPU 64)")
+    p.add_argument("--batches", type=int, default=None, help="timed batches (CPU 2, GPU 3)")
+    p.add_argument("--prompt-len", type=int, default=None, help="CPU 128, GPU 256")
+    p.add_argument("--new-tokens", type=int, default=None, help="max_new_tokens (CPU 32, GPU 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads on both sides (CPU default 1: see the module docstring)",
+    )
+    p.add_argument(
+        "--ours-kwargs",
+        default="{}",
+        help="JSON of extra HFGenerator keywords (only those its signature has are passed)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="subprocesses per side, alternating hf/ours; the best of each side is compared",
+    )
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--child", choices=("hf", "ours"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("smollm2-135m" if gpu else "cpu-small")
+    batch, prompt, new = DEFAULTS[args.shape]
+    args.batch = args.batch or batch
+    args.prompt_len = args.prompt_len or prompt
+    args.new_tokens = args.new_tokens or new
+    args.batches = args.batches or (3 if gpu else 2)
+    if args.threads is None and not gpu:
+        args.threads = 1
+    return args
+
+
+def load(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = common.build_model(args.shape, args.seed)
+    if args.device == "cuda":
+        model = model.to(device="cuda", dtype=torch.bfloat16)
+    model.eval()
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
+    tokenizer = common.build_tokenizer(args.shape)
+    pairs = common.random_pairs(args.shape, args.batch * (1 + args.batches), args.prompt_len, 2, args.seed)
+    prompts = [p["prompt"] for p in pairs]
+    return model, tokenizer, prompts
+
+
+def count_new(tokens: list[int], eos: int) -> int:
+    """Sampled tokens up to and including the first EOS (the same count HFGenerator reports)."""
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+
+def run_hf(args) -> dict:
+    import torch
+
+    model, tokenizer, prompts = load(args)
+    result = {
+        "side": "transformers generate (dynamic cache)",
+        "memory_after_model": common.memory_probe(args.device),
+    }
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(batch: list[list[int]], seed: int) -> int:
+        width = max(map(len, batch))
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=input_ids.to(args.device),
+            attention_mask=attention_mask.to(args.device),
+            max_new_tokens=args.new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        return sum(count_new(row[width:].tolist(), eos) for row in out)
+
+    generate(prompts[: args.batch], args.seed)  # warm-up
+    started, cpu = common.now(args.device), common.cpu_now()
+    new_tokens = 0
+    for b in range(1, 1 + args.batches):
+        new_tokens += generate(prompts[b * args.batch : (b + 1) * args.batch], args.seed + b)
+    return finish(args, result, new_tokens, common.now(args.device) - started, common.cpu_now() - cpu)
+
+
+def run_ours(args) -> dict:
+    from spinlab.generation import HFGenerator
+
+    model, tokenizer, prompts = load(args)
+    params = inspect.signature(HFGenerator).parameters
+    extra = {k: v for k, v in json.loads(args.ours_kwargs).items() if k in params}
+    generator = HFGenerator(
+        max_new_tokens=args.new_tokens,
+        batch_size=args.batch,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        seed=args.seed,
+        **extra,
+    )
+    result = {
+        "side": "spinlab HFGenerator",
+        "hfgenerator_kwargs": extra,
+        "memory_after_model": common.memory_probe(args.device),
+    }
+
+    def ignore(rows):
+        pass
+
+    generator.generate(model, tokenizer, prompts[: args.batch], on_batch=ignore, desc="warm-up")
+    started, cpu = common.now(args.device), common.cpu_now()
+    stats = generator.generate(model, tokenizer, prompts[args.batch :], on_batch=ignore, round_index=1)
+    seconds, cpu_s = common.now(args.device) - started, common.cpu_now() - cpu
+    result["hfgenerator_stats"] = stats
+    return finish(args, result, stats["new_tokens"], seconds, cpu_s)
+
+
+def finish(args, result: dict, new_tokens: int, seconds: float, cpu_s: float) -> dict:
+    result.update(
+        prompts_timed=args.batch * args.batches,
+        new_tokens=new_tokens,
+        seconds=seconds,
+        new_tokens_per_s=new_tokens / seconds,
+        process_cpu_s=cpu_s,
+        new_tokens_per_cpu_s=new_tokens / cpu_s,
+        peak_memory_gib=common.peak_memory_gib(args.device),
+    )
+    return result
+
+
+def best(runs: list[dict]) -> dict:
+    """The fastest of a side's runs (a shared machine only ever slows a run down)."""
+    ok = [r for r in runs if "error" not in r]
+    return max(ok, key=lambda r: r["new_tokens_per_s"]) if ok else runs[-1]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        common.write_result(args.result_file, (run_hf if args.child == "hf" else run_ours)(args))
+        return
+    base = [
+        "--device",
+        args.device,
+        "--shape",
+        args.shape,
+        "--batch",
+        str(args.batch),
+        "--batches",
+        str(args.batches),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--seed",
+        str(args.seed),
+        "--ours-kwargs",
+        args.ours_kwargs,
+    ]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    script = Path(__file__).resolve()
+    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    for _ in range(args.repeats):
+        for side in ("hf", "ours"):
+            runs[side].append(common.run_child(script, [*base, "--child", side], args.timeout))
+    hf, ours = best(runs["hf"]), best(runs["ours"])
+    common.emit(
+        {
+            "benchmark": "generation_throughput",
+            "device": args.device,
+            "shape": args.shape,
+            "batch": args.batch,
+            "timed_batches": args.batches,
+            "prompt_len": args.prompt_len,
+            "max_new_tokens": args.new_tokens,
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+            "dtype": "bf16" if args.device == "cuda" else "fp32",
+            "peak_memory_kind": "cuda max allocated"
+            if args.device == "cuda"
+            else "peak RSS of the subprocess",
+            "new_tokens_per_s_ratio": common.ratio(ours.get("new_tokens_per_s"), hf.get("new_tokens_per_s")),
+            "new_tokens_per_cpu_s_ratio": common.ratio(
+                ours.get("new_tokens_per_cpu_s"), hf.get("new_tokens_per_cpu_s")
+            ),
+            "peak_memory_ratio": common.ratio(ours.get("peak_memory_gib"), hf.get("peak_memory_gib")),
+            "repeats": args.repeats,
+            "ours": ours,
+            "peer": hf,
+            "all_runs": {
+                side: [
+                    {
+                        k: r.get(k)
+                        for k in ("new_tokens_per_s", "new_tokens_per_cpu_s", "peak_memory_gib", "error")
+                    }
+                    for r in rs
+                ]
+                for side, rs in runs.items()
+            },
+            "machine": common.machine(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

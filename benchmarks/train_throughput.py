@@ -1,0 +1,484 @@
+"""SPIN training throughput and peak memory: TRL's DPOTrainer used as SPIN against spinlab.
+
+    python benchmarks/train_throughput.py --device cpu
+    python benchmarks/train_throughput.py --device cuda --shape smollm2-135m
+    python benchmarks/train_throughput.py --device cuda --shape llama-1b --gradient-checkpointing both
+
+Both sides get identical work: the same random-init Llama shape, the same pairs of random
+token ids (real and synthetic responses of the same prompt, every response ending in EOS,
+no padding), the same batch, torch.optim.RMSprop with the same learning rate and no gradient
+clipping, fp32 on CPU or fp32 master weights under bf16 autocast on a GPU, and gradient
+checkpointing set the same way.
+
+- Peer: TRL's DPOTrainer with chosen = real, rejected = synthetic, loss_type sigmoid,
+  beta = lam, run twice: with the reference model in memory, and with
+  precompute_ref_log_probs=True (its precompute time is reported, amortised over the epoch).
+- Ours: spinlab.module.SPINModule(opponent="cached") in a hand-written loop over batches from
+  SelfPlayDataModule.collate; the opponent log-probs are computed once beforehand
+  (score_opponent, the cached opponent), timed separately and amortised over the epoch.
+
+Every side runs in its own subprocess, so each peak memory is its own. One JSON line is
+printed per gradient-checkpointing setting, with both sides' raw figures, TRL's best figure of
+each kind (highest tokens/s, lowest peak memory) and the ratios ours/peer.
+
+tokens/s counts prompt + response tokens of the real and the synthetic sequences:
+2 × batch × (prompt + response) per step. Peak memory: CUDA max allocated on a GPU, peak RSS
+of the subprocess (ru_maxrss) on CPU. A dataset holds exactly warmup + steps batches (one
+epoch); the first `warmup` steps are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import inspect
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+DEFAULTS = {
+    # shape: (batch, prompt, response)
+    "cpu-small": (4, 128, 128),
+    "smollm2-135m": (16, 256, 256),
+    "llama-1b": (8, 256, 256),
+}
+PEER_SETTINGS = ("ref_model", "precompute_ref_log_probs")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--shape", choices=sorted(common.SHAPES), default=None, help="cpu-small on CPU, smollm2-135m on GPU"
+    )
+    p.add_argument("--steps", type=int, default=None, help="timed steps (CPU 4, GPU 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 1, GPU 3)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="pairs per step (CPU 4; GPU 16 for 135M, 8 for 1B)"
+    )
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--response-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=5e-7)
+    p.add_argument("--lam", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=("off", "on", "both"),
+        default="off",
+        help="applied to both sides alike; 'both' measures off, then on",
+    )
+    p.add_argument(
+        "--chunk-size",
+        default="1024",
+        help="SPINModule(logprob_chunk_size=...) when it has that keyword; 'none' for full logits",
+    )
+    p.add_argument("--also-unchunked", action="store_true", help="also run ours with logprob_chunk_size=None")
+    p.add_argument(
+        "--peer-settings", default=",".join(PEER_SETTINGS), help="comma list of " + "|".join(PEER_SETTINGS)
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads on both sides (default: all cores)"
+    )
+    p.add_argument("--timeout", type=float, default=900, help="seconds per side")
+    # Internal: run one side.
+    p.add_argument("--child", choices=("peer", "ours"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-setting", choices=PEER_SETTINGS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--gc", choices=("off", "on"), default="off", help=argparse.SUPPRESS)
+    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("smollm2-135m" if gpu else "cpu-small")
+    batch, prompt, response = DEFAULTS[args.shape]
+    args.batch = args.batch or batch
+    args.prompt_len = args.prompt_len or prompt
+    args.response_len = args.response_len or response
+    args.steps = args.steps or (20 if gpu else 4)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the clock starts at the end of the last warm-up step)")
+    return args
+
+
+# -- shared by both sides -----------------------------------------------------------------------
+def setup(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+
+
+def base_result(args, side: str) -> dict:
+    import torch
+
+    return {
+        "side": side,
+        "torch_threads": torch.get_num_threads(),
+        "gradient_checkpointing": args.gc == "on",
+    }
+
+
+def figures(args, times: list[tuple[float, float]], result: dict, precompute_s: float) -> dict:
+    """Throughput over the timed steps, with and without the amortised precompute.
+
+    `times` holds (wall, process CPU) seconds at the end of every step.
+    """
+    timed_s = times[-1][0] - times[args.warmup - 1][0]
+    cpu_s = times[-1][1] - times[args.warmup - 1][1]
+    tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
+    # The precompute covers the whole epoch (warmup + steps batches); charge the timed share.
+    precompute_share = precompute_s * args.steps / (args.steps + args.warmup)
+    result.update(
+        timed_steps=args.steps,
+        timed_s=timed_s,
+        s_per_step=timed_s / args.steps,
+        tokens=tokens,
+        tokens_per_s=tokens / timed_s,
+        process_cpu_s=cpu_s,
+        tokens_per_cpu_s=tokens / cpu_s,
+        opponent_precompute_s=precompute_s,
+        opponent_precompute_s_amortised=precompute_share,
+        tokens_per_s_incl_precompute=tokens / (timed_s + precompute_share),
+        peak_memory_gib=common.peak_memory_gib(args.device),
+        memory_at_end=common.memory_probe(args.device),
+    )
+    return result
+
+
+# -- peer: TRL ----------------------------------------------------------------------------------
+def run_peer(args) -> dict:
+    import datasets
+    import torch
+    import trl
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    setup(args)
+    result = base_result(args, f"trl {trl.__version__} DPOTrainer ({args.peer_setting})")
+    result["memory_after_imports"] = common.memory_probe(args.device)
+    model = common.build_model(args.shape, args.seed).to(args.device)
+    result["memory_after_model"] = common.memory_probe(args.device)
+    tokenizer = common.build_tokenizer(args.shape)
+    eos = common.SHAPES[args.shape]["eos_token_id"]
+    pairs = common.random_pairs(
+        args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
+    )
+    # Text whose word-level tokens are exactly our ids; TRL tokenizes prompt + chosen itself,
+    # so the responses start with the separating space.
+    rows = {
+        "prompt": [common.ids_to_text(p["prompt"], eos) for p in pairs],
+        "chosen": [" " + common.ids_to_text(p["real"], eos) for p in pairs],
+        "rejected": [" " + common.ids_to_text(p["synthetic"], eos) for p in pairs],
+    }
+    dataset = make_dataset(datasets, rows)
+
+    class TimedDPOTrainer(DPOTrainer):
+        precompute_s = 0.0
+
+        def _precompute_ref_logps(self, *a, **kw):
+            started = common.now(args.device)
+            out = super()._precompute_ref_logps(*a, **kw)
+            self.precompute_s += common.now(args.device) - started
+            return out
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times: list[tuple[float, float]] = []
+
+        def on_step_end(self, *a, **kw):
+            self.times.append((common.now(args.device), common.cpu_now()))
+
+    gpu = args.device == "cuda"
+    precompute = args.peer_setting == "precompute_ref_log_probs"
+    with tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
+        config = DPOConfig(
+            output_dir=out_dir,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_steps=args.warmup + args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=0.0,  # no clipping, as on our side
+            beta=args.lam,
+            loss_type=["sigmoid"],
+            precompute_ref_log_probs=precompute,
+            gradient_checkpointing=args.gc == "on",
+            bf16=gpu,
+            use_cpu=not gpu,
+            max_length=None,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=gpu,
+            seed=args.seed,
+        )
+        ref_model = None if precompute else copy.deepcopy(model)
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr)
+        clock = StepClock()
+        trainer = TimedDPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            optimizers=(optimizer, None),
+            callbacks=[clock],
+        )
+        check_same_tokens(trainer.train_dataset[0], pairs[0])
+        result["memory_after_trainer_init"] = common.memory_probe(args.device)
+        probe = common.HeadProbe(model)
+        trainer.train()
+        result["lm_head_module_calls_in_training"] = probe.take()
+    result["trl_settings"] = {
+        "loss_type": ["sigmoid"],
+        "beta": args.lam,
+        "precompute_ref_log_probs": precompute,
+        "ref_model": "deepcopy of the policy" if ref_model is not None else None,
+        "gradient_checkpointing": args.gc == "on",
+        "bf16": gpu,
+        "use_cpu": not gpu,
+        "max_grad_norm": 0.0,
+        "lr_scheduler_type": "constant",
+        "optimizer": "torch.optim.RMSprop",
+    }
+    return figures(args, clock.times, result, trainer.precompute_s)
+
+
+def make_dataset(datasets, rows: dict):
+    try:
+        return datasets.Dataset.from_dict(rows)
+    except Exception:  # pyarrow/dill trouble on some machines (anchors.md): go through a file
+        import json
+
+        path = Path(tempfile.mkdtemp(prefix="trl-bench-data-")) / "pairs.jsonl"
+        with path.open("w") as f:
+            for values in zip(*rows.values(), strict=True):
+                f.write(json.dumps(dict(zip(rows, values, strict=True))) + "\n")
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+
+
+def check_same_tokens(example: dict, pair: dict) -> None:
+    """TRL must see exactly the ids our side trains on, or the comparison is void."""
+    got = (list(example["prompt_ids"]), list(example["chosen_ids"]), list(example["rejected_ids"]))
+    if got != (pair["prompt"], pair["real"], pair["synthetic"]):
+        raise RuntimeError(
+            "TRL's tokenized pair differs from our token ids; the benchmark is not comparing like work"
+        )
+
+
+# -- ours: spinlab ------------------------------------------------------------------------------
+def chunk_setting(args):
+    """(kwargs for SPINModule, what to report)."""
+    from spinlab.module import SPINModule
+
+    if "logprob_chunk_size" not in inspect.signature(SPINModule).parameters:
+        return {}, "unavailable (SPINModule has no logprob_chunk_size; full logits)"
+    size = None if str(args.chunk_size).lower() in ("none", "0") else int(args.chunk_size)
+    return {"logprob_chunk_size": size}, size
+
+
+def run_ours(args) -> dict:
+    import contextlib
+
+    import torch
+
+    from spinlab.data import SelfPlayDataModule
+    from spinlab.losses import logistic
+    from spinlab.module import SPINModule
+
+    setup(args)
+    kwargs, chunk_report = chunk_setting(args)
+    result = base_result(args, "spinlab SPINModule (opponent=cached)")
+    result["logprob_chunk_size"] = chunk_report
+    result["memory_after_imports"] = common.memory_probe(args.device)
+    model = common.build_model(args.shape, args.seed).to(args.device)
+    result["memory_after_model"] = common.memory_probe(args.device)
+    tokenizer = common.build_tokenizer(args.shape)
+    pairs = common.random_pairs(
+        args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
+    )
+    module = SPINModule(
+        model,
+        loss=logistic,
+        optimizer=functools.partial(torch.optim.RMSprop, lr=args.lr),
+        lam=args.lam,
+        opponent="cached",
+        gradient_checkpointing=args.gc == "on",
+        **kwargs,
+    ).to(args.device)
+    datamodule = SelfPlayDataModule(
+        source=None,
+        tokenizer=tokenizer,
+        batch_size=args.batch,
+        max_length=args.prompt_len + args.response_len,
+        max_prompt_length=args.prompt_len,
+        seed=args.seed,
+    )
+    datamodule.encoded = pairs  # already token ids: {index, prompt, real, synthetic}
+    probe = common.HeadProbe(model)
+    gpu = args.device == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+
+    # The cached opponent: log-probs of every pair, once, with the round's starting weights.
+    started = common.now(args.device)
+    with autocast():
+        logps = module.score_opponent(datamodule.scoring_dataloader())
+    precompute_s = common.now(args.device) - started
+    datamodule.set_opponent_logps(logps)
+    result["lm_head_module_calls_in_scoring"] = probe.take()
+    result["memory_after_opponent_scoring"] = common.memory_probe(args.device)
+
+    optimizer = module.configure_optimizers()
+    times = []
+    for batch in datamodule.train_dataloader():
+        batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            out = module.forward_pairs(batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append((common.now(args.device), common.cpu_now()))
+    result["lm_head_module_calls_in_training"] = probe.take()
+    return figures(args, times, result, precompute_s)
+
+
+# -- the comparison -----------------------------------------------------------------------------
+def child_argv(
+    args, child: str, gc: str, peer_setting: str | None = None, chunk: str | None = None
+) -> list[str]:
+    argv = [
+        "--child",
+        child,
+        "--gc",
+        gc,
+        "--device",
+        args.device,
+        "--shape",
+        args.shape,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--response-len",
+        str(args.response_len),
+        "--lr",
+        str(args.lr),
+        "--lam",
+        str(args.lam),
+        "--seed",
+        str(args.seed),
+        "--chunk-size",
+        chunk or str(args.chunk_size),
+    ]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if peer_setting:
+        argv += ["--peer-setting", peer_setting]
+    return argv
+
+
+def best_of(runs: dict[str, dict]) -> dict:
+    ok = {k: v for k, v in runs.items() if "error" not in v}
+    if not ok:
+        return {}
+    fast = max(ok, key=lambda k: ok[k]["tokens_per_s"])
+    fast_incl = max(ok, key=lambda k: ok[k]["tokens_per_s_incl_precompute"])
+    light = min(ok, key=lambda k: ok[k]["peak_memory_gib"])
+    fast_cpu = max(ok, key=lambda k: ok[k]["tokens_per_cpu_s"])
+    return {
+        "tokens_per_s": ok[fast]["tokens_per_s"],
+        "tokens_per_s_setting": fast,
+        "tokens_per_cpu_s": ok[fast_cpu]["tokens_per_cpu_s"],
+        "tokens_per_cpu_s_setting": fast_cpu,
+        "tokens_per_s_incl_precompute": ok[fast_incl]["tokens_per_s_incl_precompute"],
+        "tokens_per_s_incl_precompute_setting": fast_incl,
+        "peak_memory_gib": ok[light]["peak_memory_gib"],
+        "peak_memory_setting": light,
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        run = run_peer if args.child == "peer" else run_ours
+        common.write_result(args.result_file, run(args))
+        return
+    script = Path(__file__).resolve()
+    settings = [s.strip() for s in args.peer_settings.split(",") if s.strip()]
+    unknown = set(settings) - set(PEER_SETTINGS)
+    if unknown:
+        raise SystemExit(f"unknown --peer-settings {sorted(unknown)}; choose from {PEER_SETTINGS}")
+    machine = common.machine()
+    for gc in ("off", "on") if args.gradient_checkpointing == "both" else (args.gradient_checkpointing,):
+        peer = {
+            s: common.run_child(script, child_argv(args, "peer", gc, peer_setting=s), args.timeout)
+            for s in settings
+        }
+        ours = common.run_child(script, child_argv(args, "ours", gc), args.timeout)
+        extra = {}
+        if args.also_unchunked:
+            extra["ours_unchunked"] = common.run_child(
+                script, child_argv(args, "ours", gc, chunk="none"), args.timeout
+            )
+        best = best_of(peer)
+        ok = "error" not in ours
+        record = {
+            "benchmark": "train_throughput",
+            "device": args.device,
+            "shape": args.shape,
+            "batch": args.batch,
+            "prompt_len": args.prompt_len,
+            "response_len": args.response_len,
+            "timed_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "gradient_checkpointing": gc == "on",
+            "precision": "bf16 autocast, fp32 master weights" if args.device == "cuda" else "fp32",
+            "optimizer": f"torch.optim.RMSprop(lr={args.lr})",
+            "lam_beta": args.lam,
+            "peak_memory_kind": "cuda max allocated"
+            if args.device == "cuda"
+            else "peak RSS of the subprocess",
+            "ours_logprob_chunk_size": ours.get("logprob_chunk_size"),
+            # True when the training forward went through lm_head, i.e. built full [2B, T, V] logits.
+            "ours_full_logits": bool(ours.get("lm_head_module_calls_in_training")) if ok else None,
+            "tokens_per_s_ratio": common.ratio(ours.get("tokens_per_s"), best.get("tokens_per_s"))
+            if ok
+            else None,
+            "tokens_per_cpu_s_ratio": common.ratio(ours.get("tokens_per_cpu_s"), best.get("tokens_per_cpu_s"))
+            if ok
+            else None,
+            "tokens_per_s_incl_precompute_ratio": common.ratio(
+                ours.get("tokens_per_s_incl_precompute"), best.get("tokens_per_s_incl_precompute")
+            )
+            if ok
+            else None,
+            "peak_memory_ratio": common.ratio(ours.get("peak_memory_gib"), best.get("peak_memory_gib"))
+            if ok
+            else None,
+            "ours": ours,
+            "peer_best": best,
+            "peer": peer,
+            **extra,
+            "machine": machine,
+        }
+        common.emit(record)
+
+
+if __name__ == "__main__":
+    main()
