@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
 .venv/bin/python train.py -m name=loss_ablation debug=fast rounds=3 \
-  data.num_prompts=64 generation.max_new_tokens=96 \
-  eval.heldout_pairs=32 eval.task_prompts=32 \
+  data.num_prompts=32 generation.max_new_tokens=64 \
+  eval.heldout_pairs=16 eval.task_prompts=16 eval.max_new_tokens=64 \
   loss=logistic,hinge,exponential,correlation lam=0.1 seed=0,1,2 \
   hydra.sweep.dir=experiments/loss_ablation/runs

