@@ -28,7 +28,7 @@ def build_sweep(root: Path) -> Path:
         for seed in SEEDS:
             overrides = [*COMMON, f"loss={loss}", f"seed={seed}"]
             run_dir = root / ",".join(sorted(overrides))  # Hydra's override_dirname
-            cfg = compose_cfg(overrides, run_dir)
+            cfg = compose_cfg([*overrides, "~eval"], run_dir)  # train metrics only: eval keys are added below
             train.run(cfg)
             # train.run outside @hydra.main writes no .hydra/; write what Hydra would.
             (run_dir / ".hydra").mkdir(exist_ok=True)
