@@ -109,7 +109,10 @@ def print_summary(summaries: dict, run_dir: RunDir) -> None:
     for index in sorted(summaries):
         s = summaries[index]
         lines.append(f"{index:>5} " + " ".join(f"{s.get(k, nan):>11{f}}" for _, k, f in columns))
-    print("\nSPIN rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
+    if any("margin" in s for s in summaries.values()):
+        print("\nSPIN rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
+    else:
+        print("\nSFT rounds (loss = mean negative log-likelihood per response token)")
     print("\n".join(lines))
     print(f"run directory: {run_dir.root}")
 

@@ -107,3 +107,15 @@ def test_wandb_offline_run_has_metrics_config_and_sample_table(tmp_path, monkeyp
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert b"wandb-secret-0042" not in path.read_bytes(), path
+
+
+def test_ngram_distance_and_length_ratio_by_hand():
+    from spinlab.evaluation import length_ratio, ngram_tv
+
+    real = ["a b c", "a b"]  # bigrams: (a b) twice, (b c) once
+    assert ngram_tv(real, real) == 0.0
+    assert ngram_tv(["x y"], real) == 1.0
+    # ["a b d"]: (a b) 1/2, (b d) 1/2 against (a b) 2/3, (b c) 1/3 -> TV = (1/6 + 1/2 + 1/3) / 2
+    assert ngram_tv(["a b d"], real) == pytest.approx(0.5)
+    assert ngram_tv([""], [""]) == 0.0 and ngram_tv([""], real) == 1.0
+    assert length_ratio(["abcd"], ["ab", "ab"]) == 1.0 and length_ratio(["a"], ["abcd"]) == 0.25

@@ -5,7 +5,9 @@ callback has the opponent (the policy as it stands now, θ_t) generate one synth
 per prompt, builds the pairs (mixing earlier rounds' synthetic data if asked), caches the
 opponent's log-probs, and sets the round's λ and learning rate. At a round's end it saves
 the policy as a Hugging Face directory. Everything a round produces goes to disk first, and
-is read back on resume instead of being made again.
+is read back on resume instead of being made again. With an SFT module (module=sft) a round
+trains on the real responses alone and generates nothing, so SFT and SPIN share the rounds,
+schedule, checkpoints and evaluation.
 """
 
 from __future__ import annotations
@@ -144,13 +146,16 @@ class SelfPlayCallback(L.Callback):
         settings = round_settings(
             index, {**self.base, "mix_previous_rounds": dm.mix_previous_rounds}, self.round_overrides
         )
-        synthetic = self.synthetic_rows(trainer, pl_module, index)
-        self.log_samples(trainer, index, synthetic[: self.num_samples])
-        pairs = list(synthetic)
-        for earlier in range(max(0, index - settings["mix_previous_rounds"]), index):
-            pairs += read_jsonl(self.run_dir.synthetic(earlier))
+        if pl_module.self_play:
+            synthetic = self.synthetic_rows(trainer, pl_module, index)
+            self.log_samples(trainer, index, synthetic[: self.num_samples])
+            pairs = list(synthetic)
+            for earlier in range(max(0, index - settings["mix_previous_rounds"]), index):
+                pairs += read_jsonl(self.run_dir.synthetic(earlier))
+        else:  # an SFT round: the real responses only, nothing to generate
+            pairs = [{"prompt": r["prompt"], "real": r["response"]} for r in dm.load_split("train")]
         dm.set_pairs(pairs)
-        if pl_module.opponent_mode == "cached":
+        if getattr(pl_module, "opponent_mode", None) == "cached":
             dm.set_opponent_logps(self.opponent_logps(trainer, pl_module, index))
         fresh = index not in self.plans
         if fresh:

@@ -6,12 +6,13 @@ instantiated: a mistyped argument there fails at start, naming the class and the
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -52,8 +53,21 @@ def redact(node):
     return node
 
 
+def dirname(overrides: str, limit: int = 140) -> str:
+    """A run directory name from Hydra's override_dirname: path separators become '_' so a
+    path-valued override does not nest directories, and a name too long for the file system
+    keeps its first characters plus a hash of the whole, so it stays unique and stable."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return name.encode()[: limit - 13].decode(errors="ignore") + "-" + digest
+
+
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("spinlab.dirname"):
+        OmegaConf.register_new_resolver("spinlab.dirname", dirname)
 
 
 register()

@@ -314,14 +314,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         for i, pair in enumerate(pairs):
             prompt = self.encode_prompt(pair["prompt"])
             budget = self.max_length - len(prompt)
-            encoded.append(
-                {
-                    "index": i,
-                    "prompt": prompt,
-                    "real": self.encode_response(pair["real"], budget),
-                    "synthetic": self.encode_response(pair["synthetic"], budget),
-                }
-            )
+            item = {"index": i, "prompt": prompt, "real": self.encode_response(pair["real"], budget)}
+            if pair.get("synthetic") is not None:  # SFT rounds train on real responses alone
+                item["synthetic"] = self.encode_response(pair["synthetic"], budget)
+            encoded.append(item)
         return encoded
 
     def set_pairs(self, pairs: Sequence[dict]) -> None:
@@ -341,9 +337,13 @@ class SelfPlayDataModule(L.LightningDataModule):
         return math.ceil(batches / accumulate_grad_batches)
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """[2B, T] batch: the B real sequences, then the B synthetic ones, right-padded."""
+        """[2B, T] batch: the B real sequences, then the B synthetic ones, right-padded.
+
+        Items without a synthetic response (SFT) give a [B, T] batch of the real ones.
+        """
         seqs, labels = [], []
-        for kind in ("real", "synthetic"):
+        kinds = ("real", "synthetic") if all("synthetic" in item for item in items) else ("real",)
+        for kind in kinds:
             for item in items:
                 seqs.append(item["prompt"] + item[kind])
                 labels.append([IGNORE_INDEX] * len(item["prompt"]) + item[kind])

