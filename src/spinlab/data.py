@@ -221,6 +221,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         bad_rows: str = "error",
         num_workers: int = 0,
         seed: int = 0,
+        packing: bool = False,
+        pack_length: int | None = None,
     ):
         super().__init__()
         if max_prompt_length >= max_length:
@@ -242,6 +244,12 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.bad_rows = bad_rows
         self.num_workers = num_workers
         self.seed = seed
+        self.packing = packing
+        self.pack_length = pack_length or 2 * max_length
+        if self.pack_length < max_length:
+            raise ValueError(
+                f"data.pack_length ({pack_length}) must be at least data.max_length ({max_length})"
+            )
         self.rows: dict[str, list[dict]] = {}
         self.skipped: dict[str, int] = {}
         self.pairs: list[dict] = []
@@ -347,6 +355,8 @@ class SelfPlayDataModule(L.LightningDataModule):
             for item in items:
                 seqs.append(item["prompt"] + item[kind])
                 labels.append([IGNORE_INDEX] * len(item["prompt"]) + item[kind])
+        if self.packing:
+            return self._packed(items, seqs, labels)
         width = max(map(len, seqs))
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         label_ids = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
@@ -359,6 +369,53 @@ class SelfPlayDataModule(L.LightningDataModule):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": label_ids,
+            "index": torch.tensor([item["index"] for item in items]),
+        }
+        if all("opponent_logps" in item for item in items):
+            batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
+        return batch
+
+    def _packed(self, items: list[dict], seqs: list[list[int]], labels: list[list[int]]) -> dict:
+        """The same sequences without padding between them: laid end to end in rows of at most
+        pack_length tokens (first fit, longest first), positions restarting at 0 for each.
+
+        Without an attention mask, transformers reads the restarts in position_ids as sequence
+        boundaries and attends within each sequence only (block-causal), so every sequence is
+        scored exactly as in the padded batch. `sequence_ids` says which sequence each token
+        belongs to (-1: padding at a row's end), in the padded batch's order.
+        """
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+            row = next((r for r in range(len(rows)) if room[r] >= len(seqs[i])), None)
+            if row is None:
+                rows.append([])
+                room.append(self.pack_length)
+                row = len(rows) - 1
+            rows[row].append(i)
+            room[row] -= len(seqs[i])
+        width = max(self.pack_length - r for r in room)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        label_ids = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        sequence_ids = torch.full(shape, -1, dtype=torch.long)
+        # Padding continues the last sequence's positions, so it starts no new sequence; it is
+        # never attended to (causal, at the row's end) and never scored (IGNORE_INDEX).
+        position_ids = torch.arange(width).repeat(len(rows), 1)
+        for r, members in enumerate(rows):
+            start = 0
+            for i in members:
+                end = start + len(seqs[i])
+                input_ids[r, start:end] = torch.tensor(seqs[i])
+                label_ids[r, start:end] = torch.tensor(labels[i])
+                sequence_ids[r, start:end] = i
+                position_ids[r, start:] = torch.arange(width - start)
+                start = end
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": label_ids,
+            "sequence_ids": sequence_ids,
             "index": torch.tensor([item["index"] for item in items]),
         }
         if all("opponent_logps" in item for item in items):

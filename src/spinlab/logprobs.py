@@ -26,9 +26,21 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logps * mask
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed response log-prob per sequence, [B]."""
-    return token_logps(logits, labels).sum(-1)
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Summed response log-prob per sequence: [B] for one sequence per row; for packed rows,
+    one entry per sequence id (see SelfPlayDataModule's packing)."""
+    per_token = token_logps(logits, labels)
+    if sequence_ids is None:
+        return per_token.sum(-1)
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return _sum_by_sequence(per_token[rows, cols], sequence_ids[:, 1:][rows, cols], sequence_ids)
+
+
+def _sum_by_sequence(values: torch.Tensor, owner: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+    count = int(sequence_ids.max()) + 1  # every sequence has at least its prompt's tokens
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, owner, values)
 
 
 def _selected_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -38,14 +50,19 @@ def _selected_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def chunked_sequence_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed response log-prob per sequence from final hidden states and the output layer.
 
     Same value as `sequence_logps(hidden @ weight.T, labels)`, but the vocabulary projection
     runs only on response positions, `chunk_size` tokens at a time, and each chunk is
     recomputed in the backward pass instead of stored: the [B, T, V] logits, which dominate
-    memory for small models with large vocabularies, never exist.
+    memory for small models with large vocabularies, never exist. With `sequence_ids`
+    (packed rows), sums are per sequence id instead of per row.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -61,6 +78,8 @@ def chunked_sequence_logps(
         else:
             parts.append(_selected_logps(h[start:end], weight, t[start:end]))
     per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if sequence_ids is not None:
+        return _sum_by_sequence(per_token, sequence_ids[:, 1:][rows, cols], sequence_ids)
     return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(
         0, rows, per_token
     )

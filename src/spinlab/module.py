@@ -117,20 +117,21 @@ class PolicyModule(L.LightningModule):
 
     def response_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Summed response log-prob of every sequence of a collated batch, [rows]."""
-        inputs = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "use_cache": False,
-        }
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if "sequence_ids" in batch:  # packed rows: no mask, the restarts in position_ids separate sequences
+            inputs["position_ids"] = batch["position_ids"]
+        else:
+            inputs["attention_mask"] = batch["attention_mask"]
+        sequence_ids = batch.get("sequence_ids")
         if self.logprob_chunk_size:
             # Logits are the output layer applied to the decoder's last hidden state (no bias,
             # no soft-capping), so the vocabulary projection can run chunk by chunk.
             hidden = model.get_decoder()(**inputs).last_hidden_state
             weight = model.get_output_embeddings().weight
-            logps = chunked_sequence_logps(hidden, weight, batch["labels"], self.logprob_chunk_size)
-        else:
-            logps = sequence_logps(model(**inputs).logits, batch["labels"])
-        return logps
+            return chunked_sequence_logps(
+                hidden, weight, batch["labels"], self.logprob_chunk_size, sequence_ids
+            )
+        return sequence_logps(model(**inputs).logits, batch["labels"], sequence_ids)
 
     @torch.no_grad()
     def score_opponent(self, loader, desc: str = "opponent log-probs") -> torch.Tensor:
@@ -190,7 +191,9 @@ class PolicyModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._batch_started
-        tokens = float(batch["attention_mask"].sum())
+        tokens = float(
+            batch["attention_mask"].sum() if "attention_mask" in batch else (batch["sequence_ids"] >= 0).sum()
+        )
         self.tokens.update(tokens)
         self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1, sync_dist=False)
 
