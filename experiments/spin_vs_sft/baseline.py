@@ -1,7 +1,7 @@
 """Evaluate the weak SFT model (the starting point θ_0 of every arm) exactly as the runs
 evaluate their rounds: python experiments/spin_vs_sft/baseline.py seed=0 [eval.split=test]
 
-Writes experiments/spin_vs_sft/runs/baseline/seed=<seed>/eval.json.
+Writes experiments/spin_vs_sft/runs/baseline/<split>/seed=<seed>/eval.json.
 """
 
 import json
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def main(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=spin_vs_sft", *overrides])
-    out = ROOT / "experiments" / "spin_vs_sft" / "runs" / "baseline" / f"seed={cfg.seed}"
+    out = ROOT / "experiments" / "spin_vs_sft" / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
     with open_dict(cfg):
         cfg.run_dir = str(out)
     loaded = instantiate(cfg.model)

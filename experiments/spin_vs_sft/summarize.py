@@ -38,7 +38,7 @@ def load() -> pd.DataFrame:
             df = collect(RUNS / arm)
             df["arm"], df["after_round"] = label, df["round"] + 1
             frames.append(df)
-    for path in sorted((RUNS / "baseline").glob("seed=*/eval.json")):
+    for path in sorted((RUNS / "baseline" / "test").glob("seed=*/eval.json")):
         seed = int(path.parent.name.split("=")[1])
         frames.append(
             pd.DataFrame(

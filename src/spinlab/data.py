@@ -355,8 +355,13 @@ class SelfPlayDataModule(L.LightningDataModule):
             for item in items:
                 seqs.append(item["prompt"] + item[kind])
                 labels.append([IGNORE_INDEX] * len(item["prompt"]) + item[kind])
-        if self.packing:
-            return self._packed(items, seqs, labels)
+        batch = self._packed(seqs, labels) if self.packing else self._padded(seqs, labels)
+        batch["index"] = torch.tensor([item["index"] for item in items])
+        if all("opponent_logps" in item for item in items):
+            batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
+        return batch
+
+    def _padded(self, seqs: list[list[int]], labels: list[list[int]]) -> dict:
         width = max(map(len, seqs))
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         label_ids = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
@@ -365,17 +370,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             label_ids[row, : len(lab)] = torch.tensor(lab)
             attention_mask[row, : len(seq)] = 1
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": label_ids,
-            "index": torch.tensor([item["index"] for item in items]),
-        }
-        if all("opponent_logps" in item for item in items):
-            batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
-    def _packed(self, items: list[dict], seqs: list[list[int]], labels: list[list[int]]) -> dict:
+    def _packed(self, seqs: list[list[int]], labels: list[list[int]]) -> dict:
         """The same sequences without padding between them: laid end to end in rows of at most
         pack_length tokens (first fit, longest first), positions restarting at 0 for each.
 
@@ -411,16 +408,12 @@ class SelfPlayDataModule(L.LightningDataModule):
                 sequence_ids[r, start:end] = i
                 position_ids[r, start:] = torch.arange(width - start)
                 start = end
-        batch = {
+        return {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "labels": label_ids,
             "sequence_ids": sequence_ids,
-            "index": torch.tensor([item["index"] for item in items]),
         }
-        if all("opponent_logps" in item for item in items):
-            batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
-        return batch
 
     def _loader(self, encoded: list[dict], shuffle: bool) -> DataLoader:
         if not encoded:
