@@ -27,6 +27,7 @@ class HFGenerator:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int = 0,
+        cache_implementation: str | None = None,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -39,6 +40,9 @@ class HFGenerator:
         self.top_p = top_p
         self.top_k = top_k
         self.seed = seed
+        # "static": a fixed-size KV cache, which transformers compiles the decoding step for
+        # on a GPU; None: the dynamic cache (best on CPU).
+        self.cache_implementation = cache_implementation
 
     def batches(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
         """Indices of the prompts in each batch: longest first, a stable plan for resuming."""
@@ -91,6 +95,11 @@ class HFGenerator:
                         top_k=self.top_k if self.do_sample else None,
                         pad_token_id=pad,
                         eos_token_id=eos,
+                        **(
+                            {"cache_implementation": self.cache_implementation}
+                            if self.cache_implementation
+                            else {}
+                        ),
                     )
                 rows = []
                 for row, i in enumerate(batch):
