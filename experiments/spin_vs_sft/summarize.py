@@ -19,6 +19,7 @@ RUNS, RESULTS = HERE / "runs", HERE / "results"
 ARMS = {  # sweep directory: label
     "spin": "SPIN",
     "spin_mix": "SPIN + previous round's data",
+    "spin_lr1e-5": "SPIN, lr 1e-5 (5x the selected)",
     "sft": "continued SFT (same steps)",
     "sft_2x": "continued SFT (2 epochs/round: same tokens)",
 }
