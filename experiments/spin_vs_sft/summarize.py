@@ -66,12 +66,16 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main() -> None:
     df = load()
-    # The synthetic responses of round t are sampled at its start (θ_t): shift them to θ_t's row.
-    sampled = df[df["round"].notna()][["arm", "seed", "round", "eval/synthetic_ngram_tv"]].copy()
-    df = df.drop(columns=["eval/synthetic_ngram_tv"]).merge(
-        sampled.rename(columns={"round": "after_round"}), on=["arm", "seed", "after_round"], how="left"
+    # The synthetic responses of round t are sampled at its start, by θ_t: the model after t
+    # rounds. Shift them to that row (the weak model's own evaluation holds its samples).
+    runs, base = df[df["round"].notna()], df[df["round"].isna()]
+    sampled = runs[["arm", "seed", "round", "eval/synthetic_ngram_tv"]].rename(
+        columns={"round": "after_round"}
     )
-    base = df[df["after_round"] == 0]
+    runs = runs.drop(columns=["eval/synthetic_ngram_tv"]).merge(
+        sampled, on=["arm", "seed", "after_round"], how="left"
+    )
+    df = pd.concat([base, runs], ignore_index=True)
     rows = []
     for arm in ["weak SFT model (start)", *ARMS.values()]:
         part = df[df["arm"] == arm] if arm != "weak SFT model (start)" else base
@@ -116,6 +120,7 @@ def main() -> None:
             )
         ax.set_title(METRICS[key])
         ax.set_xlabel("rounds trained (0 = weak SFT model)")
+        ax.set_xticks(range(5))
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "rounds.png", dpi=110)
