@@ -67,12 +67,12 @@ def test_sft_steps_raise_the_real_responses_likelihood():
     module, dm, _ = make_sft()
     batch = next(iter(dm.scoring_dataloader()))
     opt = module.configure_optimizers()
-    before = float(module.objective(batch)["loss"])
+    before = float(module.objective(batch)["loss"].detach())
     for _ in range(10):
         opt.zero_grad()
         module.objective(batch)["loss"].backward()
         opt.step()
-    assert float(module.objective(batch)["loss"]) < before - 0.5
+    assert float(module.objective(batch)["loss"].detach()) < before - 0.5
 
 
 def test_module_configs_build_spin_and_sft():
