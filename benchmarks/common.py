@@ -294,3 +294,91 @@ def ratio(ours: float | None, peer: float | None) -> float | None:
     if ours is None or peer is None or peer == 0:
         return None
     return ours / peer
+
+
+# -- lever benchmarks: ours against ours, one setting changed -----------------------------------
+def lever_parser(doc: str, sides: tuple[str, str], batch: int, warmup: int, steps: int = 6):
+    """Arguments shared by the lever benchmarks (compile.py, packing.py); add your own, then
+    call `lever_args`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="cpu-small on CPU, smollm2-135m on GPU"
+    )
+    p.add_argument("--batch", type=int, default=batch, help="pairs per step")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--response-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=steps, help="timed steps")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads on both sides")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per side")
+    p.add_argument("--child", choices=sides, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def lever_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    args.shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "cpu-small")
+    return args
+
+
+def run_lever(script: Path, args, sides: tuple[str, str], extra_argv: list[str], record: dict) -> None:
+    """Run both sides in subprocesses and emit `record` with their results and the ratios
+    second/first of tokens/s and peak memory, and the last losses' difference."""
+    argv = ["--device", args.device, "--shape", args.shape, "--batch", str(args.batch)]
+    argv += ["--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)]
+    argv += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    first, second = (run_child(script, ["--child", s, *argv, *extra_argv], args.timeout) for s in sides)
+    ok = "error" not in first and "error" not in second
+    emit(
+        {
+            **record,
+            "device": args.device,
+            "shape": args.shape,
+            "batch": args.batch,
+            "tokens_per_s_ratio": ratio(second.get("tokens_per_s"), first.get("tokens_per_s"))
+            if ok
+            else None,
+            "peak_memory_ratio": ratio(second.get("peak_memory_gib"), first.get("peak_memory_gib"))
+            if ok
+            else None,
+            "last_loss_abs_diff": abs(second["last_loss"] - first["last_loss"]) if ok else None,
+            sides[0]: first,
+            sides[1]: second,
+            "machine": machine(),
+        }
+    )
+
+
+def autocast(device: str):
+    """bf16 autocast on a GPU (fp32 master weights), nothing on CPU."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def cache_opponent(module, dm, device: str) -> None:
+    """The cached opponent: every pair's log-probs once, with the starting weights."""
+    with autocast(device):
+        dm.set_opponent_logps(module.score_opponent(dm.scoring_dataloader()))
+
+
+def spin_steps(module, dm, device: str):
+    """One optimizer step of SPINModule per batch of `dm`, in order (both sides of a lever see
+    the same batches); yields (batch, loss, time at the step's end)."""
+    optimizer = module.configure_optimizers()
+    for batch in dm.scoring_dataloader():
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device):
+            out = module.forward_pairs(batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        yield batch, float(out["loss"].detach()), now(device)

@@ -16,7 +16,6 @@ This is a lever measurement, ours against ours; bench against TRL with train_thr
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -25,25 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
+SIDES = ("padded", "packed")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--shape", choices=sorted(common.SHAPES), default=None)
-    p.add_argument("--batch", type=int, default=8, help="pairs per step")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--response-len", type=int, default=128)
-    p.add_argument("--pack-length", type=int, default=None, help="tokens per packed row (2 x the longest)")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--child", choices=("padded", "packed"), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "cpu-small")
-    return args
+    parser = common.lever_parser(__doc__, SIDES, batch=8, warmup=1)
+    parser.add_argument(
+        "--pack-length", type=int, default=None, help="tokens per packed row (2 x the longest)"
+    )
+    return common.lever_args(parser, argv)
 
 
 def variable_pairs(args) -> list[dict]:
@@ -61,11 +50,9 @@ def variable_pairs(args) -> list[dict]:
 
 
 def run_side(args) -> dict:
-    import contextlib
-
     import torch
 
-    from spinlab.data import SelfPlayDataModule
+    from spinlab.data import SelfPlayDataModule, batch_tokens
     from spinlab.losses import logistic
     from spinlab.module import SPINModule
 
@@ -87,28 +74,13 @@ def run_side(args) -> dict:
         seed=args.seed,
     )
     dm.encoded = variable_pairs(args)
-    gpu = args.device == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else contextlib.nullcontext
-    with autocast():
-        dm.set_opponent_logps(module.score_opponent(dm.scoring_dataloader()))
-    optimizer = module.configure_optimizers()
+    common.cache_opponent(module, dm, args.device)
     times, losses, tokens, slots = [], [], 0, 0
-    for step, batch in enumerate(dm.scoring_dataloader()):  # fixed order: both sides see the same batches
-        batch = {k: v.to(args.device) for k, v in batch.items()}
-        with autocast():
-            out = module.forward_pairs(batch)
-        out["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(out["loss"]))
-        times.append(common.now(args.device))
+    for step, (batch, loss, end) in enumerate(common.spin_steps(module, dm, args.device)):
+        times.append(end)
+        losses.append(loss)
         if step >= args.warmup:
-            real = (
-                batch["attention_mask"].sum()
-                if "attention_mask" in batch
-                else (batch["sequence_ids"] >= 0).sum()
-            )
-            tokens += int(real)
+            tokens += batch_tokens(batch)
             slots += batch["input_ids"].numel()
     timed_s = times[-1] - times[args.warmup - 1]
     return {
@@ -129,39 +101,14 @@ def main(argv=None) -> None:
     if args.child:
         common.write_result(args.result_file, run_side(args))
         return
-    script = Path(__file__).resolve()
-    base = ["--device", args.device, "--shape", args.shape, "--batch", str(args.batch)]
-    base += ["--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)]
-    base += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
-    base += ["--pack-length", str(args.pack_length)] if args.pack_length else []
-    base += ["--threads", str(args.threads)] if args.threads else []
-    sides = {
-        side: common.run_child(script, ["--child", side, *base], args.timeout)
-        for side in ("padded", "packed")
+    pack_length = args.pack_length or 2 * (args.prompt_len + args.response_len)
+    record = {
+        "benchmark": "packing",
+        "prompt_len_max": args.prompt_len,
+        "response_len_max": args.response_len,
+        "pack_length": pack_length,
     }
-    padded, packed = sides["padded"], sides["packed"]
-    ok = "error" not in padded and "error" not in packed
-    common.emit(
-        {
-            "benchmark": "packing",
-            "device": args.device,
-            "shape": args.shape,
-            "batch": args.batch,
-            "prompt_len_max": args.prompt_len,
-            "response_len_max": args.response_len,
-            "pack_length": args.pack_length or 2 * (args.prompt_len + args.response_len),
-            "tokens_per_s_ratio": common.ratio(packed.get("tokens_per_s"), padded.get("tokens_per_s"))
-            if ok
-            else None,
-            "peak_memory_ratio": common.ratio(packed.get("peak_memory_gib"), padded.get("peak_memory_gib"))
-            if ok
-            else None,
-            "last_loss_abs_diff": abs(packed["last_loss"] - padded["last_loss"]) if ok else None,
-            "padded": padded,
-            "packed": packed,
-            "machine": common.machine(),
-        }
-    )
+    common.run_lever(Path(__file__).resolve(), args, SIDES, ["--pack-length", str(pack_length)], record)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,13 @@ def global_batch_shard(order: list[int], batch_size: int, rank: int, world: int)
     ]
 
 
+def batch_tokens(batch: dict) -> int:
+    """Tokens of a collated batch that are not padding (padded or packed rows)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["sequence_ids"] >= 0).sum())
+
+
 class SelfPlayDataModule(L.LightningDataModule):
     def __init__(
         self,

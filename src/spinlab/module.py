@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
+from spinlab.data import batch_tokens
 from spinlab.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class PolicyModule(L.LightningModule):
 
     # -- log-probs --------------------------------------------------------------------------
     def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real, synthetic) summed response log-probs of a collated [2B, T] batch."""
+        """(real, synthetic) summed response log-probs of a collated pair batch (padded [2B, T] or packed)."""
         return self.response_logps(model, batch).chunk(2)
 
     def response_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -191,9 +192,7 @@ class PolicyModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._batch_started
-        tokens = float(
-            batch["attention_mask"].sum() if "attention_mask" in batch else (batch["sequence_ids"] >= 0).sum()
-        )
+        tokens = float(batch_tokens(batch))
         self.tokens.update(tokens)
         self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1, sync_dist=False)
 
