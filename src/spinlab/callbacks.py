@@ -155,7 +155,7 @@ class SelfPlayCallback(L.Callback):
         else:  # an SFT round: the real responses only, nothing to generate
             pairs = [{"prompt": r["prompt"], "real": r["response"]} for r in dm.load_split("train")]
         dm.set_pairs(pairs)
-        if getattr(pl_module, "opponent_mode", None) == "cached":
+        if pl_module.opponent_mode == "cached":
             dm.set_opponent_logps(self.opponent_logps(trainer, pl_module, index))
         fresh = index not in self.plans
         if fresh:

@@ -35,11 +35,17 @@ def sequence_logps(
     if sequence_ids is None:
         return per_token.sum(-1)
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return _sum_by_sequence(per_token[rows, cols], sequence_ids[:, 1:][rows, cols], sequence_ids)
+    return _sum_by_sequence(per_token[rows, cols], rows, cols, labels, sequence_ids)
 
 
-def _sum_by_sequence(values: torch.Tensor, owner: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
-    count = int(sequence_ids.max()) + 1  # every sequence has at least its prompt's tokens
+def _sum_by_sequence(
+    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor, sequence_ids
+) -> torch.Tensor:
+    """Per-token values at target positions (rows, cols) summed per row, or per sequence id."""
+    if sequence_ids is None:
+        owner, count = rows, labels.shape[0]
+    else:  # every sequence has at least its prompt's tokens, so ids run 0 .. max
+        owner, count = sequence_ids[:, 1:][rows, cols], int(sequence_ids.max()) + 1
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, owner, values)
 
 
@@ -78,8 +84,4 @@ def chunked_sequence_logps(
         else:
             parts.append(_selected_logps(h[start:end], weight, t[start:end]))
     per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    if sequence_ids is not None:
-        return _sum_by_sequence(per_token, sequence_ids[:, 1:][rows, cols], sequence_ids)
-    return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(
-        0, rows, per_token
-    )
+    return _sum_by_sequence(per_token, rows, cols, labels, sequence_ids)

@@ -55,6 +55,7 @@ class PolicyModule(L.LightningModule):
 
     metric_names: tuple[str, ...] = ()
     self_play = False  # whether SelfPlayCallback generates synthetic responses for this module
+    opponent_mode: str | None = None  # "cached": SelfPlayCallback supplies opponent log-probs
 
     def __init__(
         self,
