@@ -15,8 +15,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from spinlab.callbacks import AtomicCheckpointIO, check_round_overrides
+from spinlab.callbacks import AtomicCheckpointIO
 from spinlab.config import redact  # importing it registers the schema train.yaml builds on
+from spinlab.rounds import check_round_overrides
 from spinlab.rundir import RunDir, check_writable
 
 log = logging.getLogger("spinlab")

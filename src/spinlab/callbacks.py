@@ -1,19 +1,18 @@
 """SelfPlayCallback: drives the rounds inside one Lightning fit.
 
-Round t spans epochs [t·E, (t+1)·E) with E = epochs_per_round. At a round's start the
-callback has the opponent (the policy as it stands now, θ_t) generate one synthetic response
-per prompt, builds the pairs (mixing earlier rounds' synthetic data if asked), caches the
-opponent's log-probs, and sets the round's λ and learning rate. At a round's end it saves
-the policy as a Hugging Face directory. Everything a round produces goes to disk first, and
-is read back on resume instead of being made again. With an SFT module (module=sft) a round
-trains on the real responses alone and generates nothing, so SFT and SPIN share the rounds,
-schedule, checkpoints and evaluation.
+Round t spans epochs [t·E, (t+1)·E) with E = epochs_per_round. At a round's start the callback
+fixes the round's settings (a `Round`, which it owns and checkpoints), has the configured pair
+builder make the round's rows (SPIN: the opponent, i.e. the policy as it stands now, generates one
+synthetic response per prompt; SFT: the real responses) and, where the method caches them, the
+opponent's log-probs. At a round's end it saves the policy as a Hugging Face directory and runs the
+evaluation. Everything a round produces goes to disk first, and is read back on resume instead of
+being made again. Every process takes part in every step (see spinlab.rounds).
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,47 +21,42 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from spinlab.rundir import RunDir, append_jsonl, read_jsonl, replace_dir, write_bytes, write_json, write_jsonl
+from spinlab.rounds import Round, check_round_overrides, round_settings, save_policy
+from spinlab.rundir import RunDir, write_json
 
 log = logging.getLogger(__name__)
 
-ROUND_KEYS = ("lam", "lr", "mix_previous_rounds")
-
-
-def round_settings(index: int, base: dict, overrides: dict | None) -> dict:
-    """Settings of round `index`: an override applies from its round onwards (sticky)."""
-    settings = dict(base)
-    for start in sorted(int(k) for k in (overrides or {})):
-        if start <= index:
-            settings.update((overrides or {}).get(start) or (overrides or {}).get(str(start)))
-    return settings
-
-
-def check_round_overrides(overrides: dict | None, rounds: int) -> None:
-    for key, values in (overrides or {}).items():
-        if not str(key).isdigit() or not 0 <= int(key) < rounds:
-            raise ValueError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
-        for name, value in (values or {}).items():
-            if name not in ROUND_KEYS:
-                raise ValueError(f"round_overrides.{key}.{name}: unknown setting; allowed: {ROUND_KEYS}")
-            if name == "lam" and value <= 0:
-                raise ValueError(f"round_overrides.{key}.lam must be > 0, got {value}")
-
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file, fsynced, then renamed into place."""
+    """Lightning checkpoints streamed to a temporary file in the same directory, fsynced, then
+    renamed into place: a kill while saving leaves the previous checkpoint whole, and the
+    checkpoint is never held in memory a second time as bytes."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes(Path(path), buffer.getvalue())
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class RoundCheckpoint(L.Callback):
     """Saves `last.ckpt` at every epoch end, after SelfPlayCallback has prepared the next round.
 
-    Place it after SelfPlayCallback. Written atomically (see AtomicCheckpointIO), so a kill
-    while saving leaves the previous checkpoint whole.
+    Place it after SelfPlayCallback. One file (AtomicCheckpointIO) for unsharded runs; for sharded
+    ones (trainer=fsdp, fsdp_cpu) a distributed checkpoint, a directory in which every process
+    writes its own shards, written under a new name and then swapped in by renaming a link, so a
+    kill while saving leaves the previous checkpoint whole.
     """
 
     def __init__(self, dirpath: str):
@@ -70,8 +64,28 @@ class RoundCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         log.info("saving checkpoint %s (epoch %d)", self.path, trainer.current_epoch)
-        trainer.save_checkpoint(self.path, weights_only=False)
+        if getattr(pl_module, "sharded", False):
+            self._save_sharded(trainer)
+        else:
+            trainer.save_checkpoint(self.path, weights_only=False)
         log.info("checkpoint saved (epoch %d)", trainer.current_epoch)
+
+    def _save_sharded(self, trainer: L.Trainer) -> None:
+        name = f"epoch{trainer.current_epoch:04d}.ckpt"
+        target = self.path.with_name(name)
+        trainer.save_checkpoint(target, weights_only=False)
+        trainer.strategy.barrier("sharded checkpoint")
+        if trainer.is_global_zero:
+            previous = self.path.resolve() if self.path.is_symlink() else None
+            link = self.path.with_name(f".{self.path.name}.link.tmp")
+            link.unlink(missing_ok=True)
+            link.symlink_to(name)
+            os.replace(link, self.path)  # atomic: last.ckpt names either the old or the new directory
+            if previous is not None and previous != target.resolve() and previous.exists():
+                import shutil
+
+                shutil.rmtree(previous)
+        trainer.strategy.barrier("checkpoint link")
 
 
 class SelfPlayCallback(L.Callback):
@@ -79,10 +93,12 @@ class SelfPlayCallback(L.Callback):
         self,
         run_dir: str,
         generator,
+        pairs,
         rounds: int,
         epochs_per_round: int = 1,
         lam: float = 0.1,
         lr: float = 5e-7,
+        mix_previous_rounds: int = 0,
         round_overrides: dict | None = None,
         num_samples: int = 3,
         evaluator=None,
@@ -93,12 +109,15 @@ class SelfPlayCallback(L.Callback):
             raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
+        if mix_previous_rounds < 0:
+            raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
         check_round_overrides(round_overrides, rounds)
         self.run_dir = RunDir(run_dir)
         self.generator = generator
+        self.pairs = pairs
         self.rounds = rounds
         self.epochs_per_round = epochs_per_round
-        self.base = {"lam": lam, "lr": lr}
+        self.base = {"lam": lam, "lr": lr, "mix_previous_rounds": mix_previous_rounds}
         self.round_overrides = dict(round_overrides or {})
         self.num_samples = num_samples
         if isinstance(evaluator, Mapping):  # `~eval` leaves a plain node, not an evaluator
@@ -109,23 +128,28 @@ class SelfPlayCallback(L.Callback):
                 )
             evaluator = None
         self.evaluator = evaluator
-        # Checkpointed state: where the run is, and each round's schedule once fixed.
+        # Checkpointed state: where the run is, and each round once it has started.
         self.completed_epochs = 0
-        self.plans: dict[int, dict] = {}
+        self.started: dict[int, Round] = {}
         self.summaries: dict[int, dict] = {}
         self._round_started = 0.0
 
     def state_dict(self) -> dict:
-        return {"completed_epochs": self.completed_epochs, "plans": self.plans, "summaries": self.summaries}
+        return {
+            "completed_epochs": self.completed_epochs,
+            "rounds": {i: r.as_dict() for i, r in self.started.items()},
+            "summaries": self.summaries,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.completed_epochs = state["completed_epochs"]
-        self.plans = {int(k): v for k, v in state["plans"].items()}
+        self.started = {int(k): Round(**v) for k, v in state["rounds"].items()}
         self.summaries = {int(k): v for k, v in state["summaries"].items()}
 
     # -- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        # Lightning restores callback state before this hook, the loop counters only after it.
+        # Lightning restores callback state before this hook, the loop counters only after it;
+        # a round started here gets its first step at its first epoch (Round.start_step).
         index = self.completed_epochs // self.epochs_per_round
         if index < self.rounds:
             self.start_round(trainer, pl_module, index)
@@ -143,139 +167,51 @@ class SelfPlayCallback(L.Callback):
     def start_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
         self._round_started = time.perf_counter()
         dm = trainer.datamodule
-        settings = round_settings(
-            index, {**self.base, "mix_previous_rounds": dm.mix_previous_rounds}, self.round_overrides
+        fresh = index not in self.started
+        settings = round_settings(index, self.base, self.round_overrides)
+        planned = self.started.get(index) or Round(
+            index=index,
+            lam=float(settings["lam"]),
+            lr=float(settings["lr"]),
+            mix_previous_rounds=int(settings["mix_previous_rounds"]),
+            total_steps=0,
+            pairs=0,
         )
-        if pl_module.self_play:
-            synthetic = self.synthetic_rows(trainer, pl_module, index)
-            self.log_samples(trainer, index, synthetic[: self.num_samples])
-            pairs = list(synthetic)
-            for earlier in range(max(0, index - settings["mix_previous_rounds"]), index):
-                pairs += read_jsonl(self.run_dir.synthetic(earlier))
-        else:  # an SFT round: the real responses only, nothing to generate
-            pairs = [{"prompt": r["prompt"], "real": r["response"]} for r in dm.load_split("train")]
-        dm.set_pairs(pairs)
-        if pl_module.opponent_mode == "cached":
-            dm.set_opponent_logps(self.opponent_logps(trainer, pl_module, index))
-        fresh = index not in self.plans
+        rows = self.pairs.build(trainer, pl_module, planned, self.run_dir, self.generator, self.num_samples)
         if fresh:
-            world = trainer.world_size
-            steps = self.epochs_per_round * dm.steps_per_epoch(trainer.accumulate_grad_batches, world)
-            self.plans[index] = {
-                "lam": float(settings["lam"]),
-                "lr": float(settings["lr"]),
-                "start_step": trainer.global_step,
-                "total_steps": steps,
-                "pairs": len(pairs),
-            }
-        if self.evaluator is not None and trainer.is_global_zero:
-            self.evaluator.prepare(index, pl_module, dm, self.generator, self.run_dir)
-        plan = self.plans[index]
-        pl_module.begin_round(
-            index, plan["lam"], plan["lr"], plan["start_step"], plan["total_steps"], fresh=fresh
-        )
-        log.info("round %d: %d pairs, lam=%g, lr=%g", index, len(pairs), plan["lam"], plan["lr"])
+            self.log_samples(trainer, index, rows[: self.num_samples])
+        dm.set_pairs(rows)
+        logps = self.pairs.opponent_logps(trainer, pl_module, planned, self.run_dir)
+        if logps is not None:
+            dm.set_opponent_logps(logps)
+        if fresh:
+            steps = dm.steps_per_epoch(trainer.accumulate_grad_batches, trainer.world_size)
+            planned.total_steps = max(1, self.epochs_per_round * steps)
+            planned.pairs = len(rows)
+            self.started[index] = planned
+        if self.evaluator is not None:
+            self.evaluator.prepare(index, trainer, pl_module, dm, self.generator, self.run_dir)
+        pl_module.begin_round(planned, fresh=fresh)
+        log.info("round %d: %d pairs, lam=%g, lr=%g", index, len(rows), planned.lam, planned.lr)
 
     def log_samples(self, trainer: L.Trainer, index: int, rows: list[dict]) -> None:
         """A table of prompts with real and synthetic responses, for loggers that show tables (W&B)."""
+        if not trainer.is_global_zero or not rows or "synthetic" not in rows[0]:
+            return
         data = [[index, r["prompt"], r["real"], r["synthetic"]] for r in rows]
         for logger in trainer.loggers:
-            if hasattr(logger, "log_table") and trainer.is_global_zero:
+            if hasattr(logger, "log_table"):
                 logger.log_table(
                     f"samples/round_{index:03d}", columns=["round", "prompt", "real", "synthetic"], data=data
                 )
 
-    def synthetic_rows(self, trainer: L.Trainer, pl_module, index: int) -> list[dict]:
-        """This round's pairs, generated by the opponent; resumed from disk when present."""
-        final = self.run_dir.synthetic(index)
-        if final.exists():
-            return read_jsonl(final)
-        dm = trainer.datamodule
-        rows = dm.load_split("train")
-        # Every process generates its share of the batches into a file of its own; batches are
-        # seeded by their content, so the result does not depend on the number of processes.
-        partials = lambda: sorted(self.run_dir.round_dir(index).glob("synthetic.partial*.jsonl"))  # noqa: E731
-        done = {r["index"] for path in partials() for r in read_jsonl(path, drop_torn_tail=True)}
-        if done:
-            log.info("round %d: resuming generation, %d of %d prompts done", index, len(done), len(rows))
-        partial = self.run_dir.synthetic_partial(index, trainer.global_rank)
-
-        def save(batch_rows: list[dict]) -> None:
-            append_jsonl(partial, [r for r in batch_rows if r["index"] not in done])
-            log.info("round %d: generation batch written (%d responses)", index, len(batch_rows))
-
-        stats = self.generator.generate(
-            pl_module.policy,
-            dm.tokenizer,
-            [dm.encode_prompt(r["prompt"]) for r in rows],
-            on_batch=save,
-            done=done,
-            round_index=index,
-            desc=f"round {index} generate",
-            shard=(trainer.global_rank, trainer.world_size),
-        )
-        trainer.strategy.barrier("generation shards")
-        if trainer.is_global_zero:
-            generated = {r["index"]: r for path in partials() for r in read_jsonl(path, drop_torn_tail=True)}
-            missing = set(range(len(rows))) - generated.keys()
-            if missing:
-                raise RuntimeError(
-                    f"round {index}: generation left {len(missing)} prompts without a response"
-                )
-            pairs = []
-            for i, row in enumerate(rows):
-                meta = {k: v for k, v in row.items() if k not in ("prompt", "response")}
-                gen = generated[i]
-                meta.update(round=index, tokens=gen["tokens"], finished=gen["finished"])
-                pairs.append(
-                    {
-                        "prompt": row["prompt"],
-                        "real": row["response"],
-                        "synthetic": gen["synthetic"],
-                        "meta": meta,
-                    }
-                )
-            write_jsonl(final, pairs)
-            for path in partials():
-                path.unlink()
-            write_json(self.run_dir.round_stats(index), {"generation": stats, "pairs": len(pairs)})
-            write_jsonl(self.run_dir.round_dir(index) / "samples.jsonl", pairs[: self.num_samples])
-            for logger in trainer.loggers:
-                logger.log_metrics(
-                    {"gen/tokens_per_s": stats["tokens_per_s"], "round": index}, step=trainer.global_step
-                )
-        trainer.strategy.barrier("synthetic data")
-        return read_jsonl(final)
-
-    def opponent_logps(self, trainer: L.Trainer, pl_module, index: int) -> torch.Tensor:
-        path = self.run_dir.opponent_logps(index)
-        if not path.exists() and trainer.is_global_zero:
-            logps = pl_module.score_opponent(
-                trainer.datamodule.scoring_dataloader(), desc=f"round {index} opponent"
-            )
-            buffer = io.BytesIO()
-            torch.save(logps, buffer)
-            write_bytes(path, buffer.getvalue())
-        trainer.strategy.barrier("opponent log-probs")
-        return torch.load(path, weights_only=True)
-
     def finish_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
-        out = self.run_dir.hf(index)
-        if trainer.is_global_zero:
-            log.info("round %d: saving the policy to %s", index, out)
-            tmp = out.with_name(out.name + ".tmp")
-            pl_module.policy.save_pretrained(tmp, safe_serialization=True)
-            trainer.datamodule.tokenizer.save_pretrained(tmp)
-            replace_dir(tmp, out)
-        trainer.strategy.barrier("round model")
-        summary = {"round": index, **pl_module.round_means(), **self.plans[index]}
+        save_policy(trainer, pl_module, self.run_dir.hf(index), trainer.datamodule.tokenizer)
+        summary = {"round": index, **pl_module.round_means(), **self.started[index].as_dict()}
+        summary.pop("index")
+        summary.pop("mix_previous_rounds")
         if self.evaluator is not None:
-            results = (
-                self.evaluator.evaluate(index, pl_module, trainer.datamodule, self.run_dir)
-                if trainer.is_global_zero
-                else {}
-            )
-            results = trainer.strategy.broadcast(results)
+            results = self.evaluator.evaluate(index, trainer, pl_module, trainer.datamodule, self.run_dir)
             summary.update(results)
             for logger in trainer.loggers:
                 logger.log_metrics({**results, "round": index}, step=trainer.global_step)

@@ -29,6 +29,7 @@ class TrainConfig:
     round_overrides: dict[Any, Any] = field(default_factory=dict)
     run_dir: str = MISSING
     run_name: str = ""
+    pairs: Any = MISSING
     module: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING

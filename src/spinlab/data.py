@@ -208,6 +208,8 @@ def global_batch_shard(order: list[int], batch_size: int, rank: int, world: int)
 
 def batch_tokens(batch: dict) -> int:
     """Tokens of a collated batch that are not padding (padded or packed rows)."""
+    if "tokens" in batch:
+        return int(batch["tokens"])
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int((batch["sequence_ids"] >= 0).sum())
@@ -364,6 +366,7 @@ class SelfPlayDataModule(L.LightningDataModule):
                 labels.append([IGNORE_INDEX] * len(item["prompt"]) + item[kind])
         batch = self._packed(seqs, labels) if self.packing else self._padded(seqs, labels)
         batch["index"] = torch.tensor([item["index"] for item in items])
+        batch["tokens"] = batch_tokens(batch)  # counted here, on the host, not from device tensors
         if all("opponent_logps" in item for item in items):
             batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
         return batch

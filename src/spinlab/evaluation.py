@@ -3,7 +3,8 @@
 `prepare` runs at a round's start with the opponent's weights (θ_t): it samples synthetic
 responses for held-out prompts and caches their opponent log-probs. `evaluate` runs at the
 round's end with the trained policy (θ_t+1). Results go to rounds/round_XXX/eval.json and
-are read back on resume instead of being recomputed.
+are read back on resume instead of being recomputed. Both run on every process: generation and
+scoring are spread over them (spinlab.rounds), files are written by rank 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from spinlab.generation import HFGenerator
+from spinlab.rounds import generate_rows, score_pairs
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -85,54 +87,58 @@ class RoundEvaluator:
     def _heldout_path(self, run_dir: RunDir, index: int) -> Path:
         return run_dir.round_dir(index) / "heldout.jsonl"
 
-    def prepare(self, index: int, module, dm, generator, run_dir: RunDir) -> None:
+    def prepare(self, index: int, trainer, module, dm, generator, run_dir: RunDir) -> None:
         """With the opponent's weights: held-out pairs and their opponent log-probs."""
         path = self._heldout_path(run_dir, index)
         rows = dm.load_split(self.split)[: self.heldout_pairs]
-        if not rows or path.exists():
+        if not rows or trainer.strategy.broadcast(path.exists()):
             return
-        out: list[dict] = []
-        generator.generate(
-            module.policy,
+        out = generate_rows(
+            trainer,
+            module,
+            generator,
             dm.tokenizer,
             [dm.encode_prompt(r["prompt"]) for r in rows],
-            on_batch=out.extend,
             round_index=10_000 + index,  # other samples than training's
             desc=f"round {index} held-out",
         )
-        synthetic = {r["index"]: r["synthetic"] for r in out}
         pairs = [
-            {"prompt": r["prompt"], "real": r["response"], "synthetic": synthetic[i]}
+            {"prompt": r["prompt"], "real": r["response"], "synthetic": out["rows"][i]["synthetic"]}
             for i, r in enumerate(rows)
         ]
-        encoded = dm.encode_pairs(pairs)
-        logps = module.score_opponent(dm.scoring_dataloader(encoded), desc=f"round {index} held-out opponent")
+        logps = score_pairs(
+            trainer, module, dm, dm.encode_pairs(pairs), desc=f"round {index} held-out opponent"
+        )
         for pair, (real, syn) in zip(pairs, logps.tolist(), strict=True):
             pair["opponent_logp_real"], pair["opponent_logp_synthetic"] = real, syn
-        write_jsonl(path, pairs)
+        if trainer.is_global_zero:
+            write_jsonl(path, pairs)
+        trainer.strategy.barrier("held-out pairs")
 
     # -- at the round's end ---------------------------------------------------------------------
-    def evaluate(self, index: int, module, dm, run_dir: RunDir) -> dict:
+    def evaluate(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
         path = run_dir.round_dir(index) / "eval.json"
-        if path.exists():
+        if trainer.strategy.broadcast(path.exists()):
             return json.loads(path.read_text())
         started = time.perf_counter()
         results: dict = {}
-        results.update(self._heldout(index, module, dm, run_dir))
-        results.update(self._task(index, module, dm, run_dir))
+        results.update(self._heldout(index, trainer, module, dm, run_dir))
+        results.update(self._task(index, trainer, module, dm, run_dir))
         if self.mtbench:
-            results.update(self._mtbench(index, module, dm, run_dir))
+            results.update(self._mtbench(index, trainer, module, dm, run_dir))
         results["eval/seconds"] = time.perf_counter() - started
-        write_json(path, results)
+        results = trainer.strategy.broadcast(results)  # one set of numbers, rank 0's clock
+        if trainer.is_global_zero:
+            write_json(path, results)
         return results
 
-    def _heldout(self, index: int, module, dm, run_dir: RunDir) -> dict:
+    def _heldout(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
         path = self._heldout_path(run_dir, index)
         if not path.exists():
             return {}
         pairs = read_jsonl(path)
         encoded = dm.encode_pairs(pairs)
-        policy = module.score_opponent(dm.scoring_dataloader(encoded), desc=f"round {index} held-out policy")
+        policy = score_pairs(trainer, module, dm, encoded, desc=f"round {index} held-out policy")
         opponent = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
         ratios = policy - opponent
         margin = module.lam * (ratios[:, 0] - ratios[:, 1])
@@ -147,21 +153,22 @@ class RoundEvaluator:
             "eval/heldout_logp_synthetic": float(policy[:, 1].mean()),
         }
 
-    def _task(self, index: int, module, dm, run_dir: RunDir) -> dict:
+    def _task(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
         """Greedy answers to held-out prompts, checked when the source knows the answers."""
         rows = dm.load_split(self.split)[: self.task_prompts]
         checker = getattr(dm.source, "is_correct", None)
         if not rows or checker is None or "answer" not in rows[0]:
             return {}
-        out: list[dict] = []
-        self.greedy.generate(
-            module.policy,
+        out = generate_rows(
+            trainer,
+            module,
+            self.greedy,
             dm.tokenizer,
             [dm.encode_prompt(r["prompt"]) for r in rows],
-            on_batch=out.extend,
+            round_index=index,
             desc=f"round {index} task accuracy",
         )
-        answers = {r["index"]: r["synthetic"] for r in out}
+        answers = {i: r["synthetic"] for i, r in out["rows"].items()}
         graded = [
             {
                 "prompt": r["prompt"],
@@ -171,7 +178,8 @@ class RoundEvaluator:
             }
             for i, r in enumerate(rows)
         ]
-        write_jsonl(run_dir.round_dir(index) / "task_answers.jsonl", graded)
+        if trainer.is_global_zero:
+            write_jsonl(run_dir.round_dir(index) / "task_answers.jsonl", graded)
         lengths = [len(g["response"]) for g in graded]
         responses, references = [g["response"] for g in graded], [r["response"] for r in rows]
         return {
@@ -181,7 +189,7 @@ class RoundEvaluator:
             "eval/task_length_ratio": length_ratio(responses, references),
         }
 
-    def _mtbench(self, index: int, module, dm, run_dir: RunDir) -> dict:
+    def _mtbench(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
         """Two-turn answers to the MT-Bench questions, in the format FastChat's judge reads."""
         questions = mtbench_questions()[: self.mtbench_limit]
         generator = HFGenerator(
@@ -200,11 +208,16 @@ class RoundEvaluator:
                     add_generation_prompt=True,
                 )
                 prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-            out: list[dict] = []
-            generator.generate(
-                module.policy, tokenizer, prompts, out.extend, desc=f"round {index} MT-Bench turn {turn + 1}"
+            out = generate_rows(
+                trainer,
+                module,
+                generator,
+                tokenizer,
+                prompts,
+                index,
+                desc=f"round {index} MT-Bench turn {turn + 1}",
             )
-            replies = {r["index"]: r["synthetic"] for r in out}
+            replies = {i: r["synthetic"] for i, r in out["rows"].items()}
             for i, conv in enumerate(conversations):
                 conv.append({"role": "assistant", "content": replies[i]})
         model_id = f"{run_dir.root.name}-round{index:03d}"
@@ -219,5 +232,6 @@ class RoundEvaluator:
             for q, conv in zip(questions, conversations, strict=True)
         ]
         path = run_dir.round_dir(index) / "mt_bench" / f"{model_id}.jsonl"
-        write_bytes(path, "".join(json.dumps(a) + "\n" for a in answers).encode())
+        if trainer.is_global_zero:
+            write_bytes(path, "".join(json.dumps(a) + "\n" for a in answers).encode())
         return {"eval/mtbench_answers": len(answers)}

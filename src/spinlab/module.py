@@ -1,6 +1,7 @@
 """SPINModule: the policy (θ_t+1, trained) against the opponent (θ_t, frozen).
 
-The opponent enters the loss only through its log-probs of each pair's real and synthetic
+The policy lives inside a ResponseScorer, the one module through which every log-prob of a run is
+computed, and which FSDP2 shards layer by layer under trainer=fsdp / fsdp_cpu. The opponent enters the loss only through its log-probs of each pair's real and synthetic
 response. With `opponent="cached"` (the default) they are computed once at the round's start
 from the policy's weights at that moment (exact, because the opponent is frozen for the whole
 round) and arrive in the batch; with `opponent="model"` a frozen copy of the policy scores
@@ -18,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -26,6 +28,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from spinlab.data import batch_tokens
 from spinlab.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from spinlab.objectives import SFT, SPIN, Objective
+from spinlab.rounds import Round
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,6 @@ class NonFiniteError(FloatingPointError):
     """A NaN or infinite loss or gradient; the last good checkpoint is kept."""
 
 
-METRICS = ("loss", "margin", "accuracy", "reward_real", "reward_synthetic", "logp_real", "logp_synthetic")
-SFT_METRICS = ("loss", "logp_real")
-
-
 def warmup_linear_decay(step: int, total_steps: int, warmup_ratio: float) -> float:
     """LR multiplier: linear warm-up over warmup_ratio of the round, then linear decay to 0."""
     warmup = math.ceil(total_steps * warmup_ratio)
@@ -49,17 +49,87 @@ def warmup_linear_decay(step: int, total_steps: int, warmup_ratio: float) -> flo
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
-class PolicyModule(L.LightningModule):
-    """What SPIN and SFT share: the policy, its optimizer, the per-round learning-rate
-    schedule, response log-probs, non-finite handling and the per-round metric means."""
+class ResponseScorer(nn.Module):
+    """Summed response log-prob of every sequence of a collated batch (padded [rows, T] or packed).
 
-    metric_names: tuple[str, ...] = ()
-    self_play = False  # whether SelfPlayCallback generates synthetic responses for this module
-    opponent_mode: str | None = None  # "cached": SelfPlayCallback supplies opponent log-probs
+    Every log-prob of a run goes through this module's forward: training, opponent scoring and
+    evaluation alike. Under sharding it is the FSDP root, so the embeddings and the output layer
+    are gathered for the whole forward, including the chunked output-layer pass below.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int | None = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if "sequence_ids" in batch:  # packed rows: no mask, the restarts in position_ids separate sequences
+            inputs["position_ids"] = batch["position_ids"]
+        else:
+            inputs["attention_mask"] = batch["attention_mask"]
+        sequence_ids = batch.get("sequence_ids")
+        if self.chunk_size:
+            # Logits are the output layer applied to the decoder's last hidden state (no bias,
+            # no soft-capping), so the vocabulary projection can run chunk by chunk.
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            weight = self.model.get_output_embeddings().weight
+            return chunked_sequence_logps(hidden, weight, batch["labels"], self.chunk_size, sequence_ids)
+        return sequence_logps(self.model(**inputs).logits, batch["labels"], sequence_ids)
+
+
+def shard(scorer: ResponseScorer, mesh, mp_policy) -> None:
+    """FSDP2: every decoder layer (the classes the model names in `_no_split_modules`), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(scorer.model, "_no_split_modules", None) or ())
+    layers = [m for m in scorer.model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(
+            f"{type(scorer.model).__name__} names no decoder layer classes (_no_split_modules): "
+            "cannot shard it layer by layer"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(scorer, mesh=mesh, mp_policy=mp_policy)
+
+
+class RoundSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Each round's learning rate: linear warm-up over warmup_ratio of its steps, then linear decay
+    to 0, peaking at the round's lr. Steps with the optimizer; `refresh` re-reads the round once it
+    is known (at each epoch start, after a resume has restored the step count)."""
+
+    def __init__(self, optimizer, module: PolicyModule):
+        self.module = module
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        rnd = self.module.round
+        if rnd is None or rnd.start_step is None:
+            return [group["lr"] for group in self.optimizer.param_groups]
+        factor = warmup_linear_decay(
+            self.last_epoch - rnd.start_step, rnd.total_steps, self.module.warmup_ratio
+        )
+        return [rnd.lr * factor for _ in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "module"}
+
+    def refresh(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class PolicyModule(L.LightningModule):
+    """What SPIN and SFT share: the policy, its optimizer and per-round schedule, response
+    log-probs, sharding, non-finite handling and the per-round metric means. The objective
+    (spinlab.objectives) turns per-kind log-probs into the loss and the metrics."""
 
     def __init__(
         self,
         policy: nn.Module,
+        objective: Objective,
         optimizer: Callable,
         lam: float = 0.1,
         warmup_ratio: float = 0.1,
@@ -73,35 +143,108 @@ class PolicyModule(L.LightningModule):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
         self.on_nonfinite = on_nonfinite
-        self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+        self.objective = objective
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
-        self.logprob_chunk_size = logprob_chunk_size
+        self.default_lam = lam
         if gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
-        self.means = nn.ModuleDict({k: MeanMetric() for k in self.metric_names})
+        # from_pretrained returns eval mode; Lightning keeps modes as found
+        self.scorer = ResponseScorer(policy.train(), logprob_chunk_size)
+        self.means = nn.ModuleDict({k: MeanMetric() for k in objective.metric_names})
         self.skipped = SumMetric()
         self.tokens = SumMetric()
         for metric in self._round_metrics():
             metric.persistent(True)  # a resumed round's summary still covers the whole round
-        # Set by SelfPlayCallback.begin_round; these defaults serve a bare training step.
-        self.round_index, self.lam, self.round_lr = 0, lam, None
-        self.round_start_step, self.round_total_steps = 0, 1
+        self.round: Round | None = None  # owned by SelfPlayCallback, read here
         self._batch_started = 0.0
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.scorer.model
+
+    @property
+    def lam(self) -> float:
+        return self.round.lam if self.round is not None else self.default_lam
+
+    @property
+    def round_index(self) -> int:
+        return self.round.index if self.round is not None else 0
+
+    @property
+    def sharded(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.scorer, FSDPModule)
 
     def _round_metrics(self) -> list:
         return [*self.means.values(), self.skipped, self.tokens]
 
-    def objective(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The loss and the per-example values of `metric_names` on one batch."""
-        raise NotImplementedError
+    def scorers(self) -> list[ResponseScorer]:
+        return [self.scorer]
+
+    # -- sharding ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp, fsdp_cpu) only
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if type(self.policy).__name__.startswith("Peft"):
+            raise ValueError(
+                "model.lora with a sharded trainer (fsdp, fsdp_cpu) is not supported: LoRA keeps the "
+                "weights frozen, so train it with trainer=cpu/gpu/ddp_cpu, or drop model.lora to shard"
+            )
+        mp_policy = MixedPrecisionPolicy()
+        if str(self.trainer.precision).startswith("bf16"):
+            # bf16 compute, fp32 master weights, fp32 gradient reduction
+            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for scorer in self.scorers():
+            shard(scorer, mesh["data_parallel"], mp_policy)
+
+    @contextmanager
+    def gathered_weights(self):
+        """The policy's full weights on every process for a whole phase (one all-gather, freed
+        after), so that each process can decode its own prompts at its own pace."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not self.sharded:
+            yield
+            return
+        self.scorer._get_fsdp_state()._lazy_init()  # the root must be known before any layer runs alone
+        modules = [m for m in self.scorer.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.reshard()
+                # the root keeps its parameters between forward and backward; layers reshard
+                m.set_reshard_after_forward(m is not self.scorer, recurse=False)
+
+    def full_state_dict(self) -> dict | None:
+        """The policy's full state dict on rank 0 (None elsewhere) when sharded; None unsharded
+        (save_pretrained then reads the model itself)."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.scorer, options=options)
+        if not self.trainer.is_global_zero:
+            return None
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        # Gathered, tied weights are two copies; the saved model keeps one, as save_pretrained does.
+        tied = getattr(self.policy, "all_tied_weights_keys", None) or {}
+        return {k: v for k, v in state.items() if k not in tied}
 
     # -- rounds -----------------------------------------------------------------------------
-    def begin_round(self, index: int, lam: float, lr: float, start_step: int, total_steps: int, fresh: bool):
+    def begin_round(self, rnd: Round, fresh: bool) -> None:
         """Called at each round's start (and again on resume, with fresh=False)."""
-        self.round_index, self.lam, self.round_lr = index, lam, lr
-        self.round_start_step, self.round_total_steps = start_step, max(1, total_steps)
+        self.round = rnd
         if fresh:
             for metric in self._round_metrics():
                 metric.reset()
@@ -113,52 +256,19 @@ class PolicyModule(L.LightningModule):
         return means
 
     # -- log-probs --------------------------------------------------------------------------
-    def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real, synthetic) summed response log-probs of a collated pair batch (padded [2B, T] or packed)."""
-        return self.response_logps(model, batch).chunk(2)
-
-    def response_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """Summed response log-prob of every sequence of a collated batch, [rows]."""
-        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-        if "sequence_ids" in batch:  # packed rows: no mask, the restarts in position_ids separate sequences
-            inputs["position_ids"] = batch["position_ids"]
-        else:
-            inputs["attention_mask"] = batch["attention_mask"]
-        sequence_ids = batch.get("sequence_ids")
-        if self.logprob_chunk_size:
-            # Logits are the output layer applied to the decoder's last hidden state (no bias,
-            # no soft-capping), so the vocabulary projection can run chunk by chunk.
-            hidden = model.get_decoder()(**inputs).last_hidden_state
-            weight = model.get_output_embeddings().weight
-            return chunked_sequence_logps(
-                hidden, weight, batch["labels"], self.logprob_chunk_size, sequence_ids
-            )
-        return sequence_logps(model(**inputs).logits, batch["labels"], sequence_ids)
-
-    @torch.no_grad()
-    def score_opponent(self, loader, desc: str = "opponent log-probs") -> torch.Tensor:
-        """[N, 2] log-probs of every pair under the current weights (= this round's opponent)."""
-        from tqdm.auto import tqdm
-
-        was_training = self.policy.training
-        self.policy.eval()
-        out = torch.zeros(len(loader.dataset), 2)
-        try:
-            for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                real, synthetic = self.sequence_logps(self.policy, batch)
-                out[batch["index"].cpu()] = torch.stack([real, synthetic], -1).float().cpu()
-        finally:
-            self.policy.train(was_training)
-        return out
+    def policy_logps(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The policy's summed log-probs of each kind of response in the batch."""
+        logps = self.scorer(batch)
+        return dict(zip(self.objective.kinds, logps.chunk(len(self.objective.kinds)), strict=True))
 
     # -- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        # Here the step count is restored (also after a resume), so the round's schedule is exact.
+        if self.round is not None and self.round.start_step is None:
+            self.round.start_step = self.global_step
+        self.lr_schedulers().refresh()
+
     def on_train_batch_start(self, batch, batch_idx):
-        if self.round_lr is not None:
-            step = self.global_step - self.round_start_step
-            lr = self.round_lr * warmup_linear_decay(step, self.round_total_steps, self.warmup_ratio)
-            for group in self.trainer.optimizers[0].param_groups:
-                group["lr"] = lr
         self._batch_started = time.perf_counter()
 
     def _nonfinite(self, what: str) -> None:
@@ -173,45 +283,58 @@ class PolicyModule(L.LightningModule):
         self.skipped.update(1.0)
         self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
 
+    def objective_on(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.objective(self.policy_logps(batch), None, self.lam)
+
     def training_step(self, batch, batch_idx):
-        out = self.objective(batch)
-        # Every process must agree, or one would skip a step the others take.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out["loss"])), all=True)
-        if not finite:
+        out = self.objective_on(batch)
+        names = self.objective.metric_names
+        # One collective per step: the finiteness vote and the metrics' means across processes.
+        local = torch.stack(
+            [torch.isfinite(out["loss"]).float()] + [out[n].detach().float().mean() for n in names]
+        )
+        reduced = (
+            self.trainer.strategy.reduce(local, reduce_op="mean") if self.trainer.world_size > 1 else local
+        )
+        values = reduced.tolist()  # the step's one host synchronisation
+        if values[0] < 1.0:  # every process must agree, or one would skip a step the others take
             self._nonfinite("loss")
             return None
-        log.debug("round %d step %d", self.round_index, self.global_step)
         pairs = len(batch["index"])
-        for name in self.metric_names:
-            value = out[name].detach()
-            self.means[name].update(value)
-            self.log(f"train/{name}", value.float().mean(), batch_size=pairs, sync_dist=True)
-        self.log("round", float(self.round_index), batch_size=pairs)
-        self.log("train/lam", float(self.lam), batch_size=pairs)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=pairs)
+        for name, value in zip(names, values[1:], strict=True):
+            self.means[name].update(out[name].detach())
+        self.log_dict(
+            {f"train/{n}": v for n, v in zip(names, values[1:], strict=True)}
+            | {"round": float(self.round_index), "train/lam": float(self.lam)}
+            | {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]},
+            batch_size=pairs,
+        )
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._batch_started
         tokens = float(batch_tokens(batch))
         self.tokens.update(tokens)
-        self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1, sync_dist=False)
+        self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        local = all(bool(torch.isfinite(g).all()) for g in grads)
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
+        # One fused norm over all gradients: a single host synchronisation, not one per tensor.
+        local = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
         if not self.trainer.strategy.reduce_boolean_decision(local, all=True):
             self._nonfinite("gradient")
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
 
     def configure_optimizers(self):
-        return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": RoundSchedule(optimizer, self), "interval": "step"},
+        }
 
 
 class SPINModule(PolicyModule):
-    metric_names = METRICS
-    self_play = True
-
     def __init__(
         self,
         policy: nn.Module,
@@ -227,49 +350,50 @@ class SPINModule(PolicyModule):
         if opponent not in OPPONENT_MODES:
             raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
         super().__init__(
-            policy, optimizer, lam, warmup_ratio, gradient_checkpointing, logprob_chunk_size, on_nonfinite
+            policy,
+            SPIN(loss),
+            optimizer,
+            lam,
+            warmup_ratio,
+            gradient_checkpointing,
+            logprob_chunk_size,
+            on_nonfinite,
         )
-        self.loss_fn = loss
-        self.opponent_mode = opponent
-        self.opponent = None
+        self.opponent_scorer = None
         if opponent == "model":
-            self.opponent = copy.deepcopy(policy).requires_grad_(False).eval()
+            self.opponent_scorer = copy.deepcopy(self.scorer).requires_grad_(False).eval()
+
+    @property
+    def opponent(self) -> nn.Module | None:
+        return None if self.opponent_scorer is None else self.opponent_scorer.model
+
+    def scorers(self) -> list[ResponseScorer]:
+        return [self.scorer] + ([self.opponent_scorer] if self.opponent_scorer is not None else [])
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.opponent is not None:
-            self.opponent.eval()  # frozen for the round: no dropout, ever
+        if self.opponent_scorer is not None:
+            self.opponent_scorer.eval()  # frozen for the round: no dropout, ever
         return self
 
-    def begin_round(self, index: int, lam: float, lr: float, start_step: int, total_steps: int, fresh: bool):
-        super().begin_round(index, lam, lr, start_step, total_steps, fresh)
-        if fresh and self.opponent is not None:
-            self.opponent.load_state_dict(self.policy.state_dict())
+    def begin_round(self, rnd: Round, fresh: bool) -> None:
+        super().begin_round(rnd, fresh)
+        if fresh and self.opponent_scorer is not None:
+            self.opponent_scorer.load_state_dict(self.scorer.state_dict())
 
-    def forward_pairs(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The SPIN objective on one batch (Eq. 4.7); returns per-pair tensors and the loss."""
-        logp_real, logp_synthetic = self.sequence_logps(self.policy, batch)
-        if self.opponent is not None:
+    def objective_on(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The SPIN objective on one batch (Eq. 4.7); per-pair tensors and the loss."""
+        policy = self.policy_logps(batch)
+        if self.opponent_scorer is not None:
             with torch.no_grad():
-                opp_real, opp_synthetic = self.sequence_logps(self.opponent, batch)
+                real, synthetic = self.opponent_scorer(batch).chunk(2)
         elif "opponent_logps" in batch:
-            opp_real, opp_synthetic = batch["opponent_logps"].to(logp_real.dtype).unbind(-1)
+            real, synthetic = batch["opponent_logps"].to(policy["real"].dtype).unbind(-1)
         else:
             raise RuntimeError("opponent='cached' but the batch carries no opponent log-probs")
-        reward_real = self.lam * (logp_real - opp_real)
-        reward_synthetic = self.lam * (logp_synthetic - opp_synthetic)
-        margin = reward_real - reward_synthetic
-        return {
-            "loss": self.loss_fn(margin).mean(),
-            "margin": margin,
-            "accuracy": (margin > 0).float(),
-            "reward_real": reward_real,
-            "reward_synthetic": reward_synthetic,
-            "logp_real": logp_real,
-            "logp_synthetic": logp_synthetic,
-        }
+        return self.objective(policy, {"real": real, "synthetic": synthetic}, self.lam)
 
-    objective = forward_pairs
+    forward_pairs = objective_on
 
 
 class SFTModule(PolicyModule):
@@ -280,9 +404,27 @@ class SFTModule(PolicyModule):
     evaluator reports, so SFT and SPIN runs are compared on the same numbers.
     """
 
-    metric_names = SFT_METRICS
+    def __init__(
+        self,
+        policy: nn.Module,
+        optimizer: Callable,
+        lam: float = 0.1,
+        warmup_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int | None = 1024,
+        on_nonfinite: str = "stop",
+    ):
+        super().__init__(
+            policy,
+            SFT(),
+            optimizer,
+            lam,
+            warmup_ratio,
+            gradient_checkpointing,
+            logprob_chunk_size,
+            on_nonfinite,
+        )
 
-    def objective(self, batch: dict) -> dict[str, torch.Tensor]:
-        logp_real = self.response_logps(self.policy, batch)
+    def policy_logps(self, batch: dict) -> dict[str, torch.Tensor]:
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return {"loss": -logp_real.sum() / tokens.clamp(min=1), "logp_real": logp_real}
+        return {"real": self.scorer(batch), "tokens": tokens}

@@ -1,0 +1,291 @@
+"""A round and the work every process does together in it.
+
+`Round` is the one record of a round's settings and schedule; SelfPlayCallback owns it (and
+checkpoints it), the module reads it. How a round's training rows are built is a config choice
+(`pairs=synthetic` for SPIN, `pairs=real` for SFT). The helpers below run on every process:
+under sharding each forward pass needs all of them, so there is no rank-0-only model call.
+
+- `generate_rows`: each process samples its share of the prompts on gathered weights; the rows
+  are gathered once (in memory, or through per-process partial files that make generation
+  resumable).
+- `score_pairs`: summed response log-probs of encoded pairs under a model, pairs spread evenly
+  over the processes and gathered once. The callback (opponent log-probs) and the evaluator
+  (held-out pairs) both use it.
+- `save_policy`: the full state dict gathered to rank 0 and written as a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from spinlab.rundir import RunDir, append_jsonl, read_jsonl, replace_dir, write_bytes, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+ROUND_KEYS = ("lam", "lr", "mix_previous_rounds")
+
+
+@dataclass
+class Round:
+    """A round's settings and schedule, fixed when it starts (start_step at its first epoch)."""
+
+    index: int
+    lam: float
+    lr: float
+    mix_previous_rounds: int
+    total_steps: int
+    pairs: int
+    start_step: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def round_settings(index: int, base: dict, overrides: dict | None) -> dict:
+    """Settings of round `index`: an override applies from its round onwards (sticky)."""
+    settings = dict(base)
+    overrides = overrides or {}
+    for start in sorted(int(k) for k in overrides):
+        if start <= index:
+            values = overrides.get(start, overrides.get(str(start))) or {}
+            settings.update({k: v for k, v in values.items() if v is not None})
+    return settings
+
+
+def check_round_overrides(overrides: dict | None, rounds: int) -> None:
+    for key, values in (overrides or {}).items():
+        if not str(key).isdigit() or not 0 <= int(key) < rounds:
+            raise ValueError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
+        for name, value in (values or {}).items():
+            if name not in ROUND_KEYS:
+                raise ValueError(f"round_overrides.{key}.{name}: unknown setting; allowed: {ROUND_KEYS}")
+            if name == "lam" and value is not None and value <= 0:
+                raise ValueError(f"round_overrides.{key}.lam must be > 0, got {value}")
+
+
+# -- every process together ------------------------------------------------------------------
+def even_shard(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Indices 0..n-1 for this process, every process getting the same number of whole batches
+    (the list wraps around), so all of them make the same number of forward passes."""
+    if world == 1:
+        return list(range(n))
+    per_rank = -(-n // world)
+    per_rank = -(-per_rank // batch_size) * batch_size
+    return [(rank * per_rank + i) % n for i in range(per_rank)]
+
+
+def all_gather_objects(obj, world: int) -> list:
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def score_pairs(trainer, module, dm, encoded: list[dict], desc: str, scorer=None) -> torch.Tensor:
+    """[N, 2] summed log-probs (real, synthetic) of every encoded pair under `scorer` (the policy's
+    by default), on every process; pairs are spread evenly and the result is gathered once."""
+    from tqdm.auto import tqdm
+
+    scorer = module.scorer if scorer is None else scorer
+    rank, world = trainer.global_rank, trainer.world_size
+    mine = even_shard(len(encoded), dm.batch_size, rank, world)
+    loader = DataLoader([encoded[i] for i in mine], batch_size=dm.batch_size, collate_fn=dm.collate)
+    was_training = scorer.training
+    scorer.eval()
+    parts = []
+    try:
+        with trainer.precision_plugin.forward_context():
+            for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=rank != 0):
+                batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                real, synthetic = scorer(batch).chunk(2)
+                parts.append(torch.stack([real, synthetic], -1).float())
+    finally:
+        scorer.train(was_training)
+    local = torch.cat(parts) if parts else torch.zeros(0, 2, device=module.device)
+    index = torch.tensor(mine, dtype=torch.long, device=module.device)
+    if world > 1:
+        local = trainer.strategy.all_gather(local).reshape(-1, 2)
+        index = trainer.strategy.all_gather(index).reshape(-1)
+    out = torch.zeros(len(encoded), 2)
+    out[index.cpu()] = local.cpu()
+    return out
+
+
+def generate_rows(
+    trainer,
+    module,
+    generator,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    round_index: int,
+    desc: str,
+    partial: Callable[[int], Path] | None = None,
+) -> dict:
+    """{"rows": {index: {index, synthetic, tokens, finished}}, "stats": {...}} for every prompt,
+    on every process.
+
+    Each process generates its share on the policy's gathered weights. With `partial` (a path
+    per rank), finished batches are appended there as they complete and skipped when the call is
+    repeated after a crash; the rows are then read back from all partial files.
+    """
+    rank, world = trainer.global_rank, trainer.world_size
+    paths = (
+        (lambda: sorted(partial(0).parent.glob(partial(0).name.replace(".jsonl", "*.jsonl"))))
+        if partial
+        else None
+    )
+    done: set[int] = set()
+    if partial:
+        done = {r["index"] for path in paths() for r in read_jsonl(path, drop_torn_tail=True)}
+        if done and rank == 0:
+            log.info("%s: resuming generation, %d of %d prompts done", desc, len(done), len(prompt_ids))
+    rows: list[dict] = []
+
+    def on_batch(batch_rows: list[dict]) -> None:
+        new = [r for r in batch_rows if r["index"] not in done]
+        if partial:
+            append_jsonl(partial(rank), new)
+        else:
+            rows.extend(new)
+
+    with module.gathered_weights(), trainer.precision_plugin.forward_context():
+        stats = generator.generate(
+            module.policy,
+            tokenizer,
+            prompt_ids,
+            on_batch=on_batch,
+            done=done,
+            round_index=round_index,
+            desc=desc,
+            shard=(rank, world),
+        )
+    if partial:
+        trainer.strategy.barrier("generation shards")
+        gathered = {r["index"]: r for path in paths() for r in read_jsonl(path, drop_torn_tail=True)}
+    else:
+        gathered = {r["index"]: r for part in all_gather_objects(rows, world) for r in part}
+    missing = set(range(len(prompt_ids))) - gathered.keys()
+    if missing:
+        raise RuntimeError(f"{desc}: generation left {len(missing)} prompts without a response")
+    totals = all_gather_objects(stats, world)
+    seconds = max(s["seconds"] for s in totals)
+    new_tokens = sum(s["new_tokens"] for s in totals)
+    gathered_stats = {
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+    }
+    return {"rows": gathered, "stats": gathered_stats}
+
+
+def save_policy(trainer, module, out: Path, tokenizer) -> None:
+    """The policy as a Hugging Face directory (safetensors + tokenizer), written by rank 0."""
+    state_dict = module.full_state_dict()  # a collective under sharding: every process calls it
+    if trainer.is_global_zero:
+        log.info("saving the policy to %s", out)
+        tmp = out.with_name(out.name + ".tmp")
+        module.policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    trainer.strategy.barrier("round model")
+
+
+# -- how a round's rows are built (config group `pairs`) --------------------------------------
+class RealPairs:
+    """SFT rounds: the real responses alone; nothing is generated or scored."""
+
+    def build(self, trainer, module, rnd: Round, run_dir: RunDir, generator, num_samples: int) -> list[dict]:
+        dm = trainer.datamodule
+        return [{"prompt": r["prompt"], "real": r["response"]} for r in dm.load_split("train")]
+
+    def opponent_logps(self, trainer, module, rnd: Round, run_dir: RunDir) -> torch.Tensor | None:
+        return None
+
+
+class SyntheticPairs:
+    """SPIN rounds: one synthetic response per prompt from the opponent (the policy as the round
+    begins), plus the pairs of `mix_previous_rounds` earlier rounds. With `opponent="cached"` the
+    opponent's log-probs of every pair are computed once here and travel with the batches."""
+
+    def __init__(self, opponent: str = "cached"):
+        if opponent not in ("cached", "model"):
+            raise ValueError(f"opponent={opponent!r} is not one of ('cached', 'model')")
+        self.opponent = opponent
+
+    def build(self, trainer, module, rnd: Round, run_dir: RunDir, generator, num_samples: int) -> list[dict]:
+        pairs = list(self.synthetic(trainer, module, rnd.index, run_dir, generator, num_samples))
+        for earlier in range(max(0, rnd.index - rnd.mix_previous_rounds), rnd.index):
+            pairs += read_jsonl(run_dir.synthetic(earlier))
+        return pairs
+
+    def synthetic(
+        self, trainer, module, index: int, run_dir: RunDir, generator, num_samples: int
+    ) -> list[dict]:
+        """This round's pairs, generated by the opponent; read back from disk when present."""
+        final = run_dir.synthetic(index)
+        if final.exists():
+            return read_jsonl(final)
+        dm = trainer.datamodule
+        rows = dm.load_split("train")
+        # Batches are seeded by their content, so the result does not depend on the process count.
+        out = generate_rows(
+            trainer,
+            module,
+            generator,
+            dm.tokenizer,
+            [dm.encode_prompt(r["prompt"]) for r in rows],
+            round_index=index,
+            desc=f"round {index} generate",
+            partial=lambda rank: run_dir.synthetic_partial(index, rank),
+        )
+        if trainer.is_global_zero:
+            pairs = []
+            for i, row in enumerate(rows):
+                meta = {k: v for k, v in row.items() if k not in ("prompt", "response")}
+                gen = out["rows"][i]
+                meta.update(round=index, tokens=gen["tokens"], finished=gen["finished"])
+                pairs.append(
+                    {
+                        "prompt": row["prompt"],
+                        "real": row["response"],
+                        "synthetic": gen["synthetic"],
+                        "meta": meta,
+                    }
+                )
+            write_jsonl(final, pairs)
+            for path in run_dir.round_dir(index).glob("synthetic.partial*.jsonl"):
+                path.unlink()
+            write_json(run_dir.round_stats(index), {"generation": out["stats"], "pairs": len(pairs)})
+            write_jsonl(run_dir.round_dir(index) / "samples.jsonl", pairs[:num_samples])
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {"gen/tokens_per_s": out["stats"]["tokens_per_s"], "round": index},
+                    step=trainer.global_step,
+                )
+        trainer.strategy.barrier("synthetic data")
+        return read_jsonl(final)
+
+    def opponent_logps(self, trainer, module, rnd: Round, run_dir: RunDir) -> torch.Tensor | None:
+        if self.opponent != "cached":
+            return None
+        path = run_dir.opponent_logps(rnd.index)
+        if not path.exists():
+            dm = trainer.datamodule
+            logps = score_pairs(trainer, module, dm, dm.encoded, desc=f"round {rnd.index} opponent")
+            if trainer.is_global_zero:
+                buffer = io.BytesIO()
+                torch.save(logps, buffer)
+                write_bytes(path, buffer.getvalue())
+            trainer.strategy.barrier("opponent log-probs")
+            return logps
+        return torch.load(path, weights_only=True)
