@@ -49,7 +49,7 @@ class PoisonRound(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.what == "loss" and pl_module.round_index == self.round_index:
-            pl_module.lam = float("nan")
+            pl_module.round.lam = float("nan")
 
     def on_after_backward(self, trainer, pl_module):
         if self.what == "gradient" and pl_module.round_index == self.round_index:

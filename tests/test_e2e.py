@@ -12,6 +12,7 @@ import train
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import SPINModule
+from spinlab.rounds import score_pairs
 from tests.conftest import compose_cfg
 from tests.helpers import Crash
 
@@ -101,12 +102,12 @@ def test_next_opponent_is_the_previous_final_policy(reference):
     )
     dm.set_pairs(rows(root / "rounds" / "round_001" / "synthetic.jsonl"))
     module = SPINModule(loaded.model, loss=None, optimizer=None)
-    expected = module.score_opponent(dm.scoring_dataloader())
+    expected = score_pairs(None, module, dm, dm.encoded, "score")
     cached = torch.load(root / "rounds" / "round_001" / "opponent_logps.pt", weights_only=True)
     torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-4)
     # ... and not those of the initial model: the opponent really changed between rounds.
     initial = SPINModule(tiny_model(seed=cfg.seed).model, loss=None, optimizer=None)
-    assert not torch.allclose(cached, initial.score_opponent(dm.scoring_dataloader()), atol=1e-2)
+    assert not torch.allclose(cached, score_pairs(None, initial, dm, dm.encoded, "score"), atol=1e-2)
 
 
 def test_model_opponent_mode_trains_the_same_policy(reference, tmp_path):

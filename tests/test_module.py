@@ -8,6 +8,7 @@ from spinlab import losses
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
 from spinlab.module import SPINModule, warmup_linear_decay
+from spinlab.rounds import Round, score_pairs
 
 PAIRS = [
     {"prompt": "2 + 3?", "real": "2 + 3 = 5. The answer is 5.", "synthetic": "It is 7"},
@@ -43,12 +44,12 @@ def test_cached_and_model_opponents_give_the_same_loss_and_gradients():
             noise = torch.randn_like(p) * 0.05
             p.add_(noise)
             q.add_(noise)
-    opponent_logps = make("cached")[0].score_opponent(dm.scoring_dataloader())
+    opponent_logps = score_pairs(None, make("cached")[0], dm, dm.encoded, "opponent")
     dm.set_opponent_logps(opponent_logps)
     batch = batch_of(dm)
 
-    out_cached = cached.forward_pairs(batch)
-    out_model = model_mode.forward_pairs({k: v for k, v in batch.items() if k != "opponent_logps"})
+    out_cached = cached.loss_and_metrics(batch)
+    out_model = model_mode.loss_and_metrics({k: v for k, v in batch.items() if k != "opponent_logps"})
     torch.testing.assert_close(out_cached["loss"], out_model["loss"])
     assert out_cached["margin"].abs().min() > 1e-3  # a real comparison, not 0 == 0
     out_cached["loss"].backward()
@@ -61,8 +62,8 @@ def test_loss_matches_hand_computation_from_logps():
     module, dm = make("cached")
     dm.set_opponent_logps(torch.tensor([[-10.0, -20.0], [-30.0, -5.0], [-1.0, -1.0]]))
     batch = batch_of(dm)
-    out = module.forward_pairs(batch)
-    logp_real, logp_syn = module.sequence_logps(module.policy, batch)
+    out = module.loss_and_metrics(batch)
+    logp_real, logp_syn = module.scorer(batch).chunk(2)
     margin = 0.5 * (logp_real - batch["opponent_logps"][:, 0]) - 0.5 * (
         logp_syn - batch["opponent_logps"][:, 1]
     )
@@ -78,7 +79,7 @@ def test_opponent_is_visibly_frozen():
     assert not module.opponent.training
     assert not any(p.requires_grad for p in module.opponent.parameters())
     assert all(p.requires_grad for p in module.policy.parameters())
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()["optimizer"]
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {
         id(p) for p in module.policy.parameters()
     }
@@ -87,28 +88,28 @@ def test_opponent_is_visibly_frozen():
 def test_a_training_step_moves_the_policy_not_the_opponent():
     module, dm = make("model")
     batch = batch_of(dm)
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()["optimizer"]
     policy_before = copy.deepcopy(module.policy.state_dict())
     opponent_before = copy.deepcopy(module.opponent.state_dict())
     for _ in range(3):
         opt.zero_grad()
-        module.forward_pairs(batch)["loss"].backward()
+        module.loss_and_metrics(batch)["loss"].backward()
         opt.step()
     moved = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
     assert len(moved) == len(policy_before)
     for k, v in module.opponent.state_dict().items():
         assert torch.equal(v, opponent_before[k]), k
     # The policy now prefers the real responses over the synthetic ones relative to the opponent.
-    assert module.forward_pairs(batch)["margin"].mean() > 0
+    assert module.loss_and_metrics(batch)["margin"].mean() > 0
 
 
 def test_begin_round_copies_policy_into_opponent_only_when_fresh():
     module, _ = make("model")
     with torch.no_grad():
         next(module.policy.parameters()).add_(1.0)
-    module.begin_round(1, lam=0.2, lr=1e-3, start_step=0, total_steps=4, fresh=False)
+    module.begin_round(Round(1, lam=0.2, lr=1e-3, mix_previous_rounds=0, total_steps=4, pairs=3), fresh=False)
     assert not torch.equal(next(module.policy.parameters()), next(module.opponent.parameters()))
-    module.begin_round(1, lam=0.2, lr=1e-3, start_step=0, total_steps=4, fresh=True)
+    module.begin_round(Round(1, lam=0.2, lr=1e-3, mix_previous_rounds=0, total_steps=4, pairs=3), fresh=True)
     for p, q in zip(module.policy.parameters(), module.opponent.parameters(), strict=True):
         assert torch.equal(p, q)
     assert module.lam == 0.2
@@ -134,8 +135,8 @@ def test_warmup_linear_decay_numbers():
 def test_chunked_and_plain_logprobs_give_the_same_loss_and_gradients():
     chunked, dm = make("model")
     plain, _ = make("model")
-    plain.logprob_chunk_size = None
-    assert chunked.logprob_chunk_size
+    plain.scorer.chunk_size = None
+    assert chunked.scorer.chunk_size
     with torch.no_grad():
         for p, q in zip(chunked.policy.parameters(), plain.policy.parameters(), strict=True):
             noise = torch.randn_like(p) * 0.05
@@ -144,7 +145,7 @@ def test_chunked_and_plain_logprobs_give_the_same_loss_and_gradients():
     batch = batch_of(dm)
     head_calls = []
     chunked.policy.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
-    a, b = chunked.forward_pairs(batch), plain.forward_pairs(batch)
+    a, b = chunked.loss_and_metrics(batch), plain.loss_and_metrics(batch)
     assert not head_calls, "the chunked path never runs the full output layer"
     torch.testing.assert_close(a["logp_real"], b["logp_real"])
     torch.testing.assert_close(a["loss"], b["loss"])

@@ -74,8 +74,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(cls, chunk, 
         if cls is SPINModule:
             module.opponent.load_state_dict(tiny_model(seed=3).model.state_dict())
     twin = copy.deepcopy(module)
-    out_padded = module.objective(first_batch(padded_dm))
-    out_packed = twin.objective(first_batch(packed_dm))
+    out_padded = module.loss_and_metrics(first_batch(padded_dm))
+    out_packed = twin.loss_and_metrics(first_batch(packed_dm))
     for key in out_padded:
         torch.testing.assert_close(out_packed[key], out_padded[key], rtol=1e-5, atol=1e-4)
     if cls is SPINModule:

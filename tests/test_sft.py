@@ -42,7 +42,7 @@ def test_pairs_without_synthetic_collate_to_real_sequences_only():
 def test_sft_loss_is_the_token_mean_nll_computed_by_hand():
     module, dm, tok = make_sft()
     batch = next(iter(dm.scoring_dataloader()))
-    out = {k: v.detach() for k, v in module.objective(batch).items()}
+    out = {k: v.detach() for k, v in module.loss_and_metrics(batch).items()}
     # By hand: full logits, log-softmax, pick each response token.
     with torch.no_grad():
         logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -66,21 +66,21 @@ def test_sft_loss_is_the_token_mean_nll_computed_by_hand():
 def test_sft_steps_raise_the_real_responses_likelihood():
     module, dm, _ = make_sft()
     batch = next(iter(dm.scoring_dataloader()))
-    opt = module.configure_optimizers()
-    before = float(module.objective(batch)["loss"].detach())
+    opt = module.configure_optimizers()["optimizer"]
+    before = float(module.loss_and_metrics(batch)["loss"].detach())
     for _ in range(10):
         opt.zero_grad()
-        module.objective(batch)["loss"].backward()
+        module.loss_and_metrics(batch)["loss"].backward()
         opt.step()
-    assert float(module.objective(batch)["loss"].detach()) < before - 0.5
+    assert float(module.loss_and_metrics(batch)["loss"].detach()) < before - 0.5
 
 
 def test_module_configs_build_spin_and_sft():
     policy = tiny_model().model
     spin = instantiate(compose_cfg(["model=tiny"]).module, policy=policy)
     sft = instantiate(compose_cfg(["model=tiny", "module=sft"]).module, policy=policy)
-    assert isinstance(spin, SPINModule) and spin.self_play
-    assert isinstance(sft, SFTModule) and not sft.self_play and sft.metric_names == ("loss", "logp_real")
+    assert isinstance(spin, SPINModule) and spin.objective.kinds == ("real", "synthetic")
+    assert isinstance(sft, SFTModule) and sft.objective.metric_names == ("loss", "logp_real")
 
 
 @pytest.fixture(scope="module")

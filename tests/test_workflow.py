@@ -10,6 +10,7 @@ from spinlab.data import SelfPlayDataModule
 from spinlab.evaluation import RoundEvaluator, mtbench_questions
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import SPINModule
+from spinlab.rounds import score_pairs
 from spinlab.rundir import RunDir
 from spinlab.tasks.arithmetic import is_correct
 from tests.test_e2e import reference, rows, run  # noqa: F401  (the module-scoped reference run)
@@ -24,8 +25,8 @@ def test_heldout_evaluation_matches_a_hand_computation(reference):  # noqa: F811
     dm = SelfPlayDataModule(
         None, loaded.tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
     )
-    policy = SPINModule(loaded.model, loss=None, optimizer=None).score_opponent(
-        dm.scoring_dataloader(dm.encode_pairs(pairs))
+    policy = score_pairs(
+        None, SPINModule(loaded.model, loss=None, optimizer=None), dm, dm.encode_pairs(pairs), "score"
     )
     opponent = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
     margin = cfg.lam * ((policy[:, 0] - opponent[:, 0]) - (policy[:, 1] - opponent[:, 1]))
@@ -36,7 +37,7 @@ def test_heldout_evaluation_matches_a_hand_computation(reference):  # noqa: F811
     # The opponent of round 0 is the initial model: its log-probs of the held-out pairs are its own.
     initial = SPINModule(tiny_model(seed=cfg.seed).model, loss=None, optimizer=None)
     torch.testing.assert_close(
-        initial.score_opponent(dm.scoring_dataloader(dm.encode_pairs(pairs))), opponent, rtol=1e-5, atol=1e-4
+        score_pairs(None, initial, dm, dm.encode_pairs(pairs), "score"), opponent, rtol=1e-5, atol=1e-4
     )
     assert summary[0]["eval/heldout_margin"] == results["eval/heldout_margin"]
 
@@ -63,7 +64,7 @@ def test_mtbench_answers_in_fastchat_format(tmp_path):
     module = SPINModule(loaded.model, loss=None, optimizer=None)
     evaluator = RoundEvaluator(mtbench=True, mtbench_questions=3, mtbench_max_new_tokens=4, batch_size=2)
     run_dir = RunDir(tmp_path / "run")
-    assert evaluator._mtbench(2, module, dm, run_dir) == {"eval/mtbench_answers": 3}
+    assert evaluator._mtbench(2, None, module, dm, run_dir) == {"eval/mtbench_answers": 3}
     answers = rows(run_dir.round_dir(2) / "mt_bench" / "run-round002.jsonl")
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions[:3]]
     for a in answers:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from spinlab.generation import HFGenerator
-from spinlab.rounds import generate_rows, score_pairs
+from spinlab.rounds import SingleProcess, generate_rows, score_pairs
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ class RoundEvaluator:
 
     def _mtbench(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
         """Two-turn answers to the MT-Bench questions, in the format FastChat's judge reads."""
+        trainer = trainer or SingleProcess()
         questions = mtbench_questions()[: self.mtbench_limit]
         generator = HFGenerator(
             max_new_tokens=self.mtbench_max_new_tokens, batch_size=self.batch_size, do_sample=False

@@ -283,11 +283,11 @@ class PolicyModule(L.LightningModule):
         self.skipped.update(1.0)
         self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
 
-    def objective_on(self, batch: dict) -> dict[str, torch.Tensor]:
+    def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.objective(self.policy_logps(batch), None, self.lam)
 
     def training_step(self, batch, batch_idx):
-        out = self.objective_on(batch)
+        out = self.loss_and_metrics(batch)
         names = self.objective.metric_names
         # One collective per step: the finiteness vote and the metrics' means across processes.
         local = torch.stack(
@@ -301,7 +301,7 @@ class PolicyModule(L.LightningModule):
             self._nonfinite("loss")
             return None
         pairs = len(batch["index"])
-        for name, value in zip(names, values[1:], strict=True):
+        for name in names:
             self.means[name].update(out[name].detach())
         self.log_dict(
             {f"train/{n}": v for n, v in zip(names, values[1:], strict=True)}
@@ -381,7 +381,7 @@ class SPINModule(PolicyModule):
         if fresh and self.opponent_scorer is not None:
             self.opponent_scorer.load_state_dict(self.scorer.state_dict())
 
-    def objective_on(self, batch: dict) -> dict[str, torch.Tensor]:
+    def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
         """The SPIN objective on one batch (Eq. 4.7); per-pair tensors and the loss."""
         policy = self.policy_logps(batch)
         if self.opponent_scorer is not None:
@@ -392,8 +392,6 @@ class SPINModule(PolicyModule):
         else:
             raise RuntimeError("opponent='cached' but the batch carries no opponent log-probs")
         return self.objective(policy, {"real": real, "synthetic": synthetic}, self.lam)
-
-    forward_pairs = objective_on
 
 
 class SFTModule(PolicyModule):

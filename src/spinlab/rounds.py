@@ -16,6 +16,7 @@ under sharding each forward pass needs all of them, so there is no rank-0-only m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable
@@ -72,6 +73,25 @@ def check_round_overrides(overrides: dict | None, rounds: int) -> None:
 
 
 # -- every process together ------------------------------------------------------------------
+class _Strategy:
+    def barrier(self, name=None) -> None:
+        pass
+
+    def broadcast(self, obj):
+        return obj
+
+
+class SingleProcess:
+    """What the helpers below need of a Lightning trainer, for use outside a fit: one process."""
+
+    global_rank, world_size, is_global_zero = 0, 1, True
+    strategy = _Strategy()
+    loggers: list = []
+
+    class precision_plugin:  # noqa: N801  (mirrors the trainer attribute)
+        forward_context = staticmethod(contextlib.nullcontext)
+
+
 def even_shard(n: int, batch_size: int, rank: int, world: int) -> list[int]:
     """Indices 0..n-1 for this process, every process getting the same number of whole batches
     (the list wraps around), so all of them make the same number of forward passes."""
@@ -93,9 +113,11 @@ def all_gather_objects(obj, world: int) -> list:
 @torch.no_grad()
 def score_pairs(trainer, module, dm, encoded: list[dict], desc: str, scorer=None) -> torch.Tensor:
     """[N, 2] summed log-probs (real, synthetic) of every encoded pair under `scorer` (the policy's
-    by default), on every process; pairs are spread evenly and the result is gathered once."""
+    by default), on every process; pairs are spread evenly and the result is gathered once.
+    trainer=None scores in this process alone (outside a fit)."""
     from tqdm.auto import tqdm
 
+    trainer = trainer or SingleProcess()
     scorer = module.scorer if scorer is None else scorer
     rank, world = trainer.global_rank, trainer.world_size
     mine = even_shard(len(encoded), dm.batch_size, rank, world)
@@ -132,12 +154,13 @@ def generate_rows(
     partial: Callable[[int], Path] | None = None,
 ) -> dict:
     """{"rows": {index: {index, synthetic, tokens, finished}}, "stats": {...}} for every prompt,
-    on every process.
+    on every process (trainer=None: in this process alone, outside a fit).
 
     Each process generates its share on the policy's gathered weights. With `partial` (a path
     per rank), finished batches are appended there as they complete and skipped when the call is
     repeated after a crash; the rows are then read back from all partial files.
     """
+    trainer = trainer or SingleProcess()
     rank, world = trainer.global_rank, trainer.world_size
     paths = (
         (lambda: sorted(partial(0).parent.glob(partial(0).name.replace(".jsonl", "*.jsonl"))))
