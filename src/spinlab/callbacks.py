@@ -206,7 +206,7 @@ class SelfPlayCallback(L.Callback):
                 )
 
     def finish_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
-        save_policy(trainer, pl_module, self.run_dir.hf(index), trainer.datamodule.tokenizer)
+        save_policy(trainer, pl_module, index, self.run_dir.hf(index), trainer.datamodule.tokenizer)
         summary = {"round": index, **pl_module.round_means(), **self.started[index].as_dict()}
         summary.pop("index")
         summary.pop("mix_previous_rounds")

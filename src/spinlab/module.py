@@ -300,6 +300,7 @@ class PolicyModule(L.LightningModule):
         if values[0] < 1.0:  # every process must agree, or one would skip a step the others take
             self._nonfinite("loss")
             return None
+        log.debug("round %d step %d", self.round_index, self.global_step)
         pairs = len(batch["index"])
         for name in names:
             self.means[name].update(out[name].detach())

@@ -86,9 +86,9 @@ class SingleProcess:
 
     global_rank, world_size, is_global_zero = 0, 1, True
     strategy = _Strategy()
-    loggers: list = []
+    loggers = ()
 
-    class precision_plugin:  # noqa: N801  (mirrors the trainer attribute)
+    class precision_plugin:
         forward_context = staticmethod(contextlib.nullcontext)
 
 
@@ -178,6 +178,7 @@ def generate_rows(
         new = [r for r in batch_rows if r["index"] not in done]
         if partial:
             append_jsonl(partial(rank), new)
+            log.info("round %d: generation batch written (%d responses)", round_index, len(new))
         else:
             rows.extend(new)
 
@@ -211,11 +212,11 @@ def generate_rows(
     return {"rows": gathered, "stats": gathered_stats}
 
 
-def save_policy(trainer, module, out: Path, tokenizer) -> None:
-    """The policy as a Hugging Face directory (safetensors + tokenizer), written by rank 0."""
+def save_policy(trainer, module, index: int, out: Path, tokenizer) -> None:
+    """The policy after round `index` as a Hugging Face directory (safetensors + tokenizer)."""
     state_dict = module.full_state_dict()  # a collective under sharding: every process calls it
     if trainer.is_global_zero:
-        log.info("saving the policy to %s", out)
+        log.info("round %d: saving the policy to %s", index, out)
         tmp = out.with_name(out.name + ".tmp")
         module.policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

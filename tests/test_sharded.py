@@ -1,0 +1,144 @@
+"""Sharded rounds: FSDP2 over 2 CPU processes (gloo) through every phase of a round.
+
+Every run here is a real `python train.py ... trainer=fsdp_cpu` with two processes. One global
+batch of 4 pairs per step either way: one process at batch 4, or 2 processes at batch 2.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from spinlab.models import tiny_model
+from tests.test_e2e import rows, weights
+from tests.test_faults import ROOT, env
+
+pytestmark = pytest.mark.slow
+
+NUM_PROMPTS = 16
+BASE = ["debug=fast", f"data.num_prompts={NUM_PROMPTS}", "generation.batch_size=4", "hydra.verbose=[spinlab.module]"]
+SHARDED = ["trainer=fsdp_cpu", "data.batch_size=2"]
+
+
+def command(run_dir, *overrides):
+    return [sys.executable, str(ROOT / "train.py"), *BASE, *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def train(run_dir, *overrides):
+    out = subprocess.run(
+        command(run_dir, *overrides), env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SPIN rounds" in out.stdout
+    return out
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def kill_all_at(run_dir, marker: str, *overrides) -> None:
+    """Start a sharded run in its own session and SIGKILL every process of it at the marker."""
+    proc = subprocess.Popen(
+        command(run_dir, *overrides),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # a preempted job: every rank at once
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharded")
+    started = time.perf_counter()
+    train(tmp / "sharded", *SHARDED)
+    seconds = time.perf_counter() - started
+    train(tmp / "single", "data.batch_size=4")
+    return tmp, seconds
+
+
+def test_two_processes_match_one_process(runs):
+    tmp, seconds = runs
+    print(f"two-process fsdp_cpu run: {seconds:.1f} s")
+    sharded, single = tmp / "sharded", tmp / "single"
+    for r in ("round_000", "round_001"):
+        assert (sharded / "rounds" / r / "synthetic.jsonl").read_bytes() == (
+            single / "rounds" / r / "synthetic.jsonl"
+        ).read_bytes()
+    a, b = step_losses(sharded), step_losses(single)
+    assert sorted(a) == sorted(b) == list(range(8))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-4), step
+    wa, wb = weights(sharded / "hf" / "round_001"), weights(single / "hf" / "round_001")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-4)
+    assert not list((sharded / "rounds").rglob("synthetic.partial*"))
+
+
+def test_saved_model_holds_full_trained_tensors(runs):
+    tmp, _ = runs
+    initial = tiny_model(seed=0).model.state_dict()
+    saved = weights(tmp / "sharded" / "hf" / "round_001")
+    assert saved and all(saved[k].shape == initial[k].shape for k in saved)  # whole tensors, not shards
+    moved = [k for k in saved if not torch.equal(saved[k], initial[k])]
+    assert len(moved) == len(saved)
+    model = AutoModelForCausalLM.from_pretrained(tmp / "sharded" / "hf" / "round_001")
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in tiny_model(seed=0).model.parameters()
+    )
+
+
+def test_sharded_checkpoint_is_a_directory_behind_a_link(runs):
+    tmp, _ = runs
+    last = tmp / "sharded" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "epoch0001.ckpt"
+    assert sorted(p.name for p in last.resolve().iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert [p.name for p in last.parent.iterdir() if p.name.startswith("epoch")] == ["epoch0001.ckpt"]
+
+
+def test_bf16_mixed_sharded_rounds_finish_and_load(tmp_path):
+    train(tmp_path / "bf16", *SHARDED, "trainer.precision=bf16-mixed")
+    losses = step_losses(tmp_path / "bf16")
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "hf" / "round_001")
+    assert next(model.parameters()).dtype == torch.float32  # fp32 master weights are what is saved
+
+
+@pytest.mark.parametrize(
+    "marker", ["round 1: generation batch written", "round 1 step 5"], ids=["generation", "training"]
+)
+def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
+    tmp, _ = runs
+    run_dir = tmp_path / "run"
+    kill_all_at(run_dir, marker, *SHARDED)
+    train(run_dir, *SHARDED)
+    for r in ("round_000", "round_001"):
+        synthetic = rows(run_dir / "rounds" / r / "synthetic.jsonl")
+        assert len(synthetic) == NUM_PROMPTS and len({x["prompt"] for x in synthetic}) == NUM_PROMPTS
+        assert (run_dir / "rounds" / r / "synthetic.jsonl").read_bytes() == (
+            tmp / "sharded" / "rounds" / r / "synthetic.jsonl"
+        ).read_bytes()
+    final, reference = weights(run_dir / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-4)
+    assert load_file(str(run_dir / "hf" / "round_000" / "model.safetensors")).keys() == reference.keys()
