@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -194,7 +195,7 @@ class HFGenerator(Generator):
             raise ValueError(f"generation.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> None:
+    def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> dict | None:
         device = next(model.parameters()).device
         # A spare call re-runs a batch (every rank of a sharded model joins every forward pass).
         spare = todo[-1] if todo else self.batches(prompt_ids)[0]
@@ -313,7 +314,7 @@ class ContinuousBatchingGenerator(Generator):
             engine["num_blocks"] = concurrent * math.ceil(longest / engine["page_size"])
         return ContinuousBatchingConfig(**engine)
 
-    def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> None:
+    def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> dict | None:
         from transformers.generation.continuous_batching.utils import WorkloadHints
 
         indices = [i for b in todo for i in b]
@@ -329,52 +330,64 @@ class ContinuousBatchingGenerator(Generator):
             num_requests=len(prompts),
         )
         device = model.device
-        # The engine seeds the global generator from its own thread: keep the caller's state.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            manager = model.init_continuous_batching(
-                generation_config=config, continuous_batching_config=engine, workload_hints=hints
-            )
-            failed = True
-            try:
-                if not manager.warmed_up:
-                    manager.warmup()
-                # All requests are queued before the loop starts, so the schedule depends on them alone.
-                for i, ids in zip(indices, prompts, strict=True):
-                    manager.add_request(
-                        ids,
-                        request_id=str(i),
-                        max_new_tokens=self.max_new_tokens,
-                        eos_token_id=config.eos_token_id,
-                    )
-                manager.start()
-                setup = time.perf_counter() - started
-                pending: list[tuple[int, list[int]]] = []
-                remaining = len(indices)
-                while remaining:
-                    result = manager.get_result(timeout=1)
-                    if result is None:
-                        if not manager.is_running():
-                            raise RuntimeError(
-                                f"the continuous-batching engine stopped with {remaining} responses missing: "
-                                f"{manager.background_thread_status.fatal_error}"
-                            )
-                        continue
-                    if not result.is_finished():
-                        continue
-                    if result.error is not None:
-                        raise RuntimeError(
-                            f"the continuous-batching engine failed prompt {result.request_id}: {result.error}"
-                        )
-                    pending.append((int(result.request_id), list(result.generated_tokens)))
-                    remaining -= 1
-                    if len(pending) >= self.batch_size or not remaining:
-                        emit(pending)
-                        pending = []
-                failed = False
-            finally:
-                manager.stop(block=True, hard_stop=failed)
-                manager.destroy()
-                # stop() restores the attention implementation only if the loop had started.
-                if getattr(manager, "_original_attn_impl", None) is not None:
-                    model.set_attn_implementation(manager._original_attn_impl)
+        # The engine logs a dozen INFO lines per session to its own console handler.
+        engine_log = logging.getLogger("ContinuousBatchingLogger")
+        level = engine_log.level
+        engine_log.setLevel(max(level, logging.WARNING))
+        try:
+            # The engine seeds the global generator from its own thread: keep the caller's state.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                manager = model.init_continuous_batching(
+                    generation_config=config, continuous_batching_config=engine, workload_hints=hints
+                )
+                failed = True
+                try:
+                    setup = self._serve(manager, indices, prompts, emit, config, started)
+                    failed = False
+                finally:
+                    manager.stop(block=True, hard_stop=failed)
+                    manager.destroy()
+                    # stop() restores the attention implementation only if the loop had started.
+                    if getattr(manager, "_original_attn_impl", None) is not None:
+                        model.set_attn_implementation(manager._original_attn_impl)
+        finally:
+            engine_log.setLevel(level)
         return {"engine_setup_seconds": setup}
+
+    def _serve(
+        self, manager, indices: list[int], prompts: list[list[int]], emit, config, started: float
+    ) -> float:
+        """Queue every prompt, start the engine, hand finished responses on `batch_size` at a time;
+        returns the seconds from `started` until the engine ran."""
+        if not manager.warmed_up:
+            manager.warmup()
+        # All requests are queued before the loop starts, so the schedule depends on them alone.
+        for i, ids in zip(indices, prompts, strict=True):
+            manager.add_request(
+                ids, request_id=str(i), max_new_tokens=self.max_new_tokens, eos_token_id=config.eos_token_id
+            )
+        manager.start()
+        setup = time.perf_counter() - started
+        pending: list[tuple[int, list[int]]] = []
+        remaining = len(indices)
+        while remaining:
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError(
+                        f"the continuous-batching engine stopped with {remaining} responses missing: "
+                        f"{manager.background_thread_status.fatal_error}"
+                    )
+                continue
+            if not result.is_finished():
+                continue
+            if result.error is not None:
+                raise RuntimeError(
+                    f"the continuous-batching engine failed prompt {result.request_id}: {result.error}"
+                )
+            pending.append((int(result.request_id), list(result.generated_tokens)))
+            remaining -= 1
+            if len(pending) >= self.batch_size or not remaining:
+                emit(pending)
+                pending = []
+        return setup
