@@ -187,7 +187,6 @@ class HFGenerator(Generator):
     """Batched sampling with Hugging Face `generate` (left padding, dynamic KV cache)."""
 
     backend = "hf"
-    cache_implementation: str | None = None
 
     def __init__(self, *args, pad_to_multiple_of: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
@@ -232,7 +231,6 @@ class StaticCacheGenerator(HFGenerator):
     """
 
     backend = "static"
-    cache_implementation = "static"
 
     def __init__(self, *args, compile: bool = True, pad_to_multiple_of: int = 64, **kwargs):
         super().__init__(*args, pad_to_multiple_of=pad_to_multiple_of, **kwargs)
