@@ -1,32 +1,35 @@
-"""Generation throughput: Hugging Face `generate` against spinlab's generation path.
+"""Generation throughput: every spinlab backend against plain Hugging Face `generate`.
 
-    python benchmarks/generation_throughput.py --device cpu
-    python benchmarks/generation_throughput.py --device cuda --shape llama-1b
+    python benchmarks/generation_throughput.py --device cpu                      # cpu-small, all backends
+    python benchmarks/generation_throughput.py --device cuda --shape llama-1b --batch 256
+    python benchmarks/generation_throughput.py --device cuda --gpu-suite         # 135M and 1B, batch 64 and 256
 
-Both sides sample from the same random-init model with the same prompts (random token ids,
-fixed seed, equal lengths) and the same settings (temperature 1, top-p 1, top-k 0, the
-same max_new_tokens and batch):
+All sides sample from the same random-init model with the same prompts (random token ids,
+fixed seed, equal lengths) and the same settings (temperature 1, top-p 1, top-k 0, the same
+max_new_tokens); `batch` prompts per generate call, `--batches` of them timed.
 
-- hf: `model.generate` on left-padded batches with the default dynamic KV cache.
-- ours: `spinlab.generation.HFGenerator.generate`, the path that makes each round's synthetic
-  responses (batched by length, seeded per batch, responses decoded and handed back).
+- plain (the peer): `model.generate` on left-padded batches with the default dynamic KV cache,
+  nothing of spinlab's.
+- hf, static, continuous: `spinlab.generation` built from `conf/generation/<backend>.yaml` (its
+  engine settings as configured; `--engine-kwargs` overrides them), through the same
+  `generate(...)` call that makes each round's synthetic responses (batched by length, rows
+  decoded and handed back). The continuous engine gets all timed prompts at once and schedules
+  them itself; its time includes building the paged cache (and capturing CUDA graphs on a GPU),
+  which a round pays once, reported apart as `engine_setup_seconds`.
 
 Each side runs in its own subprocess, `--repeats` times, alternating, and the fastest run of
-each side is compared (on a shared CPU a run can only be slowed down by others; on the 2-core
-box the same process is either ~4x slow or not, depending on whether its second OpenMP thread
-gets a core). A decode step is a chain of tiny matrix products, and on a loaded 2-core box
-each of them waits at an OpenMP barrier for the second thread: measured here, 2 threads ran
-8-15x slower than 1 and flipped between two speeds from one process to the next. So on CPU
-both sides run with 1 thread unless --threads says otherwise. The first batch of each run is a
-warm-up and is not timed. New
-tokens count every sampled token up to and including the first EOS. On a GPU the model is
-cast to bf16 (generation needs no fp32 master weights).
+each side is compared (on a shared CPU a run can only be slowed down by others). The first batch
+of each run is a warm-up of the same shape and is not timed (it also triggers compilation for
+`static` on a GPU). On CPU every side runs with 1 torch thread unless --threads says otherwise:
+a decode step is a chain of tiny matrix products, and on a loaded 2-core box each of them waits
+at an OpenMP barrier for the second thread (2 threads measured 8-15x slower than 1 there). New
+tokens count every sampled token up to and including the first EOS. On a GPU the model is cast
+to bf16. One JSON line per backend, with `new_tokens_per_s_ratio` = backend / plain.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -40,6 +43,8 @@ DEFAULTS = {  # shape: (batch, prompt, new tokens)
     "smollm2-135m": (64, 256, 256),
     "llama-1b": (64, 256, 256),
 }
+BACKENDS = ("hf", "static", "continuous")
+GPU_SUITE = [(shape, batch) for shape in ("smollm2-135m", "llama-1b") for batch in (64, 256)]
 
 
 def parse_args(argv=None):
@@ -48,8 +53,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--shape", choices=sorted(common.SHAPES), default=None, help="cpu-small on CPU, smollm2-135m on GPU"
     )
+    p.add_argument(
+        "--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}"
+    )
     p.add_argument("--batch", type=int, default=None, help="prompts per generate call (CPU 8, GPU 64)")
-    p.add_argument("--batches", type=int, default=None, help="timed batches (CPU 2, GPU 3)")
+    p.add_argument("--batches", type=int, default=None, help="timed batches (CPU 2, GPU 1)")
     p.add_argument("--prompt-len", type=int, default=None, help="CPU 128, GPU 256")
     p.add_argument("--new-tokens", type=int, default=None, help="max_new_tokens (CPU 32, GPU 256)")
     p.add_argument("--seed", type=int, default=0)
@@ -57,30 +65,45 @@ def parse_args(argv=None):
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads on both sides (CPU default 1: see the module docstring)",
+        help="torch CPU threads on every side (CPU default 1: see the module docstring)",
     )
     p.add_argument(
-        "--ours-kwargs",
+        "--engine-kwargs",
         default="{}",
-        help="JSON of extra HFGenerator keywords (only those its signature has are passed)",
+        help='JSON {backend: {key: value}} over conf/generation/<backend>.yaml, e.g. \'{"continuous": {"page_size": 64}}\'',
     )
     p.add_argument(
         "--repeats",
         type=int,
-        default=2,
-        help="subprocesses per side, alternating hf/ours; the best of each side is compared",
+        default=None,
+        help="subprocesses per side, alternating; the best of each side is compared (CPU 2, GPU 1)",
     )
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--child", choices=("hf", "ours"), default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--gpu-suite",
+        action="store_true",
+        help="run the GPU shapes one after the other: "
+        + ", ".join(f"{s} batch {b}" for s, b in GPU_SUITE)
+        + "; 256 new tokens, prompt 256, bf16",
+    )
+    p.add_argument("--timeout", type=float, default=900, help="seconds per side and run")
+    p.add_argument("--child", choices=("plain", *BACKENDS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
+    if args.gpu_suite and not gpu:
+        p.error("--gpu-suite needs --device cuda")
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backends) - set(BACKENDS))
+    if unknown:
+        p.error(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
+    args.engine_kwargs = json.loads(args.engine_kwargs) if isinstance(args.engine_kwargs, str) else {}
     args.shape = args.shape or ("smollm2-135m" if gpu else "cpu-small")
     batch, prompt, new = DEFAULTS[args.shape]
     args.batch = args.batch or batch
     args.prompt_len = args.prompt_len or prompt
     args.new_tokens = args.new_tokens or new
-    args.batches = args.batches or (3 if gpu else 2)
+    args.batches = args.batches or (1 if gpu else 2)
+    args.repeats = args.repeats or (1 if gpu else 2)
     if args.threads is None and not gpu:
         args.threads = 1
     return args
@@ -104,11 +127,11 @@ def load(args):
 
 
 def count_new(tokens: list[int], eos: int) -> int:
-    """Sampled tokens up to and including the first EOS (the same count HFGenerator reports)."""
+    """Sampled tokens up to and including the first EOS (the count spinlab's generators report)."""
     return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
 
-def run_hf(args) -> dict:
+def run_plain(args) -> dict:
     import torch
 
     model, tokenizer, prompts = load(args)
@@ -148,25 +171,32 @@ def run_hf(args) -> dict:
     return finish(args, result, new_tokens, common.now(args.device) - started, common.cpu_now() - cpu)
 
 
-def run_ours(args) -> dict:
-    from spinlab.generation import HFGenerator
+def build_generator(args, backend: str):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    model, tokenizer, prompts = load(args)
-    params = inspect.signature(HFGenerator).parameters
-    extra = {k: v for k, v in json.loads(args.ours_kwargs).items() if k in params}
-    generator = HFGenerator(
-        max_new_tokens=args.new_tokens,
-        batch_size=args.batch,
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        seed=args.seed,
-        **extra,
+    cfg = OmegaConf.load(common.REPO / "conf" / "generation" / f"{backend}.yaml")
+    cfg.merge_with(
+        {
+            "seed": args.seed,
+            "max_new_tokens": args.new_tokens,
+            "batch_size": args.batch,
+            "do_sample": True,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            **args.engine_kwargs.get(backend, {}),
+        }
     )
+    return instantiate(cfg), OmegaConf.to_container(cfg)
+
+
+def run_backend(args) -> dict:
+    model, tokenizer, prompts = load(args)
+    generator, cfg = build_generator(args, args.child)
     result = {
-        "side": "spinlab HFGenerator",
-        "hfgenerator_kwargs": extra,
+        "side": f"spinlab generation={args.child}",
+        "config": cfg,
         "memory_after_model": common.memory_probe(args.device),
     }
 
@@ -177,7 +207,7 @@ def run_ours(args) -> dict:
     started, cpu = common.now(args.device), common.cpu_now()
     stats = generator.generate(model, tokenizer, prompts[args.batch :], on_batch=ignore, round_index=1)
     seconds, cpu_s = common.now(args.device) - started, common.cpu_now() - cpu
-    result["hfgenerator_stats"] = stats
+    result["generator_stats"] = stats
     return finish(args, result, stats["new_tokens"], seconds, cpu_s)
 
 
@@ -200,11 +230,8 @@ def best(runs: list[dict]) -> dict:
     return max(ok, key=lambda r: r["new_tokens_per_s"]) if ok else runs[-1]
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.child:
-        common.write_result(args.result_file, (run_hf if args.child == "hf" else run_ours)(args))
-        return
+def compare(args) -> None:
+    """Every side in its own subprocesses; one JSON line per backend."""
     base = [
         "--device",
         args.device,
@@ -220,52 +247,75 @@ def main(argv=None) -> None:
         str(args.new_tokens),
         "--seed",
         str(args.seed),
-        "--ours-kwargs",
-        args.ours_kwargs,
+        "--engine-kwargs",
+        json.dumps(args.engine_kwargs),
     ]
     if args.threads:
         base += ["--threads", str(args.threads)]
     script = Path(__file__).resolve()
-    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    sides = ["plain", *args.backends]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
-        for side in ("hf", "ours"):
+        for side in sides:
             runs[side].append(common.run_child(script, [*base, "--child", side], args.timeout))
-    hf, ours = best(runs["hf"]), best(runs["ours"])
-    common.emit(
-        {
-            "benchmark": "generation_throughput",
-            "device": args.device,
-            "shape": args.shape,
-            "batch": args.batch,
-            "timed_batches": args.batches,
-            "prompt_len": args.prompt_len,
-            "max_new_tokens": args.new_tokens,
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
-            "dtype": "bf16" if args.device == "cuda" else "fp32",
-            "peak_memory_kind": "cuda max allocated"
-            if args.device == "cuda"
-            else "peak RSS of the subprocess",
-            "new_tokens_per_s_ratio": common.ratio(ours.get("new_tokens_per_s"), hf.get("new_tokens_per_s")),
-            "new_tokens_per_cpu_s_ratio": common.ratio(
-                ours.get("new_tokens_per_cpu_s"), hf.get("new_tokens_per_cpu_s")
-            ),
-            "peak_memory_ratio": common.ratio(ours.get("peak_memory_gib"), hf.get("peak_memory_gib")),
-            "repeats": args.repeats,
-            "ours": ours,
-            "peer": hf,
-            "all_runs": {
-                side: [
-                    {
-                        k: r.get(k)
-                        for k in ("new_tokens_per_s", "new_tokens_per_cpu_s", "peak_memory_gib", "error")
-                    }
-                    for r in rs
-                ]
-                for side, rs in runs.items()
-            },
-            "machine": common.machine(),
-        }
-    )
+    plain = best(runs["plain"])
+    for backend in args.backends:
+        ours = best(runs[backend])
+        common.emit(
+            {
+                "benchmark": "generation_throughput",
+                "backend": backend,
+                "device": args.device,
+                "shape": args.shape,
+                "batch": args.batch,
+                "timed_batches": args.batches,
+                "prompt_len": args.prompt_len,
+                "max_new_tokens": args.new_tokens,
+                "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                "dtype": "bf16" if args.device == "cuda" else "fp32",
+                "threads": args.threads,
+                "new_tokens_per_s": ours.get("new_tokens_per_s"),
+                "plain_new_tokens_per_s": plain.get("new_tokens_per_s"),
+                "new_tokens_per_s_ratio": common.ratio(
+                    ours.get("new_tokens_per_s"), plain.get("new_tokens_per_s")
+                ),
+                "new_tokens_per_cpu_s_ratio": common.ratio(
+                    ours.get("new_tokens_per_cpu_s"), plain.get("new_tokens_per_cpu_s")
+                ),
+                "peak_memory_kind": "cuda max allocated"
+                if args.device == "cuda"
+                else "peak RSS of the subprocess",
+                "peak_memory_ratio": common.ratio(ours.get("peak_memory_gib"), plain.get("peak_memory_gib")),
+                "repeats": args.repeats,
+                "ours": ours,
+                "peer": plain,
+                "all_runs": {
+                    side: [
+                        {
+                            k: r.get(k)
+                            for k in ("new_tokens_per_s", "new_tokens_per_cpu_s", "peak_memory_gib", "error")
+                        }
+                        for r in runs[side]
+                    ]
+                    for side in (backend, "plain")
+                },
+                "machine": common.machine(),
+            }
+        )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        common.write_result(args.result_file, (run_plain if args.child == "plain" else run_backend)(args))
+        return
+    if not args.gpu_suite:
+        compare(args)
+        return
+    for shape, batch in GPU_SUITE:
+        args.shape, args.batch = shape, batch
+        args.prompt_len, args.new_tokens = 256, 256
+        compare(args)
 
 
 if __name__ == "__main__":

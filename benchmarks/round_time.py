@@ -9,7 +9,7 @@ Runs the real `train.py` (Hydra config, Lightning fit, SelfPlayCallback, run dir
 subprocess with `debug=fast rounds=1` into a temporary run directory, with timers wrapped
 around the framework's own methods:
 
-- generation: `HFGenerator.generate` (the opponent's synthetic responses)
+- generation: `Generator.generate`, whichever backend is configured (the opponent's synthetic responses)
 - opponent scoring: `SPINModule.score_opponent` (the cached opponent's log-probs)
 - training: first training batch start to last training batch end
 - saving: `SelfPlayCallback.finish_round` without the evaluation in it (the Hugging Face
@@ -121,7 +121,7 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     phases = Phases()
-    phases.wrap(generation.HFGenerator, "generate", "generation")
+    phases.wrap(generation.Generator, "generate", "generation")
     phases.wrap(module.SPINModule, "score_opponent", "opponent_scoring")
     phases.wrap(callbacks.SelfPlayCallback, "start_round", "round_start_other")
     phases.wrap(callbacks.SelfPlayCallback, "finish_round", "saving_hf")

@@ -1,8 +1,7 @@
 """Test-only parts that crash on cue, to exercise resume."""
 
 import lightning as L
-
-from spinlab.generation import HFGenerator
+from hydra.utils import get_class
 
 
 class Crash(RuntimeError):
@@ -18,18 +17,24 @@ class CrashAtBatch(L.Callback):
             raise Crash(f"injected crash at epoch {self.epoch} batch {self.batch}")
 
 
-class CrashingGenerator(HFGenerator):
-    """Writes `after` batches of round `round_index`, then dies."""
+class CrashingGenerator:
+    """A generation backend (`backend`, built from the other keywords) that writes `after` batches
+    of round `crash_round`, then dies."""
 
-    def __init__(self, crash_round: int, after: int, **kwargs):
-        super().__init__(**kwargs)
-        self.crash_round, self.after = crash_round, after
-
-    def generate(
-        self, model, tokenizer, prompt_ids, on_batch, done=frozenset(), round_index=0, desc="", shard=(0, 1)
+    def __init__(
+        self, crash_round: int, after: int, backend: str = "spinlab.generation.HFGenerator", **kwargs
     ):
+        self.crash_round, self.after = crash_round, after
+        self.inner = get_class(backend)(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, model, tokenizer, prompt_ids, on_batch, round_index=0, **kwargs):
         if round_index != self.crash_round:
-            return super().generate(model, tokenizer, prompt_ids, on_batch, done, round_index, desc, shard)
+            return self.inner.generate(
+                model, tokenizer, prompt_ids, on_batch, round_index=round_index, **kwargs
+            )
         written = []
 
         def counting(rows):
@@ -38,7 +43,7 @@ class CrashingGenerator(HFGenerator):
             if len(written) == self.after:
                 raise Crash(f"injected crash after {self.after} generation batches")
 
-        return super().generate(model, tokenizer, prompt_ids, counting, done, round_index, desc, shard)
+        return self.inner.generate(model, tokenizer, prompt_ids, counting, round_index=round_index, **kwargs)
 
 
 class PoisonRound(L.Callback):

@@ -1,7 +1,10 @@
+import pytest
 import torch
+from hydra.utils import instantiate
 
-from spinlab.generation import HFGenerator
+from spinlab.generation import ContinuousBatchingGenerator, Generator, HFGenerator, StaticCacheGenerator
 from spinlab.models import tiny_model
+from tests.conftest import CONF, compose_cfg
 
 PROMPTS = ["a", "bbbbbbbb", "cc", "dddd", "e", "ffffff", "g"]
 
@@ -65,8 +68,91 @@ def test_generation_stops_at_eos_and_restores_train_mode():
 def test_static_cache_generates_what_the_dynamic_cache_does():
     loaded = tiny_model(seed=0)
     dynamic = collect(HFGenerator(max_new_tokens=10, batch_size=3, do_sample=False), loaded)
-    static = collect(
-        HFGenerator(max_new_tokens=10, batch_size=3, do_sample=False, cache_implementation="static"), loaded
-    )
+    static = collect(StaticCacheGenerator(max_new_tokens=10, batch_size=3, do_sample=False), loaded)
     assert {i: r["synthetic"] for i, r in static.items()} == {i: r["synthetic"] for i, r in dynamic.items()}
     assert all(r["tokens"] > 0 for r in static.values())
+
+
+def test_greedy_is_a_copy_of_the_backend_that_decodes_greedily():
+    gen = ContinuousBatchingGenerator(max_new_tokens=64, batch_size=8, temperature=0.7, page_size=32)
+    greedy = gen.greedy(max_new_tokens=16, batch_size=4)
+    assert type(greedy) is ContinuousBatchingGenerator and greedy.engine == gen.engine
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.batch_size) == (False, 16, 4)
+    assert (gen.do_sample, gen.max_new_tokens, gen.batch_size) == (True, 64, 8)
+    assert gen.greedy().max_new_tokens == 64
+
+
+def test_synced_ranks_make_the_same_number_of_generate_calls(monkeypatch):
+    """A sharded model needs every rank in every forward pass: the plan is padded with re-runs."""
+    loaded = tiny_model(seed=0)
+    calls = []
+    original = loaded.model.generate
+
+    def recording(**kwargs):
+        calls.append(kwargs.pop("synced_gpus"))
+        return original(**kwargs)  # one process: nothing to synchronise with
+
+    monkeypatch.setattr(loaded.model, "generate", recording)
+    prompts = encoded(loaded.tokenizer)
+    gen = HFGenerator(max_new_tokens=4, batch_size=2, do_sample=False)
+    assert len(gen.batches(prompts)) == 4  # over 3 ranks: 2, 1 and 1 batches
+    per_rank = {}
+    for rank in range(3):
+        calls.clear()
+        out = []
+        gen.generate(loaded.model, loaded.tokenizer, prompts, out.extend, shard=(rank, 3), synced=True)
+        per_rank[rank] = (len(calls), sorted(r["index"] for r in out))
+        assert calls and all(calls)
+    plan = gen.batches(prompts)
+    assert per_rank == {0: (2, sorted(plan[0] + plan[3])), 1: (2, sorted(plan[1])), 2: (2, sorted(plan[2]))}
+    # A rank whose share is on disk already still joins every call, and reports nothing again.
+    calls.clear()
+    out = []
+    gen.generate(
+        loaded.model, loaded.tokenizer, prompts, out.extend, done=set(plan[1]), shard=(1, 3), synced=True
+    )
+    assert (len(calls), out) == (2, [])
+    # Unsynced, a rank makes only its own calls.
+    calls.clear()
+    gen.generate(loaded.model, loaded.tokenizer, prompts, out.extend, shard=(1, 3))
+    assert calls == [False]
+
+
+def test_continuous_refuses_a_sharded_model():
+    loaded = tiny_model(seed=0)
+    gen = ContinuousBatchingGenerator(max_new_tokens=4, batch_size=2)
+    with pytest.raises(ValueError, match="synced=True.*generation=hf"):
+        gen.generate(loaded.model, loaded.tokenizer, encoded(loaded.tokenizer), print, synced=True)
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ValueError, match="top_p"):
+        HFGenerator(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        HFGenerator(temperature=0.0)
+    with pytest.raises(ValueError, match=r"generation.engine.*page_sise"):
+        ContinuousBatchingGenerator(engine={"page_sise": 32})
+    with pytest.raises(ValueError, match="max_memory_percent"):
+        ContinuousBatchingGenerator(max_memory_percent=60)
+
+
+@pytest.mark.parametrize("backend", sorted(p.stem for p in (CONF / "generation").glob("*.yaml")))
+def test_every_generation_config_composes_and_generates(backend):
+    cfg = compose_cfg([f"generation={backend}", "seed=7", "generation.max_new_tokens=5"])
+    gen = instantiate(cfg.generation)
+    assert isinstance(gen, Generator) and gen.backend == backend
+    assert gen.seed == 7 and gen.do_sample and gen.temperature == 1.0 and gen.top_k == 0
+    loaded = tiny_model(seed=0)
+    out = []
+    stats = gen.generate(loaded.model, loaded.tokenizer, encoded(loaded.tokenizer), out.extend)
+    assert sorted(r["index"] for r in out) == list(range(len(PROMPTS)))
+    assert stats["backend"] == backend and stats["new_tokens"] > 0 and stats["tokens_per_s"] > 0
+
+
+def test_a_mistyped_generation_key_fails_at_instantiation():
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="page_sise"):
+        instantiate(compose_cfg(["generation=continuous", "+generation.page_sise=3"]).generation)
+    with pytest.raises(InstantiationException, match="page_sise"):
+        instantiate(compose_cfg(["generation=continuous", "+generation.engine.page_sise=3"]).generation)
