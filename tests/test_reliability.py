@@ -3,6 +3,8 @@ run directory, per-round overrides from the command line, leftovers of interrupt
 checkpoints and changed settings."""
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import logging
@@ -192,6 +194,43 @@ def test_a_second_start_is_refused_while_the_first_runs_and_a_dead_holder_is_tak
         rundir.release(rundir.RunDir(run_dir))
 
 
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_lock_held_after_its_pid_died_is_refused_with_a_hint(tmp_path):
+    run_dir = rundir.RunDir(tmp_path / "run")
+    run_dir.root.mkdir()
+    pid = dead_pid()
+    run_dir.lock.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "then"}))
+    with open(run_dir.lock) as orphan:  # a process the dead run started, still holding the lock
+        fcntl.flock(orphan, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match=rf"PID {pid} is gone, but a process it started still holds"):
+            rundir.claim(run_dir)
+
+
+def test_without_flock_a_live_pid_still_refuses_and_a_dead_one_is_taken_over(tmp_path, monkeypatch, caplog):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    run_dir = rundir.RunDir(tmp_path / "run")
+    run_dir.root.mkdir()
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "then"}
+    run_dir.lock.write_text(json.dumps(holder))
+    with pytest.raises(
+        RuntimeError, match=rf"in use by another run \(host .*, PID {os.getppid()}, started then"
+    ):
+        rundir.claim(run_dir)
+    run_dir.lock.write_text(json.dumps({**holder, "pid": dead_pid()}))
+    with caplog.at_level(logging.WARNING, logger="spinlab.rundir"):
+        rundir.claim(run_dir)
+    rundir.release(run_dir)
+    assert "cannot be locked here" in caplog.text and "taking over" in caplog.text
+
+
 @pytest.mark.parametrize(
     "env, launching",
     [
@@ -312,6 +351,10 @@ def test_checkpoint_problems_found_without_loading(tmp_path, finished):
     assert "BadZipFile" in rundir.checkpoint_problem(cut)
     sharded = tmp_path / "sharded.ckpt"
     dcp.save({"w": torch.arange(4000.0)}, checkpoint_id=str(sharded))
+    assert (
+        rundir.checkpoint_problem(sharded) == "its meta.pt (Lightning's loop and callback state) is missing"
+    )
+    (sharded / "meta.pt").write_bytes(checkpoint_bytes())
     assert rundir.checkpoint_problem(sharded) is None
     (shard,) = sharded.glob("*.distcp")
     shard.write_bytes(shard.read_bytes()[:100])

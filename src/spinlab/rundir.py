@@ -204,6 +204,14 @@ def _alive(pid) -> bool:
     return True
 
 
+def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RuntimeError:
+    return RuntimeError(
+        f"{run_dir.root} is in use by another run ({_describe(holder)}){hint}; two processes on one "
+        "run directory would overwrite each other's files. Wait for it to end or stop it, or choose "
+        "another run directory."
+    )
+
+
 def claim(run_dir: RunDir) -> None:
     """Make this process the run directory's only owner until it exits or `release`s it.
 
@@ -229,17 +237,15 @@ def claim(run_dir: RunDir) -> None:
         os.close(fd)
         holder = _holder(path)
         gone = holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
-        raise RuntimeError(
-            f"{run_dir.root} is in use by another run ({_describe(holder)}); two processes on one "
-            "run directory would overwrite each other's files. Wait for it to end or stop it, or "
-            "choose another run directory."
-            + (
-                f" (PID {holder.get('pid')} is gone, but a process it started still holds {path}: "
-                f"find it with `fuser {path}` and stop it.)"
-                if gone
-                else ""
-            )
-        ) from None
+        hint = f" (PID {holder.get('pid')} is gone, but a process it started still holds the lock: `fuser {path}`)"
+        raise _in_use(run_dir, holder, hint if gone else "") from None
+    except OSError as err:  # a file system without flock (some network mounts): only the PID is left
+        holder = _holder(path)
+        here = holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid()
+        if here and _alive(holder.get("pid")):
+            os.close(fd)
+            raise _in_use(run_dir, holder, "") from None
+        log.warning("%s cannot be locked here (%s); a start on another host would not be stopped", path, err)
     previous = _holder(path)
     if previous.get("pid") is not None:
         log.warning("taking over %s, left by a run that has ended (%s)", path, _describe(previous))
@@ -289,25 +295,32 @@ def remove_leftovers(run_dir: RunDir) -> list[Path]:
 def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with a checkpoint, found without loading it; None when it looks whole.
 
-    A file is a zip archive (torch.save) whose directory sits at its end, so a truncated file has
-    none, and whose pickle (the small part) is read to check its CRC. A directory (a sharded,
-    torch.distributed.checkpoint save) needs its `.metadata` and every file that names, large
-    enough for the byte ranges listed there.
+    A file is a zip archive (torch.save) whose index sits at its end, so a truncated file has
+    none; its pickle (the small part) is read to check its CRC. A directory (a sharded save:
+    torch.distributed.checkpoint shards plus Lightning's `meta.pt`) needs its `.metadata`, every
+    shard that names, as long as the byte ranges listed there, and a whole `meta.pt`.
     """
-    if path.is_dir():
-        from torch.distributed.checkpoint import FileSystemReader
+    if not path.is_dir():
+        return _archive_problem(path)
+    from torch.distributed.checkpoint import FileSystemReader
 
-        if not (path / ".metadata").is_file():
-            return "its .metadata file is missing"
-        try:
-            metadata = FileSystemReader(str(path)).read_metadata()
-        except Exception as err:  # any unreadable metadata means the same: not resumable
-            return f"its .metadata cannot be read ({type(err).__name__}: {err})"
-        for info in (metadata.storage_data or {}).values():
-            shard = path / info.relative_path
-            if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
-                return f"{shard.name} is missing or shorter than its metadata says"
-        return None
+    if not (path / ".metadata").is_file():
+        return "its .metadata file is missing"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # whatever makes it unreadable, the checkpoint cannot be resumed
+        return f"its .metadata cannot be read ({type(err).__name__}: {err})"
+    for info in (metadata.storage_data or {}).values():
+        shard = path / info.relative_path
+        if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
+            return f"{shard.name} is missing or shorter than its metadata says"
+    if not (path / "meta.pt").is_file():
+        return "its meta.pt (Lightning's loop and callback state) is missing"
+    problem = _archive_problem(path / "meta.pt")
+    return f"meta.pt: {problem}" if problem else None
+
+
+def _archive_problem(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
