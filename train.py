@@ -16,9 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from spinlab.callbacks import AtomicCheckpointIO
-from spinlab.config import redact  # importing it registers the schema train.yaml builds on
-from spinlab.rounds import check_round_overrides
-from spinlab.rundir import RunDir, check_writable
+from spinlab.config import check_settings, redact, round_overrides  # importing it registers the schema
+from spinlab.rundir import (
+    RunDir,
+    check_last_checkpoint,
+    check_writable,
+    claim,
+    is_launching_rank,
+    release,
+    remove_leftovers,
+)
 
 log = logging.getLogger("spinlab")
 
@@ -38,12 +45,15 @@ def check_config(cfg: DictConfig) -> None:
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be below "
             f"data.max_length ({cfg.data.max_length})"
         )
-    check_round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
+    cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
 
 
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
     run_dir = RunDir(cfg.run_dir)
+    if is_launching_rank():  # ranks 1.. of a multi-process run belong to rank 0's job
+        claim(run_dir)
+        remove_leftovers(run_dir)
     ckpt = run_dir.last_checkpoint if run_dir.last_checkpoint.exists() else None
     if ckpt is not None and cfg.resume == "never":
         raise FileExistsError(
@@ -51,10 +61,15 @@ def run(cfg: DictConfig) -> dict:
             "or set resume=auto to continue it"
         )
     done = finished_rounds(run_dir)
+    check_settings(
+        run_dir, redact(OmegaConf.to_container(cfg, resolve=True)), len(done), record=is_launching_rank()
+    )
     if len(done) >= cfg.rounds:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
         print_summary(done, run_dir)
         return done
+    if ckpt is not None:
+        check_last_checkpoint(run_dir, len(done))
     check_writable(run_dir.root, need_bytes=0)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -65,6 +80,7 @@ def run(cfg: DictConfig) -> dict:
     module = instantiate(cfg.module, policy=loaded.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    callbacks += [c for c in loggers if isinstance(c, L.Callback)]  # their state goes into checkpoints
     trainer = instantiate(
         cfg.trainer,
         max_epochs=cfg.rounds * cfg.epochs_per_round,
@@ -121,7 +137,10 @@ def print_summary(summaries: dict, run_dir: RunDir) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        release(RunDir(cfg.run_dir))  # in a multirun, the next jobs run in this process
 
 
 if __name__ == "__main__":

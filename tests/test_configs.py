@@ -8,9 +8,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from spinlab.callbacks import SelfPlayCallback, round_settings
+from spinlab.callbacks import SelfPlayCallback
 from spinlab.data import SelfPlayDataModule
 from spinlab.module import SPINModule
+from spinlab.rounds import round_settings
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")

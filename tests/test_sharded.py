@@ -23,7 +23,12 @@ from tests.test_faults import ROOT, env
 pytestmark = pytest.mark.slow
 
 NUM_PROMPTS = 16
-BASE = ["debug=fast", f"data.num_prompts={NUM_PROMPTS}", "generation.batch_size=4", "hydra.verbose=[spinlab.module]"]
+BASE = [
+    "debug=fast",
+    f"data.num_prompts={NUM_PROMPTS}",
+    "generation.batch_size=4",
+    "hydra.verbose=[spinlab.module]",
+]
 SHARDED = ["trainer=fsdp_cpu", "data.batch_size=2"]
 
 
@@ -112,7 +117,12 @@ def test_sharded_checkpoint_is_a_directory_behind_a_link(runs):
     tmp, _ = runs
     last = tmp / "sharded" / "checkpoints" / "last.ckpt"
     assert last.is_symlink() and last.resolve().name == "epoch0001.ckpt"
-    assert sorted(p.name for p in last.resolve().iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert sorted(p.name for p in last.resolve().iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "meta.pt",
+    ]
     assert [p.name for p in last.parent.iterdir() if p.name.startswith("epoch")] == ["epoch0001.ckpt"]
 
 

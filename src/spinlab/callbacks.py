@@ -21,7 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from spinlab.rounds import Round, check_round_overrides, round_settings, save_policy
+from spinlab.config import round_overrides as typed_round_overrides
+from spinlab.rounds import Round, round_settings, save_policy
 from spinlab.rundir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,13 @@ class SelfPlayCallback(L.Callback):
             raise ValueError(f"lam must be > 0, got {lam}")
         if mix_previous_rounds < 0:
             raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
-        check_round_overrides(round_overrides, rounds)
         self.run_dir = RunDir(run_dir)
         self.generator = generator
         self.pairs = pairs
         self.rounds = rounds
         self.epochs_per_round = epochs_per_round
         self.base = {"lam": lam, "lr": lr, "mix_previous_rounds": mix_previous_rounds}
-        self.round_overrides = dict(round_overrides or {})
+        self.round_overrides = typed_round_overrides(round_overrides or {}, rounds)
         self.num_samples = num_samples
         if isinstance(evaluator, Mapping):  # `~eval` leaves a plain node, not an evaluator
             if evaluator:

@@ -2,17 +2,22 @@
 wrongly typed value when the config is composed, wherever it comes from (command line,
 experiment preset, your own YAML). The groups (model, data, ...) are checked when they are
 instantiated: a mistyped argument there fails at start, naming the class and the key.
+`round_overrides` is checked and typed at start (`round_overrides`), and a restarted run's
+settings against those it was started with (`check_restart`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from spinlab.rundir import RunDir, write_bytes
 
 
 @dataclass
@@ -42,6 +47,109 @@ class TrainConfig:
     eval: Any = None
 
 
+log = logging.getLogger(__name__)
+
+# The settings a round may override, and their types.
+ROUND_SETTINGS = {"lr": float, "lam": float, "mix_previous_rounds": int}
+
+
+def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
+    """`round_overrides` with int round keys and typed values, or a ValueError naming the entry.
+
+    From the command line a round arrives as a string key (`round_overrides.2.lr=1e-7` gives
+    "2"), from YAML as an int; both mean the same round, and the later one (the command line)
+    wins where they set the same setting.
+    """
+    typed: dict[int, dict] = {}
+    for key, settings in sorted((overrides or {}).items(), key=lambda kv: isinstance(kv[0], str)):
+        where = f"round_overrides.{key}"
+        if not str(key).isdigit() or not 0 <= int(key) < rounds:
+            raise ValueError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{where} must map settings to values, e.g. {where}.lr=1e-7; got {settings!r}")
+        for name, value in settings.items():
+            kind = ROUND_SETTINGS.get(name)
+            if kind is None:
+                raise ValueError(f"{where}.{name}: unknown setting; allowed: {tuple(ROUND_SETTINGS)}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (kind is int and value != int(value)):
+                raise ValueError(
+                    f"{where}.{name} must be {'an int' if kind is int else 'a number'}, got {value!r}"
+                )
+            if value < 0 or (name == "lam" and value == 0):
+                raise ValueError(f"{where}.{name} must be {'> 0' if name == 'lam' else '>= 0'}, got {value}")
+            typed.setdefault(int(key), {})[name] = kind(value)
+    return dict(sorted(typed.items()))
+
+
+# Settings a restart may change (dotted prefixes): where the run goes and what it reports. The
+# callbacks take the settings they act on from top-level keys by interpolation (`${lam}`), and
+# those are compared where they are set (and wherever else they are interpolated).
+RESTART_FREE = ("resume", "logger", "callbacks", "run_name", "run_dir", "name")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def check_restart(before: dict, now: dict, finished: int, started: int) -> list[str]:
+    """Refuse settings of a restarted run that it cannot honour; warnings for those it can.
+
+    `before`: the resolved config the run directory was last started with; `finished`: its
+    finished rounds; `started`: the rounds that have begun (finished, plus one in progress). Free
+    to change: RESTART_FREE, `rounds` (not below `finished`), the round_overrides of rounds not
+    yet started, and `trainer.devices` (with a warning).
+    """
+    if now["rounds"] < finished:
+        raise ValueError(f"rounds={now['rounds']}, but this run has already finished {finished} rounds")
+    old, new = _flat(before), _flat(now)
+    warnings, refused = [], []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        parts = key.split(".")
+        if a == b or key == "rounds" or any(key == p or key.startswith(p + ".") for p in RESTART_FREE):
+            continue
+        if parts[0] == "round_overrides" and (
+            len(parts) == 1 or (parts[1].isdigit() and int(parts[1]) >= started)
+        ):
+            continue  # `round_overrides` alone is an empty {} on one side; its entries are compared
+        if key in ("trainer.devices", "trainer.num_nodes"):
+            warnings.append(
+                f"{key} changed from {a} to {b} since the run was started: the global batch changes with the "
+                "number of processes, and a round planned before this restart keeps a schedule made for the "
+                "old count. Allowed, but not verified to match an unchanged run"
+            )
+            continue
+        refused.append(f"{key}: {a!r} when the run was started, {b!r} now")
+    if refused:
+        raise ValueError(
+            "this run directory holds a run started with other settings, which a restart cannot honour:\n  "
+            + "\n  ".join(refused)
+            + "\nRun with the settings it was started with, or start a new run (another run directory). "
+            "A restart may change: rounds (not below the rounds finished), the round_overrides of rounds "
+            f"not yet started (from round {started} on), trainer.devices, and {', '.join(RESTART_FREE)}."
+        )
+    for w in warnings:
+        log.warning(w)
+    return warnings
+
+
+def check_settings(run_dir: RunDir, now: dict, finished: int, record: bool) -> None:
+    """Hold a restart to the settings its run directory was started with (`check_restart`), then
+    (`record`: on rank 0) store `now` as the run's settings in `run_config.yaml`.
+
+    A directory where nothing was made yet (no checkpoint, round or summary) may start afresh.
+    """
+    began = any(p.exists() for p in (run_dir.last_checkpoint, run_dir.summary, run_dir.root / "rounds"))
+    if began and run_dir.run_config.exists():
+        before = OmegaConf.to_container(OmegaConf.load(run_dir.run_config))
+        check_restart(before, now, finished, finished + (finished < before["rounds"]))
+    if record:
+        write_bytes(run_dir.run_config, OmegaConf.to_yaml(now).encode())
+
+
 SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
 
 
@@ -66,7 +174,11 @@ def dirname(overrides: str, limit: int = 140) -> str:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    schema = OmegaConf.structured(TrainConfig)
+    # Not struct, so `round_overrides.2.lr=1e-7` adds a round from the command line without `+`;
+    # the entries are checked and typed at start (`round_overrides`).
+    OmegaConf.set_struct(schema.round_overrides, False)
+    ConfigStore.instance().store(name="train_schema", node=schema)
     if not OmegaConf.has_resolver("spinlab.dirname"):
         OmegaConf.register_new_resolver("spinlab.dirname", dirname)
 

@@ -31,8 +31,6 @@ from spinlab.rundir import RunDir, append_jsonl, read_jsonl, replace_dir, write_
 
 log = logging.getLogger(__name__)
 
-ROUND_KEYS = ("lam", "lr", "mix_previous_rounds")
-
 
 @dataclass
 class Round:
@@ -50,26 +48,14 @@ class Round:
         return asdict(self)
 
 
-def round_settings(index: int, base: dict, overrides: dict | None) -> dict:
-    """Settings of round `index`: an override applies from its round onwards (sticky)."""
+def round_settings(index: int, base: dict, overrides: dict[int, dict]) -> dict:
+    """Settings of round `index`: an override (spinlab.config.round_overrides) applies from its
+    round onwards (sticky)."""
     settings = dict(base)
-    overrides = overrides or {}
-    for start in sorted(int(k) for k in overrides):
+    for start in sorted(overrides):
         if start <= index:
-            values = overrides.get(start, overrides.get(str(start))) or {}
-            settings.update({k: v for k, v in values.items() if v is not None})
+            settings.update(overrides[start])
     return settings
-
-
-def check_round_overrides(overrides: dict | None, rounds: int) -> None:
-    for key, values in (overrides or {}).items():
-        if not str(key).isdigit() or not 0 <= int(key) < rounds:
-            raise ValueError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
-        for name, value in (values or {}).items():
-            if name not in ROUND_KEYS:
-                raise ValueError(f"round_overrides.{key}.{name}: unknown setting; allowed: {ROUND_KEYS}")
-            if name == "lam" and value is not None and value <= 0:
-                raise ValueError(f"round_overrides.{key}.lam must be > 0, got {value}")
 
 
 # -- every process together ------------------------------------------------------------------

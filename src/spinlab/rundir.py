@@ -8,12 +8,19 @@ one fsynced line at a time, and a torn last line is dropped when they are read b
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -50,6 +57,18 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / "run_config.yaml"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.root / "wandb_id"
 
 
 def check_writable(root: Path, need_bytes: int) -> None:
@@ -148,3 +167,192 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+# -- one job per run directory ----------------------------------------------------------------
+
+_held: dict[Path, int] = {}  # run directory -> file descriptor holding its lock, in this process
+
+
+def is_launching_rank() -> bool:
+    """Whether this process is global rank 0 of its job, judged from the environment before any
+    process group exists: Lightning's launcher starts ranks 1.. with LOCAL_RANK (and NODE_RANK
+    on other nodes), torchrun sets RANK, Slurm SLURM_PROCID. Only rank 0 has every one at 0."""
+    return all(
+        int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    )
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(h: dict) -> str:
+    return f"host {h.get('host', '?')}, PID {h.get('pid', '?')}, started {h.get('started', '?')}"
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RuntimeError:
+    return RuntimeError(
+        f"{run_dir.root} is in use by another run ({_describe(holder)}){hint}; two processes on one "
+        "run directory would overwrite each other's files. Wait for it to end or stop it, or choose "
+        "another run directory."
+    )
+
+
+def claim(run_dir: RunDir) -> None:
+    """Make this process the run directory's only owner until it exits or `release`s it.
+
+    An flock on `run.lock`, which the kernel drops when the holder dies, so the lock of a killed
+    run is free and taken over. The file names its holder (host, PID, start time) for the message
+    a second start gets. Claiming a directory this process already holds is a no-op.
+    """
+    root = run_dir.root.resolve()
+    if root in _held:
+        return
+    path = run_dir.lock
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"cannot write the run directory {run_dir.root}: {err.strerror}. Choose another run_dir.",
+        ) from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = _holder(path)
+        gone = holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+        hint = f" (PID {holder.get('pid')} is gone, but a process it started still holds the lock: `fuser {path}`)"
+        raise _in_use(run_dir, holder, hint if gone else "") from None
+    except OSError as err:  # a file system without flock (some network mounts): only the PID is left
+        holder = _holder(path)
+        here = holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid()
+        if here and _alive(holder.get("pid")):
+            os.close(fd)
+            raise _in_use(run_dir, holder, "") from None
+        log.warning("%s cannot be locked here (%s); a start on another host would not be stopped", path, err)
+    previous = _holder(path)
+    if previous.get("pid") is not None:
+        log.warning("taking over %s, left by a run that has ended (%s)", path, _describe(previous))
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    _held[root] = fd
+
+
+def release(run_dir: RunDir) -> None:
+    """Give the run directory up before this process ends (a sweep's next job runs in it)."""
+    fd = _held.pop(run_dir.root.resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+# -- what an interrupted start leaves behind ----------------------------------------------------
+
+
+def remove_leftovers(run_dir: RunDir) -> list[Path]:
+    """Delete what interrupted writes left: `_atomic`'s `.<name>.*.tmp` files and `replace_dir`'s
+    `*.tmp`/`*.old` directories. Call it only while owning the run directory (`claim`)."""
+    removed = []
+    for parent, dirs, files in os.walk(run_dir.root):
+        here = Path(parent)
+        if here == run_dir.root:
+            dirs[:] = [d for d in dirs if d != "wandb"]  # W&B's own files are W&B's business
+        for d in [d for d in dirs if d.endswith((".tmp", ".old"))]:
+            shutil.rmtree(here / d)
+            dirs.remove(d)
+            removed.append(here / d)
+        for f in files:
+            if f.startswith(".") and f.endswith(".tmp"):
+                (here / f).unlink()
+                removed.append(here / f)
+    for path in removed:
+        log.warning("removed %s, left by an interrupted write", path)
+    return removed
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint, found without loading it; None when it looks whole.
+
+    A file is a zip archive (torch.save) whose index sits at its end, so a truncated file has
+    none; its pickle (the small part) is read to check its CRC. A directory (a sharded save:
+    torch.distributed.checkpoint shards plus Lightning's `meta.pt`) needs its `.metadata`, every
+    shard that names, as long as the byte ranges listed there, and a whole `meta.pt`.
+    """
+    if not path.is_dir():
+        return _archive_problem(path)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / ".metadata").is_file():
+        return "its .metadata file is missing"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # whatever makes it unreadable, the checkpoint cannot be resumed
+        return f"its .metadata cannot be read ({type(err).__name__}: {err})"
+    for info in (metadata.storage_data or {}).values():
+        shard = path / info.relative_path
+        if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
+            return f"{shard.name} is missing or shorter than its metadata says"
+    if not (path / "meta.pt").is_file():
+        return "its meta.pt (Lightning's loop and callback state) is missing"
+    problem = _archive_problem(path / "meta.pt")
+    return f"meta.pt: {problem}" if problem else None
+
+
+def _archive_problem(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if not pickles:
+                return "it is a zip archive but not a PyTorch checkpoint"
+            archive.read(pickles[0])
+            size = path.stat().st_size
+            if any(i.header_offset + i.compress_size > size for i in archive.infolist()):
+                return "it is shorter than its own index says"
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
+        return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return None
+
+
+def check_last_checkpoint(run_dir: RunDir, finished_rounds: int) -> None:
+    """Refuse to resume from a damaged `last.ckpt`, saying what is intact and how to go on."""
+    path = run_dir.last_checkpoint
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return
+    redo = (
+        f"move it away (`mv {path} {path}.damaged`) and run the same command again: training starts "
+        "over from round 0 and reuses the synthetic data and opponent log-probs already on disk"
+    )
+    if finished_rounds:
+        last = run_dir.hf(finished_rounds - 1)
+        advice = (
+            f"Rounds 0..{finished_rounds - 1} are finished and intact: the policy after round "
+            f"{finished_rounds - 1} is in {last} and each round's synthetic data in {run_dir.root / 'rounds'}. "
+            f"Either continue from that policy as a new run (model=hf model.name_or_path={last}, "
+            f"the remaining rounds, another run directory), or {redo}."
+        )
+    else:
+        advice = f"No round is finished yet; {redo}."
+    raise RuntimeError(f"cannot resume: the checkpoint {path} is damaged ({problem}). {advice}")
