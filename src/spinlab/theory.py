@@ -196,7 +196,9 @@ def objective_loss(
     else:
         losses = torch.func.vmap(lambda p, lam_i: objective(p, None, lam_i)["loss"])(policy, lam)
     if losses.shape != (prompts * len(grid),):
-        raise ValueError(f"{type(objective).__name__}: its loss must be a scalar per call, got {tuple(losses.shape[1:])}")
+        raise ValueError(
+            f"{type(objective).__name__}: its loss must be a scalar per call, got {tuple(losses.shape[1:])}"
+        )
     return (weight.reshape(-1) * losses).sum()
 
 
