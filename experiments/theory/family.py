@@ -11,7 +11,7 @@ prints the table alone.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -46,7 +46,6 @@ class Run:
     gradient: float  # largest |∂L/∂θ| at the end of any round
     grad_at_data: float  # largest |∂L/∂θ| at θ = log p_data with p_t = p_0 = p_data
     from_data: float | None  # converged rounds: TV(p_1, p_data) after one round from p_t = p_0 = p_data
-    ps: list[torch.Tensor] = field(repr=False, default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -87,7 +86,6 @@ def _run(objective: Objective, p0, p_data, lam: float, regime: dict) -> dict:
         p1 = th.objective_round(objective.at_round(1), at_data, p_data, lam, **regime)
         from_data = th.tv_distance(p1, p_data)
     return {
-        "ps": ps,
         "tv": [th.tv_distance(p, p_data) for p in ps],
         "gradient": gradient,
         "grad_at_data": th.objective_gradient(p_data, objective.at_round(1), at_data, p_data, lam),
