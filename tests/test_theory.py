@@ -7,6 +7,7 @@ import torch
 
 from spinlab import losses
 from spinlab import theory as th
+from spinlab.objectives import SFT, SPIN, TSPIN
 
 LOSSES = {
     "logistic": losses.logistic,
@@ -136,3 +137,68 @@ def test_correlation_loss_is_unbounded_and_piles_mass_on_the_most_underweighted_
     # so its argmax takes the mass (observed, least over prompts: 0.06 → 0.27 → 0.87).
     assert loss[0] > loss[1] + 1 > loss[2] + 2
     assert mass[0] < mass[1] < mass[2] and mass[2] > 0.8
+
+
+# The self-play family: each objective from spinlab.objectives on the tabular model's exact log-probs.
+# Rounds "trained to convergence" here: L-BFGS until the largest gradient entry is ~1e-10.
+LBFGS = {"steps": 500, "lr": 1.0, "optimizer": "lbfgs"}
+
+
+def test_spin_objective_gives_the_population_loss(dists):
+    # The generic path (every (real, synthetic) combination through SPIN.__call__) is L(θ) above.
+    p_t, p_data = dists
+    theta = p_t.log() + 0.3 * torch.randn(
+        p_t.shape, dtype=p_t.dtype, generator=torch.Generator().manual_seed(2)
+    )
+    lam = torch.tensor([0.1, 0.5, 1.0, 2.0], dtype=torch.float64)[:, None]
+    sources = th.sources_for_round(p_data, p_t, p_t)
+    for name, fn in LOSSES.items():
+        generic = th.objective_loss(theta, SPIN(fn), sources, p_t, lam)
+        assert generic.item() == pytest.approx(
+            th.population_loss(theta, p_t, p_data, lam, fn).item(), abs=1e-12
+        ), name
+
+
+@pytest.mark.parametrize(("lam", "rounds"), [(1.0, 1), (2.0, 10)])
+def test_spin_objective_reaches_p_data_where_lambda_allows(dists, lam, rounds):
+    # Theorems 5.2 and 5.4 (SPIN is consistent): converged logistic rounds contract log p_t − log p_data
+    # by 1 − 1/λ, so λ = 1 lands on p_data in one round and λ = 2 halves the gap every round.
+    p0, p_data = dists
+    ps = th.objective_rounds(p0, p_data, SPIN(losses.logistic), lam, rounds, **LBFGS)
+    assert th.tv_distance(ps[-1], p_data) < 1e-3
+    assert th.tv_distance(ps[-1], p_data) < 1e-2 * th.tv_distance(p0, p_data)
+
+
+def test_sft_objective_reaches_p_data_in_one_round(dists):
+    p0, p_data = dists
+    ps = th.objective_rounds(p0, p_data, SFT(), 0.1, 1, **LBFGS)
+    assert th.tv_distance(ps[-1], p_data) < 1e-6
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_tspin_round_at_beta_zero_matches_its_closed_form(dists, alpha):
+    # No reference: the converged round is p_t+1 ∝ (p_data/p_t)^(1/α) (theory.tspin_closed_form_update).
+    p_t, p_data = dists
+    sources = th.sources_for_round(p_data, p_t, p_t)
+    trained = th.objective_round(TSPIN(losses.logistic, alpha=alpha, beta=0.0), sources, p_t, 0.0, **LBFGS)
+    assert (trained - th.tspin_closed_form_update(p_t, p_data, alpha)).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_p_data_is_not_a_fixed_point_of_tspin(dists, beta):
+    # The paper (2601.08198) proves no consistency. With y, y' and y0 all drawn from p_data both of
+    # T-SPIN's terms are symmetric in the two responses, so a converged round goes to the uniform policy.
+    _, p_data = dists
+    sources = th.sources_for_round(p_data, p_data, p_data)
+    p1 = th.objective_round(TSPIN(losses.logistic, alpha=1.0, beta=beta), sources, p_data, 0.0, **LBFGS)
+    assert (p1 - 1 / p_data.shape[-1]).abs().max().item() < 1e-8
+    assert th.tv_distance(p1, p_data) > 0.1
+
+
+def test_tspin_at_beta_zero_settles_at_p_data_to_the_one_over_one_plus_alpha(dists):
+    # log p_t+1 − log p* = −(1/α)(log p_t − log p*) with p* ∝ p_data^(1/(1+α)): α = 2 halves the gap.
+    p0, p_data = dists
+    ps = th.objective_rounds(p0, p_data, TSPIN(losses.logistic, alpha=2.0, beta=0.0), 0.0, 15, **LBFGS)
+    p_star = torch.softmax(p_data.log() / 3, dim=-1)
+    assert th.tv_distance(ps[-1], p_star) < 1e-4
+    assert th.tv_distance(ps[-1], p_data) > 0.1

@@ -1,8 +1,9 @@
-"""SPIN's theory on a tabular model: TV to p_data per round, four losses, four λ, three regimes.
+"""SPIN's theory on a tabular model: TV to p_data per round, four losses, four λ, three regimes;
+then the self-play family (SPIN, T-SPIN, continued SFT) from the same start (family.py).
 
     python experiments/theory/run.py --out experiments/theory
 
-Writes results.md, tv_per_round.png and logistic_vs_closed_form.png (see README.md here).
+Writes results.md, tv_per_round.png, logistic_vs_closed_form.png and family_tv.png (see README.md here).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from family import family_section
 
 from spinlab import losses
 from spinlab import theory as th
@@ -101,12 +103,13 @@ def main() -> None:
         ]
         for lam_i, pl in zip(LAMS, runs[("converged", "logistic")], strict=True)
     ]
+    family = family_section(p0, p_data, out)
     seconds = time.time() - start
 
     plot_tv(out / "tv_per_round.png", tv, tv_closed)
     plot_closed_form(out / "logistic_vs_closed_form.png", runs, closed, p_data, err_logistic, err_exponential)
-    write_results(out / "results.md", tv, tv_closed, err_logistic, err_exponential, moves, seconds)
-    print(f"wrote {out}/results.md and 2 plots in {seconds:.0f} s")
+    write_results(out / "results.md", tv, tv_closed, err_logistic, err_exponential, moves, family, seconds)
+    print(f"wrote {out}/results.md and 3 plots in {seconds:.0f} s")
 
 
 def plot_tv(path: Path, tv, tv_closed) -> None:
@@ -185,7 +188,9 @@ def plot_closed_form(path: Path, runs, closed, p_data, err_logistic, err_exponen
     plt.close(fig)
 
 
-def write_results(path: Path, tv, tv_closed, err_logistic, err_exponential, moves, seconds: float) -> None:
+def write_results(
+    path: Path, tv, tv_closed, err_logistic, err_exponential, moves, family, seconds: float
+) -> None:
     lines = [
         "# SPIN theory on a tabular model: results",
         "",
@@ -237,6 +242,8 @@ def write_results(path: Path, tv, tv_closed, err_logistic, err_exponential, move
         row(["", *[f"t={t}" for t in range(ROUNDS)]]),
         row(["---"] * (ROUNDS + 1)),
         *[row([f"logistic, λ={lam}", *[f"{m:.3g}" for m in moves[i]]]) for i, lam in enumerate(LAMS)],
+        "",
+        *family,
     ]
     path.write_text("\n".join(lines) + "\n")
 

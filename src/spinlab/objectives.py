@@ -8,6 +8,7 @@ one, under the opponent. It returns the scalar loss and a per-example tensor for
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,11 @@ class Objective:
 
     def __call__(self, policy: Logps, opponent: Logps | None, lam: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def at_round(self, index: int) -> Objective:
+        """The objective that round `index` (0, 1, ...) trains with; a method whose constants
+        follow a per-round schedule returns a copy with that round's values."""
+        return self
 
 
 class SPIN(Objective):
@@ -71,3 +77,79 @@ class SFT(Objective):
 
     def __call__(self, policy: Logps, opponent: Logps | None, lam: float) -> dict[str, torch.Tensor]:
         return {"loss": -policy["real"].sum() / policy["tokens"].clamp(min=1), "logp_real": policy["real"]}
+
+
+class TSPIN(Objective):
+    """T-SPIN (arXiv 2601.08198, Eq. 7, in the form of the paper's Appendix D pseudocode):
+
+        ℓ(α[log pθ(y|x) − log pθ(y'|x)]) + β·ℓ(α[log pθ(y'|x) − log pθ(y0|x)])
+
+    y real, y' synthetic (sampled from the opponent θ_t), y0 proto-synthetic (sampled once from
+    the initial policy θ_0 and kept for every round). The first term is the current advantage,
+    the second the historical one. The reward is α·log pθ (Eq. 6, from the entropy-constrained
+    opponent of Eq. 5 and Proposition 1): no reference model, so the opponent's log-probs and
+    `lam` are not used; α plays λ's part.
+
+    Paper defaults (Sec. 4.3): α = 1.0, β = 0.1, and β = 0 in round 0, where θ_t = θ_0 and the
+    historical advantage carries no information (`beta_first_round`). ℓ is the logistic loss
+    in the paper's experiments (Sec. 4.1); Eq. 4 admits any monotonically decreasing ℓ.
+    """
+
+    kinds = ("real", "synthetic", "proto")
+    needs_opponent = False
+    metric_names = (
+        "loss",
+        "margin",
+        "margin_history",
+        "accuracy",
+        "reward_real",
+        "reward_synthetic",
+        "reward_proto",
+        "logp_real",
+        "logp_synthetic",
+        "logp_proto",
+    )
+
+    def __init__(
+        self,
+        loss: Callable[[torch.Tensor], torch.Tensor],
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        beta_first_round: float = 0.0,
+    ):
+        if alpha <= 0:
+            raise ValueError(f"T-SPIN: alpha (the reward scale) must be > 0, got {alpha}")
+        if beta < 0 or beta_first_round < 0:
+            raise ValueError(
+                f"T-SPIN: beta and beta_first_round must be >= 0, got {beta}, {beta_first_round}"
+            )
+        self.loss = loss
+        self.alpha = alpha
+        self.beta = beta
+        self.beta_first_round = beta_first_round
+        self.beta_now = beta  # the weight __call__ uses; at_round sets it from the schedule
+
+    def at_round(self, index: int) -> TSPIN:
+        this_round = copy.copy(self)
+        this_round.beta_now = self.beta_first_round if index == 0 else self.beta
+        return this_round
+
+    def __call__(self, policy: Logps, opponent: Logps | None, lam: float) -> dict[str, torch.Tensor]:
+        reward_real = self.alpha * policy["real"]
+        reward_synthetic = self.alpha * policy["synthetic"]
+        reward_proto = self.alpha * policy["proto"]
+        margin = reward_real - reward_synthetic
+        margin_history = reward_synthetic - reward_proto
+        losses = self.loss(margin) + self.beta_now * self.loss(margin_history)
+        return {
+            "loss": losses.mean(),
+            "margin": margin,
+            "margin_history": margin_history,
+            "accuracy": (margin > 0).float(),
+            "reward_real": reward_real,
+            "reward_synthetic": reward_synthetic,
+            "reward_proto": reward_proto,
+            "logp_real": policy["real"],
+            "logp_synthetic": policy["synthetic"],
+            "logp_proto": policy["proto"],
+        }

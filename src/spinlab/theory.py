@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 
+from spinlab.objectives import Objective
+
 Loss = Callable[[torch.Tensor], torch.Tensor]
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -88,16 +90,48 @@ def spin_round(
     p_t+1 = softmax(θ). Observed: Adam, lr 0.5, 400 steps puts a logistic round within 2e-9 (in
     probability) of `closed_form_update` for λ in {0.1, 0.5, 1, 2} (tests/test_theory.py).
     """
-    # Normalised exactly as the opponent in `population_loss`, so every margin is 0 at step 0.
-    theta = torch.log_softmax(_log(p_t), dim=-1).clone().requires_grad_(True)
+    theta = _minimise(
+        p_t, lambda theta: population_loss(theta, p_t, p_data, lam, loss_fn), steps, lr, optimizer
+    )
+    return torch.softmax(theta, dim=-1)
+
+
+def _minimise(
+    p_start: torch.Tensor, loss_of: Callable, steps: int, lr: float, optimizer: str
+) -> torch.Tensor:
+    """θ after `steps` full-batch steps on loss_of(θ) from θ = log p_start (rows normalised, so
+    every margin against an opponent p_start is 0 at step 0). Adam and SGD decay lr linearly to 0;
+    "lbfgs" runs up to `steps` L-BFGS iterations with a strong-Wolfe line search (lr is its
+    first step) and stops once the largest gradient entry is below 1e-10, or earlier where float64
+    can no longer tell the line search's losses apart (observed: gradients of 1e-9 to 1e-10)."""
+    theta = torch.log_softmax(_log(p_start), dim=-1).clone().requires_grad_(True)
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(
+            [theta],
+            lr=lr,
+            max_iter=steps,
+            tolerance_grad=1e-10,
+            tolerance_change=0.0,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(theta)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return theta.detach()
     opt = OPTIMIZERS[optimizer]([theta], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
     for _ in range(steps):
         opt.zero_grad()
-        population_loss(theta, p_t, p_data, lam, loss_fn).backward()
+        loss_of(theta).backward()
         opt.step()
         schedule.step()
-    return torch.softmax(theta.detach(), dim=-1)
+    return theta.detach()
 
 
 def run_rounds(
@@ -115,3 +149,110 @@ def run_rounds(
     for _ in range(rounds):
         ps.append(spin_round(ps[-1], p_data, lam, loss_fn, steps, lr, optimizer))
     return ps
+
+
+# The family of objectives (spinlab.objectives) on the same tabular model.
+#
+# A round provides, per prompt, one response of each kind the objective names. Each kind is drawn
+# from its own distribution: "real" from p_data, "synthetic" from the opponent p_t, "proto" from the
+# initial policy p_0 (T-SPIN). The population loss is the objective's per-example loss averaged
+# exactly over every combination of responses, weighted by the product of their probabilities.
+
+
+def sources_for_round(p_data: torch.Tensor, p_t: torch.Tensor, p0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Which distribution each kind of response is drawn from in a round with opponent p_t."""
+    return {"real": p_data, "synthetic": p_t, "proto": p0}
+
+
+def objective_loss(
+    theta: torch.Tensor,
+    objective: Objective,
+    sources: dict[str, torch.Tensor],
+    p_opponent: torch.Tensor,
+    lam: float | torch.Tensor,
+) -> torch.Tensor:
+    """Σ_x Σ_(y_1..y_n) Π_j sources[kind_j](y_j|x) · loss_objective(y_1..y_n): summed over prompts (as in
+    `population_loss`), exact over the K^n combinations of one response per kind.
+
+    The objective is called on one combination at a time (torch.func.vmap over all of them), so its
+    own `loss` (a batch mean) is that combination's loss. Each response counts as one token
+    (the SFT objective's normaliser). `lam` is a number or one value per prompt ([P] or [P, 1]).
+    """
+    prompts, responses = theta.shape
+    kinds = objective.kinds
+    grid = torch.cartesian_prod(*[torch.arange(responses)] * len(kinds)).reshape(-1, len(kinds))
+    log_policy = torch.log_softmax(theta, dim=-1)
+    log_opponent = torch.log_softmax(_log(p_opponent), dim=-1)
+    weight = torch.ones(prompts, len(grid), dtype=theta.dtype)
+    policy, opponent = {}, {}
+    for j, kind in enumerate(kinds):
+        weight = weight * sources[kind][:, grid[:, j]]
+        policy[kind] = log_policy[:, grid[:, j]].reshape(-1, 1)
+        opponent[kind] = log_opponent[:, grid[:, j]].reshape(-1, 1)
+    policy["tokens"] = torch.ones(prompts * len(grid), dtype=theta.dtype)  # 0-d per example, as a batch total
+    lam = torch.as_tensor(lam, dtype=theta.dtype).reshape(-1, 1).expand(prompts, len(grid)).reshape(-1)
+    if objective.needs_opponent:
+        losses = torch.func.vmap(lambda p, o, lam_i: objective(p, o, lam_i)["loss"])(policy, opponent, lam)
+    else:
+        losses = torch.func.vmap(lambda p, lam_i: objective(p, None, lam_i)["loss"])(policy, lam)
+    if losses.shape != (prompts * len(grid),):
+        raise ValueError(
+            f"{type(objective).__name__}: its loss must be a scalar per call, got {tuple(losses.shape[1:])}"
+        )
+    return (weight.reshape(-1) * losses).sum()
+
+
+def objective_round(
+    objective: Objective,
+    sources: dict[str, torch.Tensor],
+    p_t: torch.Tensor,
+    lam: float | torch.Tensor,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+) -> torch.Tensor:
+    """One round of `objective` against the frozen opponent p_t, the policy starting at θ_t = log p_t."""
+    theta = _minimise(
+        p_t, lambda theta: objective_loss(theta, objective, sources, p_t, lam), steps, lr, optimizer
+    )
+    return torch.softmax(theta, dim=-1)
+
+
+def objective_rounds(
+    p0: torch.Tensor,
+    p_data: torch.Tensor,
+    objective: Objective,
+    lam: float | torch.Tensor,
+    rounds: int,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+) -> list[torch.Tensor]:
+    """[p_0, p_1, ..., p_rounds] for `objective` (round t uses objective.at_round(t)); the
+    proto-synthetic responses of every round come from p_0."""
+    ps = [p0]
+    for t in range(rounds):
+        sources = sources_for_round(p_data, ps[-1], p0)
+        ps.append(objective_round(objective.at_round(t), sources, ps[-1], lam, steps, lr, optimizer))
+    return ps
+
+
+def objective_gradient(
+    p: torch.Tensor, objective: Objective, sources: dict[str, torch.Tensor], p_t: torch.Tensor, lam
+) -> float:
+    """Largest entry of the population loss's gradient at θ = log p: ~0 where a round has converged."""
+    theta = torch.log_softmax(_log(p), dim=-1).clone().requires_grad_(True)
+    objective_loss(theta, objective, sources, p_t, lam).backward()
+    return theta.grad.abs().max().item()
+
+
+def tspin_closed_form_update(p_t: torch.Tensor, p_data: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A T-SPIN round at β = 0 with logistic ℓ, minimised exactly: p_t+1 ∝ (p_data/p_t)^(1/α).
+
+    For the pair (a, b) the weights of "a real, b synthetic" and the reverse are p_data(a)p_t(b)
+    and p_data(b)p_t(a); the logistic optimum of α(θ_a − θ_b) is the log of their ratio, which
+    θ = (1/α)·log(p_data/p_t) + c meets for every pair at once. No reference: p_t enters only
+    as the opponent's samples, so log p_t+1 − log p* = −(1/α)(log p_t − log p*) + c(x) with the
+    fixed point p* ∝ p_data^(1/(1+α)), which is p_data for no α > 0.
+    """
+    return torch.softmax((_log(p_data) - _log(p_t)) / alpha, dim=-1)
