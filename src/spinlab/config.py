@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,7 @@ def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
         where = f"round_overrides.{key}"
         if not str(key).isdigit() or not 0 <= int(key) < rounds:
             raise ValueError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
-        if not isinstance(settings, dict):
+        if not isinstance(settings, Mapping):
             raise ValueError(f"{where} must map settings to values, e.g. {where}.lr=1e-7; got {settings!r}")
         for name, value in settings.items():
             kind = ROUND_SETTINGS.get(name)

@@ -187,15 +187,15 @@ def generate_rows(
     missing = set(range(len(prompt_ids))) - gathered.keys()
     if missing:
         raise RuntimeError(f"{desc}: generation left {len(missing)} prompts without a response")
+    # Counts add up over the processes; the phase lasts as long as its slowest process.
     totals = all_gather_objects(stats, world)
-    seconds = max(s["seconds"] for s in totals)
-    new_tokens = sum(s["new_tokens"] for s in totals)
-    gathered_stats = {
-        "new_tokens": new_tokens,
-        "seconds": seconds,
-        "tokens_per_s": new_tokens / max(seconds, 1e-9),
-    }
-    return {"rows": gathered, "stats": gathered_stats}
+    merged = dict(totals[0])
+    for key in ("new_tokens", "responses", "truncated"):
+        if key in merged:
+            merged[key] = sum(s[key] for s in totals)
+    merged["seconds"] = max(s["seconds"] for s in totals)
+    merged["tokens_per_s"] = merged["new_tokens"] / max(merged["seconds"], 1e-9)
+    return {"rows": gathered, "stats": merged}
 
 
 def save_policy(trainer, module, index: int, out: Path, tokenizer) -> None:
