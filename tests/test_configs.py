@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spinlab.callbacks import SelfPlayCallback, round_settings
-from spinlab.data import SelfPlayDataModule
+from spinlab.data import DataError, SelfPlayDataModule
 from spinlab.module import SPINModule
 from tests.conftest import CONF, compose_cfg
 
@@ -108,18 +108,27 @@ def test_data_configs(data, tmp_path):
         path.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?", "response": "4"}\n')
         overrides.append(f"data.source.train={path}")
     cfg = compose_cfg(overrides)
-    dm = instantiate(cfg.data, tokenizer=tokenizer)
-    assert isinstance(dm, SelfPlayDataModule)
-    if data == "ultrachat":
+    if data == "ultrachat":  # the paper's limits: over the tiny model's 512 positions
         assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
+        with pytest.raises(DataError, match="max_length=1024 is over the model's position limit of 512"):
+            instantiate(cfg.data, tokenizer=tokenizer).setup()
+        dm = instantiate(cfg.data, tokenizer=tokenizer, max_positions=4096)
         with pytest.raises(RuntimeError, match="ultrachat_200k.*hub"):
             dm.setup()
         return
-    if data == "arithmetic":
-        dm.max_prompt_length, dm.max_length = 256, 384  # character-level tokenizer
-    dm.setup()
+    dm = instantiate(cfg.data, tokenizer=tokenizer)
+    assert isinstance(dm, SelfPlayDataModule)
+    assert dm.max_new_tokens == cfg.generation.max_new_tokens
+    dm.setup()  # the limits are measured for the character-level tokenizer: nothing to tune
     rows = dm.load_split("train")
     assert len(rows) == (2 if data == "local" else cfg.data.num_prompts)
+    all_rows = [r for split in ("train", "validation", "test") for r in dm.load_split(split)]
+    longest_prompt = max(len(dm.encode_prompt(r["prompt"])) for r in all_rows)
+    assert dm.max_prompt_length == longest_prompt
+    assert dm.max_length == max(
+        longest_prompt + cfg.generation.max_new_tokens + 1,
+        *(len(dm.encode_prompt(r["prompt"])) + len(tokenizer(r["response"])["input_ids"]) + 1 for r in all_rows),
+    )
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))

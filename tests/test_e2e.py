@@ -176,7 +176,7 @@ def test_resume_never_refuses_an_existing_run(reference, tmp_path):
     [
         ("lam=0", "lam must be > 0"),
         ("rounds=0", "rounds must be >= 1"),
-        ("data.max_prompt_length=400", "max_prompt_length"),
+        ("data.max_length=600", "over the model.s position limit of 512"),
         ("+round_overrides.5.lr=1", "round_overrides key"),
         ("+round_overrides.1.beta=1", "unknown setting"),
     ],
