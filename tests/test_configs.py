@@ -127,7 +127,10 @@ def test_data_configs(data, tmp_path):
     assert dm.max_prompt_length == longest_prompt
     assert dm.max_length == max(
         longest_prompt + cfg.generation.max_new_tokens + 1,
-        *(len(dm.encode_prompt(r["prompt"])) + len(tokenizer(r["response"])["input_ids"]) + 1 for r in all_rows),
+        *(
+            len(dm.encode_prompt(r["prompt"])) + len(tokenizer(r["response"])["input_ids"]) + 1
+            for r in all_rows
+        ),
     )
 
 
