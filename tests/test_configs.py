@@ -218,3 +218,37 @@ def test_unknown_key_fails_at_compose():
         compose_cfg(["lamda=0.5"])
     with pytest.raises(ConfigCompositionException, match="hingee"):
         compose_cfg(["loss=hingee"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny"],
+        ["model=hf", "data=local"],
+        pytest.param(["model=smollm2_135m"], marks=pytest.mark.slow),
+    ],
+)
+def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, monkeypatch):
+    """The length limits follow the model's tokenizer: every row fits, none is cut, no weights needed."""
+    import train
+
+    monkeypatch.setenv("SPINLAB_CACHE", str(Path.home() / ".cache" / "spinlab"))
+    if "model=hf" in overrides:
+        tiny = instantiate(compose_cfg(["model=tiny"]).model)
+        tiny.model.save_pretrained(tmp_path / "m")
+        tiny.tokenizer.save_pretrained(tmp_path / "m")
+        data = tmp_path / "sft.jsonl"
+        data.write_text(
+            '{"prompt": "What is 2 + 3?", "response": "2 + 3 = 5."}\n'
+            '{"prompt": "Name a colour.", "response": "' + "Red, the colour of the sunset. " * 8 + '"}\n'
+        )
+        overrides = [*overrides, f"model.name_or_path={tmp_path / 'm'}", f"data.source.train={data}"]
+    loaded, dm = train.preflight(compose_cfg(overrides))
+    assert not loaded.weights_loaded
+    rows = [r for split in ("train", "validation", "test") for r in dm.load_split(split)]
+    pairs = [{"prompt": r["prompt"], "real": r["response"], "synthetic": "x"} for r in rows]
+    lengths = [(len(e["prompt"]), len(e["prompt"]) + len(e["real"])) for e in dm.encode_pairs(pairs)]
+    assert dm.max_prompt_length == max(p for p, _ in lengths)
+    assert max(t for _, t in lengths) <= dm.max_length <= loaded.max_positions
+    for e, r in zip(dm.encode_pairs(pairs), rows, strict=True):  # no real response was cut
+        assert loaded.tokenizer.decode(e["real"][:-1]) == r["response"]
