@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_cfg
 
@@ -188,3 +189,23 @@ def test_readme_command(session, index):
     assert table, tail
     if how == "as written":
         assert len(table.group(1).splitlines()) == compose_cfg(overrides).rounds, tail
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in COMMANDS if train_overrides(shell_words(split_comment(c)[0])) is not None]
+)
+def test_readme_train_command_passes_the_start_checks(command):
+    """The quick part: each train.py command composes and passes check_config, or a cluster
+    command stops there with its documented message (the slow test above runs them)."""
+    import train
+
+    code, comment = split_comment(command)
+    words = shell_words(code)
+    cfg = compose_cfg(train_overrides(words))
+    OmegaConf.resolve(cfg)
+    no_gpu = cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available()
+    if no_gpu and comment.startswith("cluster:"):
+        with pytest.raises(RuntimeError, match=MESSAGES["gpu"]):
+            train.check_config(cfg)
+    else:
+        train.check_config(cfg)
