@@ -12,11 +12,12 @@ import os
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from spinlab.callbacks import AtomicCheckpointIO
-from spinlab.config import check_settings, redact, round_overrides  # importing it registers the schema
+from spinlab.config import check_settings, check_targets, redact, round_overrides  # registers the schema
 from spinlab.rundir import (
     RunDir,
     check_last_checkpoint,
@@ -40,16 +41,32 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
+    lengths = cfg.data.get("max_prompt_length"), cfg.data.get("max_length")
+    if None not in lengths and lengths[0] >= lengths[1]:
         raise ValueError(
-            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be below "
-            f"data.max_length ({cfg.data.max_length})"
+            f"data.max_prompt_length ({lengths[0]}) must be below data.max_length ({lengths[1]}), "
+            "or leave both null to measure them from the data"
         )
     cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
+    check_targets(cfg)
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "
+            "run it on a GPU machine, or use trainer=cpu"
+        )
+
+
+def preflight(cfg: DictConfig):
+    """The tokenizer, then every data split read, validated and measured, before any weights load."""
+    loaded = instantiate(cfg.model)  # the weights load on first use of loaded.model
+    datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer, max_positions=loaded.max_positions)
+    datamodule.load_rows()
+    return loaded, datamodule
 
 
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
+    loaded, datamodule = preflight(cfg)
     run_dir = RunDir(cfg.run_dir)
     if is_launching_rank():  # ranks 1.. of a multi-process run belong to rank 0's job
         claim(run_dir)
@@ -73,10 +90,8 @@ def run(cfg: DictConfig) -> dict:
     check_writable(run_dir.root, need_bytes=0)
     L.seed_everything(cfg.seed, workers=True)
 
-    loaded = instantiate(cfg.model)
     # fp32 weights in the round's HF directory, plus a checkpoint with weights and optimizer state.
     check_writable(run_dir.root, need_bytes=4 * 4 * sum(p.numel() for p in loaded.model.parameters()))
-    datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
     module = instantiate(cfg.module, policy=loaded.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]

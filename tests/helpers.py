@@ -59,3 +59,22 @@ class PoisonRound(L.Callback):
     def on_after_backward(self, trainer, pl_module):
         if self.what == "gradient" and pl_module.round_index == self.round_index:
             next(pl_module.policy.parameters()).grad.view(-1)[0] = float("inf")
+
+
+def response_logp(model, tokenizer, prompt: str, response: str) -> float:
+    """log p(response + EOS | prompt) summed over the response tokens, written out here from the
+    logits (log_softmax, then the log-prob of each next token), so that tests do not take the
+    log-probs from the code they check."""
+    import torch
+
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    # Token i is predicted at position i - 1.
+    return sum(float(logp[len(prompt_ids) + j - 1, t]) for j, t in enumerate(response_ids))

@@ -154,3 +154,88 @@ def test_impossible_module_settings_fail_at_instantiate(override, message):
     cfg = compose_cfg(["debug=fast", override])
     with pytest.raises(InstantiationException, match=re.escape(message)):
         instantiate(cfg.module, policy=tiny_model().model)
+
+
+# -- everything the user gave is checked before any weights load --------------------------------
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Makes loading any model's weights an error, and counts the attempts."""
+    import spinlab.models
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("model weights loaded before the input was checked")
+
+    monkeypatch.setattr(spinlab.models, "LlamaForCausalLM", refuse)
+    monkeypatch.setattr(spinlab.models.AutoModelForCausalLM, "from_pretrained", refuse)
+    return calls
+
+
+def test_bad_validation_file_fails_before_the_model_loads(tmp_path, no_weights):
+    import train
+
+    good = tmp_path / "train.jsonl"
+    write(good, [{"prompt": f"q{i}", "response": "a"} for i in range(4)])
+    bad = tmp_path / "val.jsonl"
+    write(bad, [{"prompt": "v1", "response": "a"}, {"prompt": "v2"}])
+    cfg = compose_cfg(
+        ["debug=fast", "data=local", f"data.source.train={good}", f"data.source.validation={bad}"],
+        tmp_path / "run",
+    )
+    with pytest.raises(DataError, match=r"val\.jsonl: row 2: field 'response' is missing"):
+        train.run(cfg)
+    assert no_weights == []
+    assert not (tmp_path / "run" / "rounds").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+data.batch_sise=3", r"data: spinlab.data.SelfPlayDataModule takes no key 'batch_sise'"),
+        (
+            "+data.source.n_trian=5",
+            r"data.source: spinlab.tasks.arithmetic.ArithmeticTask takes no key 'n_trian'",
+        ),
+        (
+            "+generation.temprature=0.5",
+            r"generation: spinlab.generation.HFGenerator takes no key 'temprature'",
+        ),
+        (
+            "+callbacks.self_play.round=2",
+            r"callbacks.self_play: spinlab.callbacks.SelfPlayCallback takes no key",
+        ),
+    ],
+)
+def test_mistyped_group_key_fails_at_start_naming_group_class_and_key(
+    tmp_path, no_weights, override, message
+):
+    import train
+
+    with pytest.raises(ValueError, match=message):
+        train.run(compose_cfg(["debug=fast", override], tmp_path / "run"))
+    assert no_weights == []
+
+
+def test_hf_model_reads_its_tokenizer_and_position_limit_without_weights(tmp_path, monkeypatch):
+    import spinlab.models
+    from spinlab.models import pretrained, tiny_model
+
+    tiny = tiny_model(max_position_embeddings=300)
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    calls = []
+    real = spinlab.models.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        spinlab.models.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: calls.append(a) or real(*a, **k),
+    )
+    loaded = pretrained(str(tmp_path / "m"))
+    assert loaded.max_positions == 300 and loaded.tokenizer.eos_token == "<|im_end|>" and calls == []
+    assert loaded.model.config.max_position_embeddings == 300 and len(calls) == 1
+    loaded.model  # noqa: B018  (loaded once, then kept)
+    assert len(calls) == 1

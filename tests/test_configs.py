@@ -1,4 +1,4 @@
-"""Every config in conf/ composes and is instantiated; the README's CLI examples compose."""
+"""Every config in conf/ composes and is instantiated (the README's commands run in test_readme.py)."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spinlab.callbacks import SelfPlayCallback
-from spinlab.data import SelfPlayDataModule
+from spinlab.data import DataError, SelfPlayDataModule
 from spinlab.module import SPINModule
 from spinlab.rounds import round_settings
 from tests.conftest import CONF, compose_cfg
@@ -109,18 +109,30 @@ def test_data_configs(data, tmp_path):
         path.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?", "response": "4"}\n')
         overrides.append(f"data.source.train={path}")
     cfg = compose_cfg(overrides)
-    dm = instantiate(cfg.data, tokenizer=tokenizer)
-    assert isinstance(dm, SelfPlayDataModule)
-    if data == "ultrachat":
+    if data == "ultrachat":  # the paper's limits: over the tiny model's 512 positions
         assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
+        with pytest.raises(DataError, match="max_length=1024 is over the model's position limit of 512"):
+            instantiate(cfg.data, tokenizer=tokenizer).setup()
+        dm = instantiate(cfg.data, tokenizer=tokenizer, max_positions=4096)
         with pytest.raises(RuntimeError, match="ultrachat_200k.*hub"):
             dm.setup()
         return
-    if data == "arithmetic":
-        dm.max_prompt_length, dm.max_length = 256, 384  # character-level tokenizer
-    dm.setup()
+    dm = instantiate(cfg.data, tokenizer=tokenizer)
+    assert isinstance(dm, SelfPlayDataModule)
+    assert dm.max_new_tokens == cfg.generation.max_new_tokens
+    dm.setup()  # the limits are measured for the character-level tokenizer: nothing to tune
     rows = dm.load_split("train")
     assert len(rows) == (2 if data == "local" else cfg.data.num_prompts)
+    all_rows = [r for split in ("train", "validation", "test") for r in dm.load_split(split)]
+    longest_prompt = max(len(dm.encode_prompt(r["prompt"])) for r in all_rows)
+    assert dm.max_prompt_length == longest_prompt
+    assert dm.max_length == max(
+        longest_prompt + cfg.generation.max_new_tokens + 1,
+        *(
+            len(dm.encode_prompt(r["prompt"])) + len(tokenizer(r["response"])["input_ids"]) + 1
+            for r in all_rows
+        ),
+    )
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
@@ -162,21 +174,6 @@ def test_callbacks_and_module_configs(tmp_path):
     assert isinstance(module, SPINModule) and module.lam == cfg.lam and module.opponent is None
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["model=tiny", "loss=hinge", "lam=0.5", "rounds=3"],
-        ["experiment=demo"],
-        ["experiment=paper_zephyr"],
-        ["debug=fast"],
-    ],
-)
-def test_cli_examples_compose(overrides):
-    cfg = compose_cfg(overrides)
-    OmegaConf.resolve(cfg)  # every interpolation resolves
-    assert cfg.module._target_ == "spinlab.module.SPINModule"
-
-
 def test_cli_example_values():
     cfg = compose_cfg(["model=tiny", "loss=hinge", "lam=0.5", "rounds=3"])
     assert (cfg.loss._target_, cfg.lam, cfg.rounds, cfg.module.lam) == ("spinlab.losses.hinge", 0.5, 3, 0.5)
@@ -204,3 +201,37 @@ def test_unknown_key_fails_at_compose():
         compose_cfg(["lamda=0.5"])
     with pytest.raises(ConfigCompositionException, match="hingee"):
         compose_cfg(["loss=hingee"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny"],
+        ["model=hf", "data=local"],
+        pytest.param(["model=smollm2_135m"], marks=pytest.mark.slow),
+    ],
+)
+def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, monkeypatch):
+    """The length limits follow the model's tokenizer: every row fits, none is cut, no weights needed."""
+    import train
+
+    monkeypatch.setenv("SPINLAB_CACHE", str(Path.home() / ".cache" / "spinlab"))
+    if "model=hf" in overrides:
+        tiny = instantiate(compose_cfg(["model=tiny"]).model)
+        tiny.model.save_pretrained(tmp_path / "m")
+        tiny.tokenizer.save_pretrained(tmp_path / "m")
+        data = tmp_path / "sft.jsonl"
+        data.write_text(
+            '{"prompt": "What is 2 + 3?", "response": "2 + 3 = 5."}\n'
+            '{"prompt": "Name a colour.", "response": "' + "Red, the colour of the sunset. " * 8 + '"}\n'
+        )
+        overrides = [*overrides, f"model.name_or_path={tmp_path / 'm'}", f"data.source.train={data}"]
+    loaded, dm = train.preflight(compose_cfg(overrides))
+    assert not loaded.weights_loaded
+    rows = [r for split in ("train", "validation", "test") for r in dm.load_split(split)]
+    pairs = [{"prompt": r["prompt"], "real": r["response"], "synthetic": "x"} for r in rows]
+    lengths = [(len(e["prompt"]), len(e["prompt"]) + len(e["real"])) for e in dm.encode_pairs(pairs)]
+    assert dm.max_prompt_length == max(p for p, _ in lengths)
+    assert max(t for _, t in lengths) <= dm.max_length <= loaded.max_positions
+    for e, r in zip(dm.encode_pairs(pairs), rows, strict=True):  # no real response was cut
+        assert loaded.tokenizer.decode(e["real"][:-1]) == r["response"]

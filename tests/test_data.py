@@ -119,3 +119,115 @@ def test_global_batches_are_split_across_processes():
     r0, r1 = global_batch_shard(order, 2, 0, 2), global_batch_shard(order, 2, 1, 2)
     assert r0 == [7, 3, 1, 6, 8, 9] and r1 == [5, 0, 2, 4, 7, 3]
     assert len(r0) == len(r1)
+
+
+# -- length limits measured from the data (null) or checked against it (a number) ------------
+
+
+def rows_file(tmp_path, name, rows):
+    return write_jsonl(tmp_path / name, rows)
+
+
+def test_measured_limits_fit_every_split_and_the_generation_room(tmp_path, tokenizer):
+    train = rows_file(tmp_path, "t.jsonl", [{"prompt": "p" * 10, "response": "r" * 40}])
+    val = rows_file(tmp_path, "v.jsonl", [{"prompt": "q" * 30, "response": "s" * 5}])
+    dm = SelfPlayDataModule(LocalFileSource(train=train, validation=val), tokenizer, max_new_tokens=50)
+    dm.setup()
+    template = len(dm.encode_prompt(""))  # the chat template's own tokens (character-level tokenizer)
+    assert dm.max_prompt_length == template + 30  # the validation prompt is the longest
+    # room for the longest prompt + 50 generated + EOS, over the longest real row (10 + 40 + EOS)
+    assert dm.max_length == template + 30 + 51
+    dm = SelfPlayDataModule(LocalFileSource(train=train, validation=val), tokenizer, max_new_tokens=5)
+    dm.setup()
+    assert dm.max_length == template + 10 + 40 + 1
+    assert dm.pack_length == 2 * dm.max_length
+
+
+def test_explicit_limit_names_file_row_length_and_the_value_to_set(tmp_path, tokenizer):
+    rows = [{"prompt": "a", "response": "b" * 20}, {"prompt": "c", "response": "d" * 60}]
+    path = rows_file(tmp_path, "sft.jsonl", [*rows, {"prompt": "e", "response": "f" * 90}])
+    template = len(SelfPlayDataModule(None, tokenizer).encode_prompt(""))
+    dm = SelfPlayDataModule(LocalFileSource(train=path), tokenizer, max_length=template + 50)
+    longest = template + 1 + 90 + 1
+    with pytest.raises(
+        DataError,
+        match=rf"sft\.jsonl: row 2: prompt and real response are {template + 62} tokens .* over "
+        rf"data.max_length={template + 50}: set data.max_length={longest} .*or null",
+    ):
+        dm.setup()
+    dm = SelfPlayDataModule(LocalFileSource(train=path), tokenizer, max_length=template + 50, bad_rows="skip")
+    dm.setup()
+    assert [len(r["response"]) for r in dm.load_split("train")] == [20] and dm.skipped["train"] == 2
+    with pytest.raises(
+        DataError,
+        match=rf"row 1: field 'prompt' is {template + 1} tokens .* set data.max_prompt_length={template + 1}",
+    ):
+        SelfPlayDataModule(LocalFileSource(train=path), tokenizer, max_prompt_length=template).setup()
+
+
+def test_rows_over_the_models_position_limit_cannot_fit(tmp_path):
+    tokenizer = tiny_model(max_position_embeddings=64).tokenizer
+    path = rows_file(
+        tmp_path, "long.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d" * 80}]
+    )
+    with pytest.raises(
+        DataError, match=r"long\.jsonl: row 2: .* over the model's position limit of 64 tokens"
+    ):
+        SelfPlayDataModule(LocalFileSource(train=path), tokenizer).setup()
+    with pytest.raises(DataError, match="data.max_length=100 is over the model's position limit of 64"):
+        SelfPlayDataModule(LocalFileSource(train=path), tokenizer, max_length=100).setup()
+    # Generation room is cut to the limit, not refused: the rows themselves fit.
+    dm = SelfPlayDataModule(LocalFileSource(train=path), tokenizer, max_new_tokens=500, bad_rows="skip")
+    dm.setup()
+    assert dm.max_length == 64 and dm.skipped["train"] == 1
+
+
+# -- unreadable input is named -----------------------------------------------------------------
+
+
+def test_non_utf8_jsonl_line_is_named_or_skipped(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        b'{"prompt": "ok", "response": "fine"}\n{"prompt": "caf\xe9", "response": "x"}\n'
+        b'{"prompt": "two", "response": "y"}\n'
+    )
+    with pytest.raises(
+        DataError, match=r"latin1\.jsonl: row 2: line 2 is not UTF-8 text \(byte 0xe9 at column 16\)"
+    ):
+        validate_rows(LocalFileSource(train=str(path)).load("train"))
+    kept, skipped = validate_rows(LocalFileSource(train=str(path)).load("train"), bad_rows="skip")
+    assert [r["prompt"] for r in kept] == ["ok", "two"] and skipped == 1
+
+
+def test_non_utf8_csv_names_the_file(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,response\ncaf\xe9,x\n")
+    with pytest.raises(DataError, match=r"latin1\.csv: cannot be read as csv .*not UTF-8"):
+        LocalFileSource(train=str(path)).load("train")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet", ".json"])
+def test_empty_file_is_named_as_empty(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"empty{suffix}: the file is empty \(data.source.validation\)"):
+        LocalFileSource(train="unused.jsonl", validation=str(path)).load("validation")
+
+
+def test_blank_jsonl_and_all_rows_skipped_are_named(tmp_path, tokenizer):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(DataError, match=r"blank\.jsonl: the file holds only blank lines"):
+        LocalFileSource(train=str(blank)).load("train")
+    bad = rows_file(tmp_path, "bad.jsonl", [{"prompt": "a"}, {"response": "b"}])
+    dm = SelfPlayDataModule(LocalFileSource(train=bad), tokenizer, bad_rows="skip")
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl: the training split has no usable rows \(2 bad rows skipped"
+    ):
+        dm.setup()
+
+
+def test_directory_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"data\.jsonl: is a directory, not a file; set data.source.train"):
+        LocalFileSource(train=str(tmp_path / "data.jsonl")).load("train")

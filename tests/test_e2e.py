@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def reference(tmp_path_factory):
 
 
 def test_two_rounds_leave_the_documented_run_directory(reference):
-    root, summary, _cfg = reference
+    root, summary, cfg = reference
     for r in (0, 1):
         rd = root / "rounds" / f"round_{r:03d}"
         pairs = rows(rd / "synthetic.jsonl")
@@ -76,8 +77,22 @@ def test_two_rounds_leave_the_documented_run_directory(reference):
         assert name in header, name
     saved = json.loads((root / "summary.json").read_text())
     assert [s["round"] for s in saved] == [0, 1]
-    assert saved[0]["pairs"] == NUM_PROMPTS and 0.0 <= saved[1]["accuracy"] <= 1.0
+    assert saved[0]["pairs"] == NUM_PROMPTS
     assert summary[0]["loss"] == pytest.approx(saved[0]["loss"])
+    with open(root / "csv" / "metrics.csv") as f:
+        steps = [r for r in csv.DictReader(f) if r.get("train/accuracy")]
+    for entry in saved:
+        mine = [r for r in steps if float(r["round"]) == entry["round"]]
+        assert len(mine) == NUM_PROMPTS // cfg.data.batch_size
+        # A round's accuracy is the share of its pairs with margin > 0: a whole number of pairs,
+        # the mean of its equal-sized batches' shares.
+        correct = entry["accuracy"] * NUM_PROMPTS
+        assert correct == pytest.approx(round(correct), abs=1e-6)
+        assert entry["accuracy"] == pytest.approx(sum(float(r["train/accuracy"]) for r in mine) / len(mine))
+        # At a round's first step the policy is still its opponent: margin 0, loss log 2.
+        first = min(mine, key=lambda r: int(r["step"]))
+        assert float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-5)
+        assert float(first["train/margin"]) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_policy_moved_each_round(reference):
@@ -177,7 +192,7 @@ def test_resume_never_refuses_an_existing_run(reference, tmp_path):
     [
         ("lam=0", "lam must be > 0"),
         ("rounds=0", "rounds must be >= 1"),
-        ("data.max_prompt_length=400", "max_prompt_length"),
+        ("data.max_length=600", "over the model.s position limit of 512"),
         ("+round_overrides.5.lr=1", "round_overrides key"),
         ("+round_overrides.1.beta=1", "unknown setting"),
     ],

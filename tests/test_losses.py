@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from spinlab import losses
+from spinlab.objectives import SPIN
 
 MARGINS = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
 
@@ -59,7 +60,13 @@ def test_logistic_is_sigmoid_dpo_with_real_as_chosen():
     dpo = -F.logsigmoid(lam * ((pol_real - ref_real) - (pol_syn - ref_syn)))
     margin = lam * (pol_real - ref_real) - lam * (pol_syn - ref_syn)
     torch.testing.assert_close(losses.logistic(margin), dpo)
-    # A hand-computed case: log-ratios 3 and -2 at λ = 0.5 give margin 2.5.
-    m = torch.tensor(0.5 * (3.0 - 1.0) - 0.5 * (-2.0 - 1.0))
-    assert m.item() == pytest.approx(2.5)
-    assert losses.logistic(m).item() == pytest.approx(math.log1p(math.exp(-2.5)))
+    # By hand: policy log-probs (real -4, synthetic -9), opponent (-6, -6), λ = 0.5: log-ratios +2
+    # and -3, rewards 1.0 and -1.5, margin 2.5, loss log(1 + e^-2.5).
+    out = SPIN(losses.logistic)(
+        {"real": torch.tensor([-4.0]), "synthetic": torch.tensor([-9.0])},
+        {"real": torch.tensor([-6.0]), "synthetic": torch.tensor([-6.0])},
+        0.5,
+    )
+    assert (out["reward_real"].item(), out["reward_synthetic"].item()) == pytest.approx((1.0, -1.5))
+    assert out["margin"].item() == pytest.approx(2.5)
+    assert out["loss"].item() == pytest.approx(math.log1p(math.exp(-2.5)))

@@ -9,6 +9,7 @@ from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
 from spinlab.module import SPINModule, warmup_linear_decay
 from spinlab.rounds import Round, score_pairs
+from tests.helpers import response_logp
 
 PAIRS = [
     {"prompt": "2 + 3?", "real": "2 + 3 = 5. The answer is 5.", "synthetic": "It is 7"},
@@ -60,15 +61,26 @@ def test_cached_and_model_opponents_give_the_same_loss_and_gradients():
 
 def test_loss_matches_hand_computation_from_logps():
     module, dm = make("cached")
-    dm.set_opponent_logps(torch.tensor([[-10.0, -20.0], [-30.0, -5.0], [-1.0, -1.0]]))
-    batch = batch_of(dm)
-    out = module.loss_and_metrics(batch)
-    logp_real, logp_syn = module.scorer(batch).chunk(2)
-    margin = 0.5 * (logp_real - batch["opponent_logps"][:, 0]) - 0.5 * (
-        logp_syn - batch["opponent_logps"][:, 1]
+    opponent = torch.tensor([[-131.0, -37.0], [-139.0, -90.0], [-130.0, -9.0]], dtype=torch.float64)
+    dm.set_opponent_logps(opponent.float())
+    out = module.loss_and_metrics(batch_of(dm))
+    # The policy's log-probs from its logits, one unpadded sequence at a time, written in the test.
+    tok = dm.tokenizer
+    policy = torch.tensor(
+        [
+            [response_logp(module.policy, tok, p["prompt"], p[kind]) for kind in ("real", "synthetic")]
+            for p in PAIRS
+        ],
+        dtype=torch.float64,
     )
-    torch.testing.assert_close(out["margin"], margin)
-    torch.testing.assert_close(out["loss"], torch.log1p(torch.exp(-margin)).mean())
+    assert policy.max() < -5  # random weights: nats per response, not a trivial 0
+    margin = 0.5 * (policy[:, 0] - opponent[:, 0]) - 0.5 * (policy[:, 1] - opponent[:, 1])
+    assert (margin > 0).any() and (margin < 0).any()  # both signs: accuracy is not constant
+    torch.testing.assert_close(out["logp_real"].double(), policy[:, 0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out["margin"].double(), margin, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        out["loss"].double(), torch.log1p(torch.exp(-margin)).mean(), rtol=1e-5, atol=1e-4
+    )
     assert out["accuracy"].tolist() == (margin > 0).float().tolist()
 
 

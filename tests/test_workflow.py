@@ -10,9 +10,9 @@ from spinlab.data import SelfPlayDataModule
 from spinlab.evaluation import RoundEvaluator, mtbench_questions
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import SPINModule
-from spinlab.rounds import score_pairs
 from spinlab.rundir import RunDir
 from spinlab.tasks.arithmetic import is_correct
+from tests.helpers import response_logp
 from tests.test_e2e import reference, rows, run  # noqa: F401  (the module-scoped reference run)
 
 
@@ -21,24 +21,27 @@ def test_heldout_evaluation_matches_a_hand_computation(reference):  # noqa: F811
     rd = root / "rounds" / "round_000"
     pairs = rows(rd / "heldout.jsonl")
     assert len(pairs) == cfg.eval.heldout_pairs
+    # Log-probs from the logits, written in the test: the policy after round 0, the initial model.
     loaded = pretrained(str(root / "hf" / "round_000"))
-    dm = SelfPlayDataModule(
-        None, loaded.tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
+    initial = tiny_model(seed=cfg.seed).model
+    policy, opponent = (
+        torch.tensor(
+            [
+                [response_logp(model, loaded.tokenizer, p["prompt"], p[k]) for k in ("real", "synthetic")]
+                for p in pairs
+            ],
+            dtype=torch.float64,
+        )
+        for model in (loaded.model, initial)
     )
-    policy = score_pairs(
-        None, SPINModule(loaded.model, loss=None, optimizer=None), dm, dm.encode_pairs(pairs), "score"
-    )
-    opponent = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
+    # The opponent of round 0 is the initial model: the recorded log-probs are its own.
+    recorded = torch.tensor([[p["opponent_logp_real"], p["opponent_logp_synthetic"]] for p in pairs])
+    torch.testing.assert_close(recorded.double(), opponent, rtol=1e-5, atol=1e-3)
     margin = cfg.lam * ((policy[:, 0] - opponent[:, 0]) - (policy[:, 1] - opponent[:, 1]))
     results = json.loads((rd / "eval.json").read_text())
     assert results["eval/heldout_margin"] == pytest.approx(float(margin.mean()), rel=1e-4)
-    assert results["eval/heldout_accuracy"] == pytest.approx(float((margin > 0).float().mean()))
+    assert results["eval/heldout_accuracy"] == pytest.approx(float((margin > 0).double().mean()))
     assert results["eval/heldout_logp_real"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-4)
-    # The opponent of round 0 is the initial model: its log-probs of the held-out pairs are its own.
-    initial = SPINModule(tiny_model(seed=cfg.seed).model, loss=None, optimizer=None)
-    torch.testing.assert_close(
-        score_pairs(None, initial, dm, dm.encode_pairs(pairs), "score"), opponent, rtol=1e-5, atol=1e-4
-    )
     assert summary[0]["eval/heldout_margin"] == results["eval/heldout_margin"]
 
 

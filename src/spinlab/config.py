@@ -1,14 +1,16 @@
 """The schema of conf/train.yaml's top level, so that Hydra refuses a mistyped key or a
 wrongly typed value when the config is composed, wherever it comes from (command line,
-experiment preset, your own YAML). The groups (model, data, ...) are checked when they are
-instantiated: a mistyped argument there fails at start, naming the class and the key.
-`round_overrides` is checked and typed at start (`round_overrides`), and a restarted run's
-settings against those it was started with (`check_restart`).
+experiment preset, your own YAML). The groups (model, data, ...) are checked by `check_targets`
+before anything is built: a key that the `_target_` does not take fails at start, naming the
+group, the class and the key. `round_overrides` is checked and typed at start
+(`round_overrides`), and a restarted run's settings against those it was started with
+(`check_restart`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -172,6 +174,45 @@ def dirname(overrides: str, limit: int = 140) -> str:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:12]
     return name.encode()[: limit - 13].decode(errors="ignore") + "-" + digest
+
+
+# Keys Hydra reads itself, not passed to the target.
+HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+
+
+def check_targets(cfg) -> None:
+    """Every node with a `_target_` has only keys its callable takes (unless it takes **kwargs).
+
+    Runs on the composed config before anything is instantiated, so `+data.batch_sise=3` fails at
+    start instead of after the model has loaded.
+    """
+    from hydra._internal.utils import _locate
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        target = node.get("_target_")
+        if isinstance(target, str):
+            try:
+                params = inspect.signature(_locate(target)).parameters.values()
+            except (ImportError, ValueError, TypeError):
+                params = None  # not importable or no signature: instantiate reports it
+            if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
+                names = {p.name for p in params if p.kind is not p.VAR_POSITIONAL}
+                unknown = sorted(k for k in node if k not in names and k not in HYDRA_KEYS)
+                if unknown:
+                    raise ValueError(
+                        f"{path}: {target} takes no key {unknown[0]!r} ({path}.{unknown[0]}); "
+                        f"its keys: {', '.join(sorted(names))}"
+                    )
+        for key, child in node.items():
+            walk(child, f"{path}.{key}" if path else str(key))
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def register() -> None:

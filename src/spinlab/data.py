@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 from spinlab.logprobs import IGNORE_INDEX
-from spinlab.models import CHATML_TEMPLATE
+from spinlab.models import CHATML_TEMPLATE, position_limit
 from spinlab.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -37,29 +37,45 @@ class _Invalid(str):
     """A record that could not be parsed; validate_rows reports or skips it."""
 
 
-def _read_jsonl(path: str) -> list:
-    """JSON Lines, with each broken line kept as an _Invalid record naming its line number."""
-    return read_jsonl(
-        Path(path),
-        invalid=lambda n, err: _Invalid(f"line {n} is not valid JSON ({err.msg}, column {err.colno})"),
-    )
+def _line_problem(n: int, err: ValueError) -> _Invalid:
+    if isinstance(err, UnicodeDecodeError):
+        return _Invalid(
+            f"line {n} is not UTF-8 text (byte {err.object[err.start]:#04x} at column {err.start + 1}); "
+            "save the file as UTF-8"
+        )
+    return _Invalid(f"line {n} is not valid JSON ({err.msg}, column {err.colno})")
 
 
-def _load_file(path: str) -> list:
-    suffix = Path(path).suffix.lower()
+def _load_file(path: str, split: str = "train") -> list:
+    """Records of a JSON, JSONL, Parquet or CSV file; a JSONL line that cannot be read is kept as
+    an _Invalid record naming its line, so that bad_rows=skip can drop it."""
+    key = f"data.source.{split}"
+    file = Path(path)
+    if file.is_dir():
+        raise DataError(f"{path}: is a directory, not a file; set {key} to a data file inside it")
+    if not file.is_file():
+        raise DataError(f"{path}: file not found (set {key} to an existing file)")
+    suffix = file.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(FILE_FORMATS)}")
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found (set data.source.train to an existing file)")
+    if file.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty ({key}); it needs one row per example")
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        records = read_jsonl(file, invalid=_line_problem)
+        if not records:
+            raise DataError(f"{path}: the file holds only blank lines ({key}); it needs one row per example")
+        return records
     import datasets
 
     try:
         return list(datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train"))
     except Exception as err:  # datasets wraps parse errors in several types of its own
+        cause = err
+        while cause.__cause__ is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__
+        detail = "it is not UTF-8 text; save it as UTF-8" if isinstance(cause, UnicodeDecodeError) else ""
         raise DataError(
-            f"{path}: cannot be read as {FILE_FORMATS[suffix]} ({type(err).__name__}: {err})"
+            f"{path}: cannot be read as {FILE_FORMATS[suffix]} ({type(err).__name__}: {err}) {detail}".rstrip()
         ) from err
 
 
@@ -112,7 +128,7 @@ class LocalFileSource:
         path = self.paths.get(split)
         if path is None:
             return []
-        return _to_rows(_load_file(path), path, *self.fields)
+        return _to_rows(_load_file(path, split), path, *self.fields)
 
 
 class HubSource:
@@ -147,18 +163,21 @@ class HubSource:
 
 
 def validate_rows(
-    rows: list[dict], bad_rows: str = "error", check=None, origin: str = "<rows>"
+    rows: list[dict], bad_rows: str = "error", check=None, origin: str = "<rows>", limit: int | None = None
 ) -> tuple[list[dict], int]:
     """Keep rows with a non-empty string prompt and response and an unseen prompt.
 
     `check(row)` may name a further problem (a string) or return None. With bad_rows="error"
     the first bad row raises a DataError naming file, row (1-based; in JSON Lines files, the
-    n-th non-blank line) and field; with "skip" bad rows are dropped and counted.
+    n-th non-blank line) and field; with "skip" bad rows are dropped and counted. With `limit`,
+    reading stops once that many rows are kept.
     """
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     kept, seen, skipped = [], set(), 0
     for position, row in enumerate(rows):
+        if limit is not None and len(kept) >= limit:
+            break
         where, index = row.pop("_origin", (origin, position + 1))
         problem = row.pop("_problem", None)
         for field in () if problem else ("prompt", "response"):
@@ -216,13 +235,22 @@ def batch_tokens(batch: dict) -> int:
 
 
 class SelfPlayDataModule(L.LightningDataModule):
+    """Rows of every split, validated and measured at start; this round's pairs; their batches.
+
+    `max_prompt_length` and `max_length` left as None are measured from the data with the
+    tokenizer and its chat template: the longest prompt of any split, and room for the longest
+    prompt with its real response and EOS, and for `max_new_tokens` generated tokens and EOS,
+    capped by the model's position limit (`max_positions`, else the tokenizer's model_max_length).
+    """
+
     def __init__(
         self,
         source,
         tokenizer=None,
         batch_size: int = 4,
-        max_length: int = 256,
-        max_prompt_length: int = 128,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        max_new_tokens: int = 0,
         num_prompts: int | None = None,
         mix_previous_rounds: int = 0,
         system_prompt: str | None = None,
@@ -232,9 +260,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         seed: int = 0,
         packing: bool = False,
         pack_length: int | None = None,
+        max_positions: int | None = None,
     ):
         super().__init__()
-        if max_prompt_length >= max_length:
+        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
             raise ValueError(
                 f"data.max_prompt_length ({max_prompt_length}) must be below data.max_length "
                 f"({max_length}): the response needs room"
@@ -246,6 +275,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.max_new_tokens = max_new_tokens
         self.num_prompts = num_prompts
         self.mix_previous_rounds = mix_previous_rounds
         self.system_prompt = system_prompt
@@ -254,41 +284,152 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.packing = packing
-        self.pack_length = pack_length or 2 * max_length
-        if self.pack_length < max_length:
-            raise ValueError(
-                f"data.pack_length ({pack_length}) must be at least data.max_length ({max_length})"
-            )
+        self._pack_length = pack_length
+        self.max_positions = max_positions
+        self._check_pack_length()
         self.rows: dict[str, list[dict]] = {}
         self.skipped: dict[str, int] = {}
         self.pairs: list[dict] = []
         self.encoded: list[dict] = []
 
+    @property
+    def pack_length(self) -> int | None:
+        if self._pack_length is not None or self.max_length is None:
+            return self._pack_length
+        return 2 * self.max_length
+
+    def _check_pack_length(self) -> None:
+        if None not in (self._pack_length, self.max_length) and self._pack_length < self.max_length:
+            raise ValueError(
+                f"data.pack_length ({self._pack_length}) must be at least data.max_length ({self.max_length})"
+            )
+
+    @property
+    def position_limit(self) -> int | None:
+        """The longest sequence the model takes, where known."""
+        return self.max_positions or position_limit(None, self.tokenizer)
+
     # -- rows -------------------------------------------------------------------------------
-    def load_split(self, split: str) -> list[dict]:
-        if split not in self.rows:
+    def load_rows(self) -> None:
+        """Read and validate every split, then fix the length limits (measuring those left None).
+
+        Needs the tokenizer, not the model: train.py runs it before any weights are loaded.
+        """
+        if self.rows:
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("SelfPlayDataModule needs a tokenizer to read its data")
+        cap = self.position_limit
+        if cap is not None and self.max_length is not None and self.max_length > cap:
+            raise DataError(
+                f"data.max_length={self.max_length} is over the model's position limit of {cap} tokens: "
+                f"set data.max_length to at most {cap}, or null to measure it from the data"
+            )
+        lengths: list[tuple[int, int]] = []
+        rows = {}
+        for split in SPLITS:
+            records = self.source.load(split) if self.source is not None else []
+            limit = self.num_prompts if split == "train" else None
+            measured: dict[int, tuple[int, int]] = {}
             origin = f"{type(self.source).__name__}[{split}]"
-            rows = self.source.load(split)
-            rows, skipped = validate_rows(rows, self.bad_rows, self._prompt_too_long, origin)
-            if split == "train" and self.num_prompts is not None:
-                rows = rows[: self.num_prompts]
-            self.rows[split], self.skipped[split] = rows, skipped
+            check = self._length_check(records, limit, measured)
+            rows[split], self.skipped[split] = validate_rows(records, self.bad_rows, check, origin, limit)
+            lengths += [measured[id(r)] for r in rows[split]]
+        self._fix_lengths(lengths)
+        self.rows = rows
+
+    def load_split(self, split: str) -> list[dict]:
+        self.load_rows()
         return self.rows[split]
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            raise RuntimeError("SelfPlayDataModule needs a tokenizer before setup()")
         if not self.load_split("train"):
-            raise DataError("the training split has no usable rows")
-
-    def _prompt_too_long(self, row: dict) -> str | None:
-        n = len(self.encode_prompt(row["prompt"]))
-        if n > self.max_prompt_length:
-            return (
-                f"field 'prompt' is {n} tokens with the chat template, over "
-                f"data.max_prompt_length={self.max_prompt_length} (raise the limit)"
+            where = getattr(self.source, "paths", {}).get("train") or f"{type(self.source).__name__}[train]"
+            raise DataError(
+                f"{where}: the training split has no usable rows ({self.skipped['train']} bad rows "
+                "skipped, data.bad_rows=skip)"
             )
-        return None
+
+    def _lengths(self, row: dict) -> tuple[int, int]:
+        """(prompt, prompt + real response + EOS) in tokens, the prompt with the chat template."""
+        prompt = len(self.encode_prompt(row["prompt"]))
+        return prompt, prompt + len(
+            self.tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        ) + 1
+
+    def _longest(self, records: list, limit: int | None) -> tuple[int, int]:
+        """The longest prompt and row among the well-formed records, for an error's advice."""
+        good = [
+            r
+            for r in records
+            if isinstance(r, dict)
+            and all(isinstance(r.get(k), str) and r[k].strip() for k in ("prompt", "response"))
+        ][:limit]
+        lengths = [self._lengths(r) for r in good]
+        return max(p for p, _ in lengths), max(t for _, t in lengths)
+
+    def _length_check(self, records: list, limit: int | None, measured: dict):
+        """A row check for validate_rows against the limits; it records each row's lengths."""
+
+        def check(row: dict) -> str | None:
+            prompt, total = measured[id(row)] = self._lengths(row)
+            if self.max_prompt_length is not None and prompt > self.max_prompt_length:
+                need = self._longest(records, limit)[0] if self.bad_rows == "error" else prompt
+                return (
+                    f"field 'prompt' is {prompt} tokens with the chat template, over "
+                    f"data.max_prompt_length={self.max_prompt_length}: set data.max_prompt_length={need} "
+                    "(the longest prompt of this split) or null (measured from the data)"
+                )
+            if self.max_length is not None and total > self.max_length:
+                need = self._longest(records, limit)[1] if self.bad_rows == "error" else total
+                return (
+                    f"prompt and real response are {total} tokens (chat template and EOS included), over "
+                    f"data.max_length={self.max_length}: set data.max_length={need} (the longest row of "
+                    "this split) or null (measured from the data)"
+                )
+            cap = self.position_limit
+            if cap is not None and total > cap:
+                return (
+                    f"prompt and real response are {total} tokens (chat template and EOS included), over "
+                    f"the model's position limit of {cap} tokens: shorten the row"
+                )
+            return None
+
+        return check
+
+    def _fix_lengths(self, lengths: list[tuple[int, int]]) -> None:
+        """Measured limits where none were set: every row fits, and every synthetic response of up
+        to max_new_tokens tokens and EOS fits after the longest prompt, within the position limit."""
+        if not lengths:
+            return
+        longest_prompt = max(p for p, _ in lengths)
+        measured = []
+        if self.max_prompt_length is None:
+            self.max_prompt_length = longest_prompt
+            measured.append("max_prompt_length")
+        if self.max_length is None:
+            need = max(max(t for _, t in lengths), longest_prompt + self.max_new_tokens + 1)
+            cap = self.position_limit
+            if cap is not None and need > cap:
+                log.warning(
+                    "the longest prompt (%d tokens) leaves room for %d of generation.max_new_tokens=%d "
+                    "within the model's position limit of %d: longer synthetic responses are cut",
+                    longest_prompt,
+                    cap - longest_prompt - 1,
+                    self.max_new_tokens,
+                    cap,
+                )
+                need = cap
+            self.max_length = need
+            measured.append("max_length")
+            self._check_pack_length()
+        if measured:
+            log.info(
+                "data.max_prompt_length=%d, data.max_length=%d (%s measured from the data)",
+                self.max_prompt_length,
+                self.max_length,
+                " and ".join(measured),
+            )
 
     # -- tokens -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -313,7 +454,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_response(self, response: str, budget: int) -> list[int]:
+    def encode_response(self, response: str, budget: int | None) -> list[int]:
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         ids = [*ids, self.tokenizer.eos_token_id]
         return ids[:budget]
@@ -330,7 +471,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         encoded = []
         for i, pair in enumerate(pairs):
             prompt = self.encode_prompt(pair["prompt"])
-            budget = self.max_length - len(prompt)
+            budget = None if self.max_length is None else self.max_length - len(prompt)
             item = {"index": i, "prompt": prompt, "real": self.encode_response(pair["real"], budget)}
             if pair.get("synthetic") is not None:  # SFT rounds train on real responses alone
                 item["synthetic"] = self.encode_response(pair["synthetic"], budget)
@@ -391,17 +532,18 @@ class SelfPlayDataModule(L.LightningDataModule):
         scored exactly as in the padded batch. `sequence_ids` says which sequence each token
         belongs to (-1: padding at a row's end), in the padded batch's order.
         """
+        capacity = self.pack_length or 2 * max(map(len, seqs))
         rows: list[list[int]] = []
         room: list[int] = []
         for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
             row = next((r for r in range(len(rows)) if room[r] >= len(seqs[i])), None)
             if row is None:
                 rows.append([])
-                room.append(self.pack_length)
+                room.append(capacity)
                 row = len(rows) - 1
             rows[row].append(i)
             room[row] -= len(seqs[i])
-        width = max(self.pack_length - r for r in room)
+        width = max(capacity - r for r in room)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         label_ids = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

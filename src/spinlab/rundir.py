@@ -137,21 +137,23 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: Path, drop_torn_tail: bool = False, invalid=None) -> list:
     """Rows of a JSON Lines file; blank lines are skipped.
 
-    A line that is not JSON raises, unless `invalid(line_number, error)` gives a row for it.
+    A line that is not UTF-8 or not JSON raises, naming the file and the line, unless
+    `invalid(line_number, error)` gives a row for it.
     """
     rows = []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = path.read_bytes().split(b"\n")
     complete, tail = lines[:-1], lines[-1]
     if tail and not drop_torn_tail:
         complete.append(tail)
-    for i, line in enumerate(complete, 1):
-        if not line.strip():
-            continue
+    for i, raw in enumerate(complete, 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
+            line = raw.decode("utf-8")
+            if line.strip():
+                rows.append(json.loads(line))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if invalid is None:
-                raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg})") from err
+                what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"valid JSON ({err.msg})"
+                raise ValueError(f"{path}: line {i} is not {what}") from err
             rows.append(invalid(i, err))
     return rows
 

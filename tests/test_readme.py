@@ -1,0 +1,211 @@
+"""Every command of the README's quick start and sweep sections runs as written (slow; CI runs it).
+
+The commands are taken from the fenced bash blocks of those sections, so a command added there
+is tested without touching this file. They run in README order, as a user would type them (a
+later one may use what an earlier one made: a saved policy, a sweep), in a fresh copy of the repository's runnable part (train.py, conf/) so that what they write
+(outputs/, multirun/, sft.jsonl, reports/) lands there; nothing is added to a command, except
+`debug=fast` (the documented size override) to a `cluster:` command that needs only time.
+A `cluster:` command that needs what this machine lacks (GPUs, the hub, Slurm) must stop with
+the message the README documents for it.
+
+A `python train.py` run must end with its summary table (one row per round), a multirun with
+the sweep report; any other command must succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT, compose_cfg
+
+README = ROOT / "README.md"
+SECTIONS = ("Quick start", "Sweeps, dashboards and reports")
+SIZE_OVERRIDE = "debug=fast"
+MESSAGES = {  # what a cluster command stops with where a need is missing; the README documents each
+    "gpu": "torch sees no CUDA device",
+    "hub": "HF_HUB_OFFLINE=1 is set and the model is not in the local cache",
+    "slurm": 'Could not detect "srun", are you indeed on a slurm cluster?',
+}
+TABLE = re.compile(
+    r"^(?:SPIN|SFT) rounds .*\n *round +loss .*\n((?: +\d+ .*\n)+)run directory: .+\n*\Z", re.MULTILINE
+)
+
+
+def section_commands(text: str, titles=SECTIONS) -> list[str]:
+    """Commands of the fenced bash blocks under the given `## ` headings, continuation lines joined."""
+    commands = []
+    for section in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        if not section.startswith(titles):
+            continue
+        for block in re.findall(r"^```bash\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL):
+            pending = ""
+            for line in block.splitlines():
+                pending += line + "\n"
+                if not line.endswith("\\"):
+                    if pending.strip() and not pending.lstrip().startswith("#"):
+                        commands.append(pending.strip())
+                    pending = ""
+    return commands
+
+
+def split_comment(command: str) -> tuple[str, str]:
+    """(code, comment) of a shell command: the comment starts at a `#` after blank space, outside quotes."""
+    quote = None
+    for i, ch in enumerate(command):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or command[i - 1].isspace()):
+            return command[:i].rstrip(), command[i + 1 :].strip()
+    return command, ""
+
+
+def shell_words(code: str) -> list[str]:
+    return shlex.split(code.replace("\\\n", " "))
+
+
+def train_overrides(words: list[str]) -> list[str] | None:
+    """A `python train.py` command's overrides, each sweep's first value; None for other commands."""
+    if words[:2] != ["python", "train.py"]:
+        return None
+    overrides = [w for w in words[2:] if w not in ("-m", "--multirun") and not w.startswith("hydra")]
+    return [o.split(",")[0] if "=" in o else o for o in overrides]
+
+
+def missing_need(words: list[str], cfg, cwd: Path) -> str | None:
+    """What the command needs that this machine lacks, in the order train.py meets it."""
+    if "hydra/launcher=slurm" in words and not shutil.which("srun"):
+        return "slurm"
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        return "gpu"
+    if cfg.model._target_ == "spinlab.models.pretrained" and not (cwd / cfg.model.name_or_path).exists():
+        return "hub"
+    return None
+
+
+COMMANDS = section_commands(README.read_text())
+
+
+def test_the_sections_hold_the_commands_a_newcomer_runs():
+    assert any("experiment=demo" in c for c in COMMANDS)  # what `make demo` runs
+    assert any(" -m " in c for c in COMMANDS) and any("cluster:" in c for c in COMMANDS)
+    text = "## Quick start\n```bash\na  # x\n# only a comment\nb \\\n  c # cluster: y\n```\n## Other\n```bash\nd\n```\n"
+    assert section_commands(text, ("Quick start",)) == ["a  # x", "b \\\n  c # cluster: y"]
+    assert split_comment("printf '%s # not a comment' > f  # a comment") == (
+        "printf '%s # not a comment' > f",
+        "a comment",
+    )
+    for message in MESSAGES.values():
+        assert message in README.read_text(), message
+    assert f"with `{SIZE_OVERRIDE}` appended" in README.read_text()
+
+
+class Session:
+    """A fresh copy of the repository's runnable part, where the README's commands run in order."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+        shutil.copy(ROOT / "train.py", cwd / "train.py")
+        shutil.copytree(ROOT / "conf", cwd / "conf")
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # `python` is ours
+            # Submitit jobs are fresh processes that unpickle train.py's task: they need it and src/.
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(cwd), str(ROOT / "src"), os.environ.get("PYTHONPATH")])
+            ),
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "disabled",
+        }
+        self.results: dict[int, tuple[subprocess.CompletedProcess, float, str]] = {}
+
+    def run(self, index: int) -> tuple[subprocess.CompletedProcess, float, str]:
+        if index not in self.results:
+            command = COMMANDS[index]
+            code, comment = split_comment(command)
+            words = shell_words(code)
+            how = "as written"
+            overrides = train_overrides(words)
+            if overrides is not None and comment.startswith("cluster:"):
+                need = missing_need(words, compose_cfg(overrides), self.cwd)
+                if need is None:
+                    code, how = f"{code} {SIZE_OVERRIDE}", f"with {SIZE_OVERRIDE}"
+                else:
+                    how = f"needs {need}"
+            start = time.perf_counter()
+            result = subprocess.run(
+                ["bash", "-c", code], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800
+            )
+            self.results[index] = (result, time.perf_counter() - start, how)
+        return self.results[index]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    session = Session(tmp_path_factory.mktemp("readme"))
+    yield session
+    print("\nREADME commands, wall time (s):")
+    for index in sorted(session.results):
+        _, seconds, how = session.results[index]
+        print(f"{seconds:8.1f}  {COMMANDS[index]}  [{how}]")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[split_comment(c)[0][:80] for c in COMMANDS])
+def test_readme_command(session, index):
+    result, _, how = session.run(index)
+    out = result.stdout + result.stderr
+    tail = (
+        f"{COMMANDS[index]}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+    )
+    if how.startswith("needs "):
+        assert result.returncode != 0, tail
+        assert MESSAGES[how.removeprefix("needs ")] in out, tail
+        return
+    assert result.returncode == 0, tail
+    words = shell_words(split_comment(COMMANDS[index])[0])
+    overrides = train_overrides(words)
+    if overrides is None:
+        return
+    if "-m" in words or "--multirun" in words:
+        # The sweep's last word, in whichever stream Hydra logs to: its report, written.
+        ends = [re.search(r"sweep report: (\S+)\s*\Z", stream) for stream in (result.stdout, result.stderr)]
+        report = next((m.group(1) for m in ends if m), None)
+        assert report and (session.cwd / report).is_file(), tail
+        return
+    table = TABLE.search(result.stdout)
+    assert table, tail
+    if how == "as written":
+        assert len(table.group(1).splitlines()) == compose_cfg(overrides).rounds, tail
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in COMMANDS if train_overrides(shell_words(split_comment(c)[0])) is not None]
+)
+def test_readme_train_command_passes_the_start_checks(command):
+    """The quick part: each train.py command composes and passes check_config, or a cluster
+    command stops there with its documented message (the slow test above runs them)."""
+    import train
+
+    code, comment = split_comment(command)
+    words = shell_words(code)
+    cfg = compose_cfg(train_overrides(words))
+    OmegaConf.resolve(cfg)
+    no_gpu = cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available()
+    if no_gpu and comment.startswith("cluster:"):
+        with pytest.raises(RuntimeError, match=MESSAGES["gpu"]):
+            train.check_config(cfg)
+    else:
+        train.check_config(cfg)
