@@ -66,7 +66,6 @@ def preflight(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
-    loaded, datamodule = preflight(cfg)
     run_dir = RunDir(cfg.run_dir)
     if is_launching_rank():  # ranks 1.. of a multi-process run belong to rank 0's job
         claim(run_dir)
@@ -87,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
         return done
     if ckpt is not None:
         check_last_checkpoint(run_dir, len(done))
+    loaded, datamodule = preflight(cfg)
     check_writable(run_dir.root, need_bytes=0)
     L.seed_everything(cfg.seed, workers=True)
 

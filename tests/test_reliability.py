@@ -25,6 +25,7 @@ import train
 from spinlab import rundir
 from spinlab.config import check_settings, redact
 from spinlab.loggers import MetricsFile
+from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.rounds import round_settings
 from tests.conftest import ROOT, compose_cfg
 from tests.helpers import Crash
@@ -271,7 +272,7 @@ def test_round_override_from_the_command_line_reaches_its_round(tmp_path):
 )
 def test_paper_recipe_commands_compose_as_written(override, setting, expected):
     cfg = compose_cfg(["experiment=paper_zephyr", override])
-    train.check_config(cfg)
+    cfg.round_overrides = typed_round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
     base = {"lam": cfg.lam, "lr": cfg.optimizer.lr, "mix_previous_rounds": cfg.data.mix_previous_rounds}
     overrides = OmegaConf.to_container(cfg.round_overrides)
     per_round = [round_settings(r, base, overrides) for r in range(cfg.rounds)]

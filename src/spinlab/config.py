@@ -180,6 +180,21 @@ def dirname(overrides: str, limit: int = 140) -> str:
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
 
 
+def accepted_keys(target) -> set[str] | None:
+    """The keyword arguments `target` takes; None when it takes any. A class whose __init__ passes
+    **kwargs on to its base (the generation backends do) takes the base's keywords too."""
+    inits = (
+        [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    )
+    names: set[str] = set()
+    for init in inits:
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
 def check_targets(cfg) -> None:
     """Every node with a `_target_` has only keys its callable takes (unless it takes **kwargs).
 
@@ -198,11 +213,11 @@ def check_targets(cfg) -> None:
         target = node.get("_target_")
         if isinstance(target, str):
             try:
-                params = inspect.signature(_locate(target)).parameters.values()
+                params = accepted_keys(_locate(target))
             except (ImportError, ValueError, TypeError):
                 params = None  # not importable or no signature: instantiate reports it
-            if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
-                names = {p.name for p in params if p.kind is not p.VAR_POSITIONAL}
+            if params is not None:
+                names = params
                 unknown = sorted(k for k in node if k not in names and k not in HYDRA_KEYS)
                 if unknown:
                     raise ValueError(
