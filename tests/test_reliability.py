@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 import train
 from spinlab import rundir
 from spinlab.config import check_settings, redact
-from spinlab.loggers import MetricsFile
 from spinlab.config import round_overrides as typed_round_overrides
+from spinlab.loggers import MetricsFile
 from spinlab.rounds import round_settings
 from tests.conftest import ROOT, compose_cfg
 from tests.helpers import Crash
