@@ -110,7 +110,18 @@ def run(cfg: DictConfig) -> dict:
         logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except RuntimeError as err:
+        if trainer.world_size > 1 and any(
+            s in str(err) for s in ("Connection closed", "Connection reset", "timed out", "Timeout")
+        ):
+            raise RuntimeError(
+                f"process rank {trainer.global_rank} of {trainer.world_size}: another process of this run "
+                "stopped or stopped answering (see its train_ddp_process_<rank>.log in the run directory). "
+                f"The last checkpoint is intact: run the same command again to resume. ({err})"
+            ) from err
+        raise
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:

@@ -201,3 +201,27 @@ def test_impossible_values_fail_at_start(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, "bad", override)
     assert not (tmp_path / "bad" / "rounds").exists()
+
+
+def test_extending_a_finished_run_trains_the_new_rounds_as_a_longer_run_would(tmp_path):
+    """rounds=2 finished, then rounds=3 on the same run directory: round 2 starts at step 8 with
+    the full schedule and ends with the weights of a run started with rounds=3."""
+    run(tmp_path, "extended", "rounds=2")
+    summary, _ = run(tmp_path, "extended", "rounds=3")
+    straight, _ = run(tmp_path, "straight", "rounds=3")
+    assert summary[2]["start_step"] == 8 == straight[2]["start_step"]
+    assert summary[2]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-6)
+    assert abs(summary[2]["margin"]) > 1e-3  # it trained: the policy moved away from its opponent
+    a, b = (
+        weights(tmp_path / "extended" / "hf" / "round_002"),
+        weights(tmp_path / "straight" / "hf" / "round_002"),
+    )
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    before = weights(tmp_path / "extended" / "hf" / "round_001")
+    assert any(not torch.equal(a[k], before[k]) for k in a)
+    with open(tmp_path / "extended" / "csv" / "metrics.csv") as f:
+        lrs = [
+            float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr") and r.get("round") == "2.0"
+        ]
+    assert len(lrs) == 4 and min(lrs) > 0

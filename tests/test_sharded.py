@@ -152,3 +152,30 @@ def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-4)
     assert load_file(str(run_dir / "hf" / "round_000" / "model.safetensors")).keys() == reference.keys()
+
+
+def test_one_process_dying_alone_stops_the_other_naming_its_rank(tmp_path):
+    proc = subprocess.Popen(
+        command(tmp_path / "run", *SHARDED, "data.num_prompts=64"),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    for line in proc.stdout:
+        if "round 0 step 5" in line:
+            (child,) = subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+            os.kill(int(child), signal.SIGKILL)  # rank 1 alone
+            killed = time.perf_counter()
+            break
+    try:
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode not in (0, None) and time.perf_counter() - killed < 120
+    assert "process rank 0 of 2: another process of this run stopped" in rest, rest[-3000:]
