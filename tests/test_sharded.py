@@ -179,3 +179,12 @@ def test_one_process_dying_alone_stops_the_other_naming_its_rank(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode not in (0, None) and time.perf_counter() - killed < 120
     assert "process rank 0 of 2: another process of this run stopped" in rest, rest[-3000:]
+
+
+def test_generation_on_the_shards_in_lockstep_gives_the_same_synthetic_data(runs, tmp_path):
+    """module.gather_for_generation=false: the fallback when a model's full weights do not fit."""
+    tmp, _ = runs
+    train(tmp_path / "lockstep", *SHARDED, "module.gather_for_generation=false", "rounds=1", "~eval")
+    assert (tmp_path / "lockstep" / "rounds" / "round_000" / "synthetic.jsonl").read_bytes() == (
+        tmp / "sharded" / "rounds" / "round_000" / "synthetic.jsonl"
+    ).read_bytes()

@@ -136,8 +136,12 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int | None = 1024,
         on_nonfinite: str = "stop",
+        gather_for_generation: bool = True,
     ):
         super().__init__()
+        # Sharded runs: decode on the full weights gathered once (fast; needs the whole model's
+        # memory on every device), or on the shards with every process stepping in lockstep.
+        self.gather_for_generation = gather_for_generation
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -204,9 +208,10 @@ class PolicyModule(L.LightningModule):
             shard(scorer, mesh["data_parallel"], mp_policy)
 
     @contextmanager
-    def gathered_weights(self):
+    def gathered_weights(self, root_only: bool = False):
         """The policy's full weights on every process for a whole phase (one all-gather, freed
-        after), so that each process can decode its own prompts at its own pace."""
+        after), so that each process can decode its own prompts at its own pace. root_only: only
+        the root's (embeddings, output layer), for decoding in lockstep on the sharded layers."""
         from torch.distributed.fsdp import FSDPModule
 
         if not self.sharded:
@@ -214,6 +219,7 @@ class PolicyModule(L.LightningModule):
             return
         self.scorer._get_fsdp_state()._lazy_init()  # the root must be known before any layer runs alone
         modules = [m for m in self.scorer.modules() if isinstance(m, FSDPModule)]
+        modules = [self.scorer] if root_only else modules
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
@@ -347,6 +353,7 @@ class SPINModule(PolicyModule):
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int | None = 1024,
         on_nonfinite: str = "stop",
+        gather_for_generation: bool = True,
     ):
         if opponent not in OPPONENT_MODES:
             raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
@@ -359,6 +366,7 @@ class SPINModule(PolicyModule):
             gradient_checkpointing,
             logprob_chunk_size,
             on_nonfinite,
+            gather_for_generation,
         )
         self.opponent_scorer = None
         if opponent == "model":
@@ -412,6 +420,7 @@ class SFTModule(PolicyModule):
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int | None = 1024,
         on_nonfinite: str = "stop",
+        gather_for_generation: bool = True,
     ):
         super().__init__(
             policy,
@@ -422,6 +431,7 @@ class SFTModule(PolicyModule):
             gradient_checkpointing,
             logprob_chunk_size,
             on_nonfinite,
+            gather_for_generation,
         )
 
     def policy_logps(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -168,7 +168,8 @@ def generate_rows(
         else:
             rows.extend(new)
 
-    with module.gathered_weights(), trainer.precision_plugin.forward_context():
+    synced = module.sharded and not module.gather_for_generation
+    with module.gathered_weights(root_only=synced), trainer.precision_plugin.forward_context():
         stats = generator.generate(
             module.policy,
             tokenizer,
@@ -178,6 +179,7 @@ def generate_rows(
             round_index=round_index,
             desc=desc,
             shard=(rank, world),
+            **({"synced": True} if synced else {}),
         )
     if partial:
         trainer.strategy.barrier("generation shards")
