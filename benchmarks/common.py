@@ -366,18 +366,22 @@ def autocast(device: str):
 
 def cache_opponent(module, dm, device: str) -> None:
     """The cached opponent: every pair's log-probs once, with the starting weights."""
+    from spinlab.rounds import score_pairs
+
     with autocast(device):
-        dm.set_opponent_logps(module.score_opponent(dm.scoring_dataloader()))
+        dm.set_opponent_logps(score_pairs(None, module, dm, dm.encoded, desc="opponent"))
 
 
 def spin_steps(module, dm, device: str):
     """One optimizer step of SPINModule per batch of `dm`, in order (both sides of a lever see
     the same batches); yields (batch, loss, time at the step's end)."""
-    optimizer = module.configure_optimizers()
+    import torch
+
+    optimizer = module.configure_optimizers()["optimizer"]
     for batch in dm.scoring_dataloader():
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device):
-            out = module.forward_pairs(batch)
+            out = module.loss_and_metrics(batch)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -10,7 +10,7 @@ subprocess with `debug=fast rounds=1` into a temporary run directory, with timer
 around the framework's own methods:
 
 - generation: `Generator.generate`, whichever backend is configured (the opponent's synthetic responses)
-- opponent scoring: `SPINModule.score_opponent` (the cached opponent's log-probs)
+- opponent scoring: `SyntheticPairs.opponent_logps` (the cached opponent's log-probs)
 - training: first training batch start to last training batch end
 - saving: `SelfPlayCallback.finish_round` without the evaluation in it (the Hugging Face
   directory, summary.json) and `Trainer.save_checkpoint` (the Lightning checkpoint)
@@ -116,13 +116,13 @@ def child(args) -> None:
     import lightning as L
     import torch
 
-    from spinlab import callbacks, generation, module
+    from spinlab import callbacks, generation, module, rounds
 
     if args.threads:
         torch.set_num_threads(args.threads)
     phases = Phases()
     phases.wrap(generation.Generator, "generate", "generation")
-    phases.wrap(module.SPINModule, "score_opponent", "opponent_scoring")
+    phases.wrap(rounds.SyntheticPairs, "opponent_logps", "opponent_scoring")
     phases.wrap(callbacks.SelfPlayCallback, "start_round", "round_start_other")
     phases.wrap(callbacks.SelfPlayCallback, "finish_round", "saving_hf")
     phases.wrap(L.Trainer, "save_checkpoint", "saving_checkpoint")

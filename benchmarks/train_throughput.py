@@ -86,7 +86,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds per side")
     # Internal: run one side.
-    p.add_argument("--child", choices=("peer", "ours"), default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--child", choices=("peer", "ours", "ours_bare_loop"), default=None, help=argparse.SUPPRESS
+    )
     p.add_argument("--peer-setting", choices=PEER_SETTINGS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--gc", choices=("off", "on"), default="off", help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -287,18 +289,23 @@ def chunk_setting(args):
     return {"logprob_chunk_size": size}, size
 
 
-def run_ours(args) -> dict:
-    import contextlib
-
+def build_ours(args, side: str):
+    """The same model, pairs, SPINModule and SelfPlayDataModule for both of our measurements,
+    with the cached opponent's log-probs set (computed once, timed)."""
     import torch
 
     from spinlab.data import SelfPlayDataModule
     from spinlab.losses import logistic
     from spinlab.module import SPINModule
+    from spinlab.rounds import score_pairs
+
+    class GivenPairs(SelfPlayDataModule):
+        def setup(self, stage=None) -> None:  # the pairs are given as token ids, there is nothing to read
+            pass
 
     setup(args)
     kwargs, chunk_report = chunk_setting(args)
-    result = base_result(args, "spinlab SPINModule (opponent=cached)")
+    result = base_result(args, side)
     result["logprob_chunk_size"] = chunk_report
     result["memory_after_imports"] = common.memory_probe(args.device)
     model = common.build_model(args.shape, args.seed).to(args.device)
@@ -316,7 +323,7 @@ def run_ours(args) -> dict:
         gradient_checkpointing=args.gc == "on",
         **kwargs,
     ).to(args.device)
-    datamodule = SelfPlayDataModule(
+    datamodule = GivenPairs(
         source=None,
         tokenizer=tokenizer,
         batch_size=args.batch,
@@ -326,32 +333,122 @@ def run_ours(args) -> dict:
     )
     datamodule.encoded = pairs  # already token ids: {index, prompt, real, synthetic}
     probe = common.HeadProbe(model)
-    gpu = args.device == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-
     # The cached opponent: log-probs of every pair, once, with the round's starting weights.
     started = common.now(args.device)
-    with autocast():
-        logps = module.score_opponent(datamodule.scoring_dataloader())
+    with common.autocast(args.device):
+        logps = score_pairs(None, module, datamodule, datamodule.encoded, desc="opponent")
     precompute_s = common.now(args.device) - started
     datamodule.set_opponent_logps(logps)
     result["lm_head_module_calls_in_scoring"] = probe.take()
     result["memory_after_opponent_scoring"] = common.memory_probe(args.device)
+    return module, datamodule, probe, result, precompute_s
 
-    optimizer = module.configure_optimizers()
+
+def run_ours_bare(args) -> dict:
+    """SPINModule's objective in a hand-written loop outside Lightning: the floor of our cost."""
+    import torch
+
+    module, datamodule, probe, result, precompute_s = build_ours(
+        args, "spinlab SPINModule (opponent=cached), hand-written loop"
+    )
+    optimizer = module.configure_optimizers()["optimizer"]
     times = []
     for batch in datamodule.train_dataloader():
-        batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-        with autocast():
-            out = module.forward_pairs(batch)
+        batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with common.autocast(args.device):
+            out = module.loss_and_metrics(batch)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append((common.now(args.device), common.cpu_now()))
     result["lm_head_module_calls_in_training"] = probe.take()
     return figures(args, times, result, precompute_s)
+
+
+def run_ours_fit(args) -> dict:
+    """What `python train.py` runs for a round's training: Trainer.fit with the trainer config of
+    conf/trainer/, SPINModule's own hooks (training_step, on_before_optimizer_step, logging),
+    the round's LR schedule, the CSV logger, RoundCheckpoint at the epoch end and
+    AtomicCheckpointIO. Generation and SelfPlayCallback are left out: the pairs and the opponent's
+    log-probs are given, as TRL is given them."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from omegaconf import OmegaConf
+
+    from spinlab.callbacks import AtomicCheckpointIO, RoundCheckpoint
+    from spinlab.loggers import CSVLogger
+    from spinlab.rounds import Round
+
+    module, datamodule, probe, result, precompute_s = build_ours(
+        args, "spinlab SPINModule (opponent=cached), Trainer.fit as train.py"
+    )
+    steps = args.warmup + args.steps
+    module.begin_round(
+        Round(
+            index=0,
+            lam=args.lam,
+            lr=args.lr,
+            mix_previous_rounds=0,
+            total_steps=steps,
+            pairs=len(datamodule.encoded),
+        ),
+        fresh=True,
+    )
+
+    class StepClock(L.Callback):
+        def __init__(self):
+            self.times: list[tuple[float, float]] = []  # (wall, process CPU) at each batch's end
+            self.in_batch: list[float] = []  # on_train_batch_start to on_train_batch_end
+            self.started = 0.0
+
+        def on_train_batch_start(self, *a, **kw):
+            self.started = common.now(args.device)
+
+        def on_train_batch_end(self, *a, **kw):
+            end = common.now(args.device)
+            self.times.append((end, common.cpu_now()))
+            self.in_batch.append(end - self.started)
+
+    trainer_cfg = OmegaConf.load(
+        common.REPO / "conf" / "trainer" / ("gpu.yaml" if args.device == "cuda" else "cpu.yaml")
+    )
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="spinlab-bench-") as run_dir:
+        csv = CSVLogger(
+            save_dir=run_dir, checkpoint=f"{run_dir}/checkpoints/last.ckpt", name="csv", version=""
+        )
+        checkpoint = RoundCheckpoint(dirpath=f"{run_dir}/checkpoints")
+        trainer = instantiate(
+            trainer_cfg,
+            max_epochs=1,
+            reload_dataloaders_every_n_epochs=1,
+            callbacks=[clock, checkpoint, TQDMProgressBar(refresh_rate=1), csv],
+            logger=[csv],
+            default_root_dir=run_dir,
+            plugins=[AtomicCheckpointIO()],
+            enable_checkpointing=False,  # RoundCheckpoint writes checkpoints/last.ckpt, as in train.py
+        )
+        result["memory_after_trainer_init"] = common.memory_probe(args.device)
+        started = common.now(args.device)
+        trainer.fit(module, datamodule=datamodule)
+        fit_s = common.now(args.device) - started
+        logged_rows = csv.experiment.rows
+        checkpoint_bytes = checkpoint.path.stat().st_size
+    if len(clock.times) != steps:
+        raise RuntimeError(f"Trainer.fit ran {len(clock.times)} batches, expected {steps}")
+    result["lm_head_module_calls_in_training"] = probe.take()
+    in_batch = sum(clock.in_batch[args.warmup :])
+    tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
+    result.update(
+        trainer_config=OmegaConf.to_container(trainer_cfg),
+        fit_s=fit_s,
+        csv_rows_logged=logged_rows,
+        checkpoint_bytes=checkpoint_bytes,
+        in_batch_s=in_batch,
+        tokens_per_s_in_batch=tokens / in_batch,
+    )
+    return figures(args, clock.times, result, precompute_s)
 
 
 # -- the comparison -----------------------------------------------------------------------------
@@ -413,10 +510,21 @@ def best_of(runs: dict[str, dict]) -> dict:
     }
 
 
+def ratios(ours: dict, best: dict, prefix: str) -> dict:
+    """ours/peer of each figure; None where a side failed."""
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "tokens_per_s_incl_precompute", "peak_memory_gib")
+    names = {"peak_memory_gib": "peak_memory"}
+    ok = "error" not in ours
+    return {
+        f"{prefix}{names.get(k, k)}_ratio": common.ratio(ours.get(k), best.get(k)) if ok else None
+        for k in keys
+    }
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        run = run_peer if args.child == "peer" else run_ours
+        run = {"peer": run_peer, "ours": run_ours_fit, "ours_bare_loop": run_ours_bare}[args.child]
         common.write_result(args.result_file, run(args))
         return
     script = Path(__file__).resolve()
@@ -431,13 +539,13 @@ def main(argv=None) -> None:
             for s in settings
         }
         ours = common.run_child(script, child_argv(args, "ours", gc), args.timeout)
+        bare = common.run_child(script, child_argv(args, "ours_bare_loop", gc), args.timeout)
         extra = {}
         if args.also_unchunked:
             extra["ours_unchunked"] = common.run_child(
                 script, child_argv(args, "ours", gc, chunk="none"), args.timeout
             )
         best = best_of(peer)
-        ok = "error" not in ours
         record = {
             "benchmark": "train_throughput",
             "device": args.device,
@@ -456,22 +564,14 @@ def main(argv=None) -> None:
             else "peak RSS of the subprocess",
             "ours_logprob_chunk_size": ours.get("logprob_chunk_size"),
             # True when the training forward went through lm_head, i.e. built full [2B, T, V] logits.
-            "ours_full_logits": bool(ours.get("lm_head_module_calls_in_training")) if ok else None,
-            "tokens_per_s_ratio": common.ratio(ours.get("tokens_per_s"), best.get("tokens_per_s"))
-            if ok
+            "ours_full_logits": bool(ours.get("lm_head_module_calls_in_training"))
+            if "error" not in ours
             else None,
-            "tokens_per_cpu_s_ratio": common.ratio(ours.get("tokens_per_cpu_s"), best.get("tokens_per_cpu_s"))
-            if ok
-            else None,
-            "tokens_per_s_incl_precompute_ratio": common.ratio(
-                ours.get("tokens_per_s_incl_precompute"), best.get("tokens_per_s_incl_precompute")
-            )
-            if ok
-            else None,
-            "peak_memory_ratio": common.ratio(ours.get("peak_memory_gib"), best.get("peak_memory_gib"))
-            if ok
-            else None,
+            # ours: Trainer.fit as train.py runs it; ours_bare_loop: the objective in a plain loop.
+            **ratios(ours, best, ""),
+            **ratios(bare, best, "bare_loop_"),
             "ours": ours,
+            "ours_bare_loop": bare,
             "peer_best": best,
             "peer": peer,
             **extra,
