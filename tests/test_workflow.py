@@ -123,3 +123,20 @@ def test_ngram_distance_and_length_ratio_by_hand():
     assert ngram_tv(["a b d"], real) == pytest.approx(0.5)
     assert ngram_tv([""], [""]) == 0.0 and ngram_tv([""], real) == 1.0  # no bigrams at all
     assert length_ratio(["abcd"], ["ab", "ab"]) == 1.0 and length_ratio(["a"], ["abcd"]) == 0.25
+
+
+def test_task_answers_come_from_the_runs_generation_backend():
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from spinlab.generation import HFGenerator, StaticCacheGenerator
+    from tests.conftest import compose_cfg
+
+    evaluator = RoundEvaluator(heldout_pairs=0, max_new_tokens=7, batch_size=3)
+    assert type(evaluator.generator) is HFGenerator  # before any round: plain HF generate
+    generator = instantiate(compose_cfg(["generation=static"]).generation)
+    evaluator.prepare(0, None, None, SimpleNamespace(load_split=lambda split: []), generator, None)
+    greedy = evaluator.generator.greedy(evaluator.max_new_tokens, evaluator.batch_size)
+    assert type(greedy) is StaticCacheGenerator
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.batch_size) == (False, 7, 3)

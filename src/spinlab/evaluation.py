@@ -77,7 +77,9 @@ class RoundEvaluator:
         self.heldout_pairs = heldout_pairs
         self.task_prompts = task_prompts
         self.split = split
-        self.greedy = HFGenerator(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False)
+        self.max_new_tokens = max_new_tokens
+        # Greedy answers come from the run's generation backend (set by prepare); HF generate without one.
+        self.generator = HFGenerator(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False)
         self.mtbench = mtbench
         self.mtbench_limit = mtbench_questions
         self.mtbench_max_new_tokens = mtbench_max_new_tokens
@@ -89,6 +91,7 @@ class RoundEvaluator:
 
     def prepare(self, index: int, trainer, module, dm, generator, run_dir: RunDir) -> None:
         """With the opponent's weights: held-out pairs and their opponent log-probs."""
+        self.generator = generator
         path = self._heldout_path(run_dir, index)
         rows = dm.load_split(self.split)[: self.heldout_pairs]
         if not rows or trainer.strategy.broadcast(path.exists()):
@@ -162,7 +165,7 @@ class RoundEvaluator:
         out = generate_rows(
             trainer,
             module,
-            self.greedy,
+            self.generator.greedy(self.max_new_tokens, self.batch_size),
             dm.tokenizer,
             [dm.encode_prompt(r["prompt"]) for r in rows],
             round_index=index,
@@ -193,9 +196,7 @@ class RoundEvaluator:
         """Two-turn answers to the MT-Bench questions, in the format FastChat's judge reads."""
         trainer = trainer or SingleProcess()
         questions = mtbench_questions()[: self.mtbench_limit]
-        generator = HFGenerator(
-            max_new_tokens=self.mtbench_max_new_tokens, batch_size=self.batch_size, do_sample=False
-        )
+        generator = self.generator.greedy(self.mtbench_max_new_tokens, self.batch_size)
         tokenizer = dm.tokenizer
         conversations = [[] for _ in questions]
         for turn in range(2):
