@@ -13,9 +13,13 @@ checkpointing set the same way.
 - Peer: TRL's DPOTrainer with chosen = real, rejected = synthetic, loss_type sigmoid,
   beta = lam, run twice: with the reference model in memory, and with
   precompute_ref_log_probs=True (its precompute time is reported, amortised over the epoch).
-- Ours: spinlab.module.SPINModule(opponent="cached") in a hand-written loop over batches from
-  SelfPlayDataModule.collate; the opponent log-probs are computed once beforehand
-  (score_opponent, the cached opponent), timed separately and amortised over the epoch.
+- Ours (`ours`, the headline): spinlab.module.SPINModule(opponent="cached") trained by
+  Trainer.fit as train.py sets it up (conf/trainer/, the module's hooks, the round's LR schedule,
+  the CSV logger, RoundCheckpoint with AtomicCheckpointIO); the data module holds the same pairs
+  and the opponent's log-probs, computed once beforehand with spinlab.rounds.score_pairs, timed
+  separately and amortised over the epoch.
+- Ours, bare loop (`ours_bare_loop`): the same module's loss_and_metrics in a hand-written loop
+  outside Lightning, for what the Trainer and the hooks cost.
 
 Every side runs in its own subprocess, so each peak memory is its own. One JSON line is
 printed per gradient-checkpointing setting, with both sides' raw figures, TRL's best figure of
