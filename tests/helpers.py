@@ -1,5 +1,7 @@
 """Test-only parts that crash on cue, to exercise resume."""
 
+from typing import ClassVar
+
 import lightning as L
 from hydra.utils import get_class
 
@@ -78,3 +80,12 @@ def response_logp(model, tokenizer, prompt: str, response: str) -> float:
     logp = torch.log_softmax(logits, dim=-1)
     # Token i is predicted at position i - 1.
     return sum(float(logp[len(prompt_ids) + j - 1, t]) for j, t in enumerate(response_ids))
+
+
+class RecordPairs(L.Callback):
+    """The rows each round trains on, by round index (class-level, read back by the test)."""
+
+    seen: ClassVar[dict[int, list[dict]]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        RecordPairs.seen[pl_module.round_index] = list(trainer.datamodule.pairs)

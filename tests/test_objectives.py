@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from spinlab import losses
 from spinlab.objectives import SFT, SPIN, TSPIN, Objective
-from tests.conftest import CONF
+from tests.conftest import CONF, compose_cfg
 
 
 def t(*values: float) -> torch.Tensor:
@@ -128,9 +127,7 @@ def options() -> list[str]:
 
 @pytest.mark.parametrize("name", options())
 def test_objective_configs_instantiate_and_give_a_finite_loss(name):
-    # The objective group is not yet in train.yaml's defaults: compose it beside the loss group.
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=[f"+objective={name}", "+loss=logistic"])
+    cfg = compose_cfg([f"objective={name}"])
     objective = instantiate(cfg.objective)
     assert isinstance(objective, Objective)
     policy = {kind: t(-2.0, -3.0) for kind in objective.kinds} | {"tokens": t(5.0)}
@@ -140,8 +137,6 @@ def test_objective_configs_instantiate_and_give_a_finite_loss(name):
 
 
 def test_tspin_config_holds_the_paper_defaults():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=["+objective=tspin", "+loss=logistic"])
-    objective = instantiate(cfg.objective)
+    objective = instantiate(compose_cfg(["objective=tspin"]).objective)
     assert (objective.alpha, objective.beta, objective.beta_first_round) == (1.0, 0.1, 0.0)
     assert objective.loss is losses.logistic or objective.loss.func is losses.logistic

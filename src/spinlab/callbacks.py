@@ -3,7 +3,8 @@
 Round t spans epochs [t·E, (t+1)·E) with E = epochs_per_round. At a round's start the callback
 fixes the round's settings (a `Round`, which it owns and checkpoints), has the configured pair
 builder make the round's rows (SPIN: the opponent, i.e. the policy as it stands now, generates one
-synthetic response per prompt; SFT: the real responses) and, where the method caches them, the
+synthetic response per prompt; SFT: the real responses; T-SPIN: SPIN's pairs plus the
+proto-synthetic responses of round 0) and, where the method caches them, the
 opponent's log-probs. At a round's end it saves the policy as a Hugging Face directory and runs the
 evaluation. Everything a round produces goes to disk first, and is read back on resume instead of
 being made again. Every process takes part in every step (see spinlab.rounds).
@@ -148,6 +149,16 @@ class SelfPlayCallback(L.Callback):
 
     # -- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        objective = getattr(pl_module, "objective", None)
+        provided = tuple(getattr(self.pairs, "kinds", ()))
+        if objective is not None and provided != tuple(objective.kinds):
+            raise ValueError(
+                f"the objective {type(objective).__name__} trains on the kinds of response "
+                f"{tuple(objective.kinds)}, but the pair builder {type(self.pairs).__name__} provides "
+                f"{provided}: pick the `pairs` option that provides them (pairs=synthetic: real, synthetic; "
+                "pairs=real: real; pairs=triplets: real, synthetic, proto), or leave `pairs` unset so "
+                "that the objective picks it"
+            )
         # Lightning restores callback state before this hook, the loop counters only after it;
         # a round started here gets its first step at its first epoch (Round.start_step).
         index = self.completed_epochs // self.epochs_per_round

@@ -38,6 +38,7 @@ class TrainConfig:
     run_dir: str = MISSING
     run_name: str = ""
     pairs: Any = MISSING
+    objective: Any = MISSING
     module: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING

@@ -473,8 +473,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             prompt = self.encode_prompt(pair["prompt"])
             budget = None if self.max_length is None else self.max_length - len(prompt)
             item = {"index": i, "prompt": prompt, "real": self.encode_response(pair["real"], budget)}
-            if pair.get("synthetic") is not None:  # SFT rounds train on real responses alone
-                item["synthetic"] = self.encode_response(pair["synthetic"], budget)
+            for kind in ("synthetic", "proto"):  # SFT rounds train on real responses alone
+                if pair.get(kind) is not None:
+                    item[kind] = self.encode_response(pair[kind], budget)
             encoded.append(item)
         return encoded
 
@@ -497,10 +498,11 @@ class SelfPlayDataModule(L.LightningDataModule):
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """[2B, T] batch: the B real sequences, then the B synthetic ones, right-padded.
 
-        Items without a synthetic response (SFT) give a [B, T] batch of the real ones.
+        Items without a synthetic response (SFT) give a [B, T] batch of the real ones; items with a
+        proto-synthetic response too (T-SPIN) a [3B, T] batch: real, synthetic, then proto.
         """
         seqs, labels = [], []
-        kinds = ("real", "synthetic") if all("synthetic" in item for item in items) else ("real",)
+        kinds = ("real", *(k for k in ("synthetic", "proto") if all(k in item for item in items)))
         for kind in kinds:
             for item in items:
                 seqs.append(item["prompt"] + item[kind])

@@ -1,8 +1,9 @@
-"""SPINModule: the policy (θ_t+1, trained) against the opponent (θ_t, frozen).
+"""SPINModule: the policy (θ_t+1, trained) against the opponent (θ_t, frozen), under a self-play
+objective (spinlab.objectives, the config group `objective`: SPIN by default, or T-SPIN).
 
 The policy lives inside a ResponseScorer, the one module through which every log-prob of a run is
 computed, and which FSDP2 shards layer by layer under trainer=fsdp / fsdp_cpu. The opponent enters the loss only through its log-probs of each pair's real and synthetic
-response. With `opponent="cached"` (the default) they are computed once at the round's start
+response, and only for objectives that use it (SPIN; T-SPIN has no reference). With `opponent="cached"` (the default) they are computed once at the round's start
 from the policy's weights at that moment (exact, because the opponent is frozen for the whole
 round) and arrive in the batch; with `opponent="model"` a frozen copy of the policy scores
 every batch. Both give the same loss.
@@ -261,11 +262,26 @@ class PolicyModule(L.LightningModule):
         means["train_tokens"] = int(self.tokens.compute()) if self.tokens.update_called else 0
         return means
 
+    @property
+    def round_objective(self) -> Objective:
+        """The objective with this round's constants (Objective.at_round)."""
+        return self.objective.at_round(self.round_index)
+
     # -- log-probs --------------------------------------------------------------------------
     def policy_logps(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The policy's summed log-probs of each kind of response in the batch."""
+        """The policy's summed log-probs of each kind of response in the batch (collate stacks the
+        kinds in the objective's order), and under "tokens" the batch's count of scored tokens."""
         logps = self.scorer(batch)
-        return dict(zip(self.objective.kinds, logps.chunk(len(self.objective.kinds)), strict=True))
+        kinds = self.objective.kinds
+        if logps.shape[0] % len(kinds):
+            raise ValueError(
+                f"a batch of {logps.shape[0]} sequences does not split into the {len(kinds)} kinds "
+                f"{kinds} that {type(self.objective).__name__} needs: the pair builder (config group "
+                "`pairs`) must provide them"
+            )
+        out = dict(zip(kinds, logps.chunk(len(kinds)), strict=True))
+        out["tokens"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return out
 
     # -- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -290,7 +306,7 @@ class PolicyModule(L.LightningModule):
         self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
 
     def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.objective(self.policy_logps(batch), None, self.lam)
+        return self.round_objective(self.policy_logps(batch), None, self.lam)
 
     def training_step(self, batch, batch_idx):
         out = self.loss_and_metrics(batch)
@@ -342,11 +358,15 @@ class PolicyModule(L.LightningModule):
 
 
 class SPINModule(PolicyModule):
+    """The self-play module: the policy under `objective` (default SPIN with ℓ = `loss`) against
+    the opponent, whose log-probs arrive cached in the batch or come from a frozen copy
+    (`opponent="model"`) when the objective uses them (`needs_opponent`)."""
+
     def __init__(
         self,
         policy: nn.Module,
-        loss: Callable[[torch.Tensor], torch.Tensor],
-        optimizer: Callable,
+        loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        optimizer: Callable | None = None,
         lam: float = 0.1,
         opponent: str = "cached",
         warmup_ratio: float = 0.1,
@@ -354,12 +374,22 @@ class SPINModule(PolicyModule):
         logprob_chunk_size: int | None = 1024,
         on_nonfinite: str = "stop",
         gather_for_generation: bool = True,
+        objective: Objective | None = None,
     ):
         if opponent not in OPPONENT_MODES:
             raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
+        if objective is None:
+            objective = SPIN(loss)
+        elif loss is not None:
+            raise ValueError("give the module either `loss` (SPIN) or `objective`, not both")
+        if opponent == "model" and not objective.needs_opponent:
+            raise ValueError(
+                f"opponent=model keeps a frozen copy of the policy, but {type(objective).__name__} uses "
+                "no opponent log-probs: leave opponent=cached (nothing is cached for it)"
+            )
         super().__init__(
             policy,
-            SPIN(loss),
+            objective,
             optimizer,
             lam,
             warmup_ratio,
@@ -391,8 +421,10 @@ class SPINModule(PolicyModule):
             self.opponent_scorer.load_state_dict(self.scorer.state_dict())
 
     def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The SPIN objective on one batch (Eq. 4.7); per-pair tensors and the loss."""
+        """The objective on one batch (SPIN: Eq. 4.7); per-pair tensors and the loss."""
         policy = self.policy_logps(batch)
+        if not self.objective.needs_opponent:
+            return self.round_objective(policy, None, self.lam)
         if self.opponent_scorer is not None:
             with torch.no_grad():
                 real, synthetic = self.opponent_scorer(batch).chunk(2)
@@ -400,7 +432,7 @@ class SPINModule(PolicyModule):
             real, synthetic = batch["opponent_logps"].to(policy["real"].dtype).unbind(-1)
         else:
             raise RuntimeError("opponent='cached' but the batch carries no opponent log-probs")
-        return self.objective(policy, {"real": real, "synthetic": synthetic}, self.lam)
+        return self.round_objective(policy, {"real": real, "synthetic": synthetic}, self.lam)
 
 
 class SFTModule(PolicyModule):
@@ -414,17 +446,23 @@ class SFTModule(PolicyModule):
     def __init__(
         self,
         policy: nn.Module,
-        optimizer: Callable,
+        optimizer: Callable | None = None,
         lam: float = 0.1,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int | None = 1024,
         on_nonfinite: str = "stop",
         gather_for_generation: bool = True,
+        objective: Objective | None = None,
     ):
+        if objective is not None and not isinstance(objective, SFT):
+            raise ValueError(
+                f"module=sft trains the SFT objective, not {type(objective).__name__}: "
+                "choose the method with objective=... alone (module=spin, the default)"
+            )
         super().__init__(
             policy,
-            SFT(),
+            objective or SFT(),
             optimizer,
             lam,
             warmup_ratio,
@@ -433,7 +471,3 @@ class SFTModule(PolicyModule):
             on_nonfinite,
             gather_for_generation,
         )
-
-    def policy_logps(self, batch: dict) -> dict[str, torch.Tensor]:
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return {"real": self.scorer(batch), "tokens": tokens}

@@ -2,7 +2,8 @@
 
 `Round` is the one record of a round's settings and schedule; SelfPlayCallback owns it (and
 checkpoints it), the module reads it. How a round's training rows are built is a config choice
-(`pairs=synthetic` for SPIN, `pairs=real` for SFT). The helpers below run on every process:
+(`pairs=synthetic` for SPIN, `pairs=real` for SFT, `pairs=triplets` for T-SPIN); each
+builder names the `kinds` of response it provides, which must be those the objective needs. The helpers below run on every process:
 under sharding each forward pass needs all of them, so there is no rank-0-only model call.
 
 - `generate_rows`: each process samples its share of the prompts on gathered weights; the rows
@@ -216,6 +217,8 @@ def save_policy(trainer, module, index: int, out: Path, tokenizer) -> None:
 class RealPairs:
     """SFT rounds: the real responses alone; nothing is generated or scored."""
 
+    kinds = ("real",)
+
     def build(self, trainer, module, rnd: Round, run_dir: RunDir, generator, num_samples: int) -> list[dict]:
         dm = trainer.datamodule
         return [{"prompt": r["prompt"], "real": r["response"]} for r in dm.load_split("train")]
@@ -228,6 +231,8 @@ class SyntheticPairs:
     """SPIN rounds: one synthetic response per prompt from the opponent (the policy as the round
     begins), plus the pairs of `mix_previous_rounds` earlier rounds. With `opponent="cached"` the
     opponent's log-probs of every pair are computed once here and travel with the batches."""
+
+    kinds = ("real", "synthetic")
 
     def __init__(self, opponent: str = "cached"):
         if opponent not in ("cached", "model"):
@@ -301,3 +306,58 @@ class SyntheticPairs:
             trainer.strategy.barrier("opponent log-probs")
             return logps
         return torch.load(path, weights_only=True)
+
+
+class TripletPairs(SyntheticPairs):
+    """T-SPIN rounds: each pair of SyntheticPairs plus the prompt's proto-synthetic response, a
+    sample of the initial policy θ_0 that stays the same in every round. Nothing is cached:
+    T-SPIN uses no opponent log-probs.
+
+    Round 0's opponent is θ_0, so round 0's synthetic responses are samples of θ_0: they become
+    the proto-synthetic responses, written once to `rounds/proto.jsonl` and read back from there
+    in every later round and on resume. Generating them again would give the same text, because
+    generation is seeded by each batch's content.
+    """
+
+    kinds = ("real", "synthetic", "proto")
+
+    def __init__(self):
+        super().__init__(opponent="cached")
+
+    def build(self, trainer, module, rnd: Round, run_dir: RunDir, generator, num_samples: int) -> list[dict]:
+        pairs = super().build(trainer, module, rnd, run_dir, generator, num_samples)
+        proto = {r["prompt"]: r["proto"] for r in self.proto(trainer, run_dir)}
+        missing = [p["prompt"] for p in pairs if p["prompt"] not in proto]
+        if missing:
+            raise RuntimeError(
+                f"{run_dir.proto}: no proto-synthetic response for {len(missing)} prompts of round "
+                f"{rnd.index} (first: {missing[0]!r}); the training prompts changed since round 0: "
+                "start a new run"
+            )
+        return [{**p, "proto": proto[p["prompt"]]} for p in pairs]
+
+    def proto(self, trainer, run_dir: RunDir) -> list[dict]:
+        """The proto-synthetic responses: read back when present, else taken from round 0."""
+        path = run_dir.proto
+        if not path.exists():
+            first = run_dir.synthetic(0)
+            if not first.exists():
+                raise RuntimeError(
+                    f"{path} is missing and so is {first}, the samples of θ_0 it is made from: the run "
+                    "directory lost round 0's data; start a new run"
+                )
+            if trainer.is_global_zero:
+                rows = [
+                    {
+                        "prompt": r["prompt"],
+                        "proto": r["synthetic"],
+                        "meta": {k: r["meta"][k] for k in ("round", "tokens", "finished") if k in r["meta"]},
+                    }
+                    for r in read_jsonl(first)
+                ]
+                write_jsonl(path, rows)
+            trainer.strategy.barrier("proto-synthetic data")
+        return read_jsonl(path)
+
+    def opponent_logps(self, trainer, module, rnd: Round, run_dir: RunDir) -> torch.Tensor | None:
+        return None

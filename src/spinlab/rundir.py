@@ -43,6 +43,11 @@ class RunDir:
     def round_stats(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "stats.json"
 
+    @property
+    def proto(self) -> Path:
+        """T-SPIN's proto-synthetic responses: samples of the initial policy θ_0, kept for every round."""
+        return self.root / "rounds" / "proto.jsonl"
+
     def hf(self, round_index: int) -> Path:
         return self.root / "hf" / f"round_{round_index:03d}"
 
