@@ -136,7 +136,9 @@ def test_task_answers_come_from_the_runs_generation_backend():
     evaluator = RoundEvaluator(heldout_pairs=0, max_new_tokens=7, batch_size=3)
     assert type(evaluator.generator) is HFGenerator  # before any round: plain HF generate
     generator = instantiate(compose_cfg(["generation=static"]).generation)
-    evaluator.prepare(0, None, None, SimpleNamespace(load_split=lambda split: []), generator, RunDir("unused"))
+    evaluator.prepare(
+        0, None, None, SimpleNamespace(load_split=lambda split: []), generator, RunDir("unused")
+    )
     greedy = evaluator.generator.greedy(evaluator.max_new_tokens, evaluator.batch_size)
     assert type(greedy) is StaticCacheGenerator
     assert (greedy.do_sample, greedy.max_new_tokens, greedy.batch_size) == (False, 7, 3)
