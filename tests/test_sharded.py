@@ -188,3 +188,16 @@ def test_generation_on_the_shards_in_lockstep_gives_the_same_synthetic_data(runs
     assert (tmp_path / "lockstep" / "rounds" / "round_000" / "synthetic.jsonl").read_bytes() == (
         tmp / "sharded" / "rounds" / "round_000" / "synthetic.jsonl"
     ).read_bytes()
+
+
+def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
+    """Sharded strategies restore weights and callback state only after on_fit_start: the round
+    that a resumed or extended run starts with must still begin from the restored state."""
+    tmp, _ = runs
+    train(tmp_path / "extended", *SHARDED, "rounds=1")
+    train(tmp_path / "extended", *SHARDED, "rounds=2")
+    r1 = "rounds/round_001/synthetic.jsonl"
+    assert (tmp_path / "extended" / r1).read_bytes() == (tmp / "sharded" / r1).read_bytes()
+    a, b = weights(tmp_path / "extended" / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)

@@ -134,6 +134,7 @@ class SelfPlayCallback(L.Callback):
         self.started: dict[int, Round] = {}
         self.summaries: dict[int, dict] = {}
         self._round_started = 0.0
+        self._current: int | None = None  # the round this process has started
 
     def state_dict(self) -> dict:
         return {
@@ -159,10 +160,15 @@ class SelfPlayCallback(L.Callback):
                 "pairs=real: real; pairs=triplets: real, synthetic, proto), or leave `pairs` unset so "
                 "that the objective picks it"
             )
-        # Lightning restores callback state before this hook, the loop counters only after it;
-        # a round started here gets its first step at its first epoch (Round.start_step).
+        # The first round of this process starts when the fit loop first asks for the training
+        # data: by then every strategy has restored the weights, the callbacks' state and the loop
+        # counters (sharded strategies restore only after on_fit_start).
+        trainer.datamodule.before_train_loader = lambda: self.resume_round(trainer, pl_module)
+        self._current = None
+
+    def resume_round(self, trainer: L.Trainer, pl_module) -> None:
         index = self.completed_epochs // self.epochs_per_round
-        if index < self.rounds:
+        if index < self.rounds and self._current != index:
             self.start_round(trainer, pl_module, index)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -176,6 +182,7 @@ class SelfPlayCallback(L.Callback):
 
     # -- a round ----------------------------------------------------------------------------
     def start_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
+        self._current = index
         self._round_started = time.perf_counter()
         dm = trainer.datamodule
         fresh = index not in self.started

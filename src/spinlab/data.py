@@ -289,6 +289,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self._check_pack_length()
         self.rows: dict[str, list[dict]] = {}
         self.skipped: dict[str, int] = {}
+        self.before_train_loader = None
         self.pairs: list[dict] = []
         self.encoded: list[dict] = []
 
@@ -590,6 +591,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.before_train_loader is not None:  # SelfPlayCallback starts the round it resumes into
+            self.before_train_loader()
         return self._loader(self.encoded, shuffle=True)
 
     def scoring_dataloader(self, encoded: list[dict] | None = None) -> DataLoader:
