@@ -151,6 +151,11 @@ def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
     final, reference = weights(run_dir / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-4)
+    # Every step, the redone ones included, saw the same pairs and weights as the uninterrupted run.
+    resumed, uninterrupted = step_losses(run_dir), step_losses(tmp / "sharded")
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(8))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
     assert load_file(str(run_dir / "hf" / "round_000" / "model.safetensors")).keys() == reference.keys()
 
 
