@@ -50,9 +50,9 @@ def step_losses(run_dir) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def kill_all_at(run_dir, marker: str, *overrides) -> None:
-    """Start a sharded run in its own session and SIGKILL every process of it at the marker."""
-    proc = subprocess.Popen(
+def start(run_dir, *overrides) -> subprocess.Popen:
+    """A run in its own session (so that all its processes can be killed together), output piped."""
+    return subprocess.Popen(
         command(run_dir, *overrides),
         env=env(),
         cwd=ROOT,
@@ -61,6 +61,11 @@ def kill_all_at(run_dir, marker: str, *overrides) -> None:
         text=True,
         start_new_session=True,
     )
+
+
+def kill_all_at(run_dir, marker: str, *overrides) -> None:
+    """Start a sharded run in its own session and SIGKILL every process of it at the marker."""
+    proc = start(run_dir, *overrides)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -160,15 +165,7 @@ def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
 
 
 def test_one_process_dying_alone_stops_the_other_naming_its_rank(tmp_path):
-    proc = subprocess.Popen(
-        command(tmp_path / "run", *SHARDED, "data.num_prompts=64"),
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(tmp_path / "run", *SHARDED, "data.num_prompts=64")
     for line in proc.stdout:
         if "round 0 step 5" in line:
             (child,) = subprocess.run(
