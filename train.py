@@ -82,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
     )
     if len(done) >= cfg.rounds:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
-        print_summary(done, run_dir)
+        print_summary(done, run_dir, cfg.objective._target_)
         return done
     if ckpt is not None:
         check_last_checkpoint(run_dir, len(done))
@@ -125,7 +125,7 @@ def run(cfg: DictConfig) -> dict:
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:
-        print_summary(summary, run_dir)
+        print_summary(summary, run_dir, cfg.objective._target_)
     return summary
 
 
@@ -135,7 +135,7 @@ def finished_rounds(run_dir: RunDir) -> dict:
     return {s["round"]: s for s in json.loads(run_dir.summary.read_text())}
 
 
-def print_summary(summaries: dict, run_dir: RunDir) -> None:
+def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
     nan = float("nan")
     columns = [  # (header, summary key, format)
         ("loss", "loss", ".4f"),
@@ -152,10 +152,11 @@ def print_summary(summaries: dict, run_dir: RunDir) -> None:
     for index in sorted(summaries):
         s = summaries[index]
         lines.append(f"{index:>5} " + " ".join(f"{s.get(k, nan):>11{f}}" for _, k, f in columns))
+    method = {"SPIN": "SPIN", "TSPIN": "T-SPIN", "SFT": "SFT"}.get(objective.rsplit(".", 1)[-1], objective)
     if any("margin" in s for s in summaries.values()):
-        print("\nSPIN rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
+        print(f"\n{method} rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
     else:
-        print("\nSFT rounds (loss = mean negative log-likelihood per response token)")
+        print(f"\n{method} rounds (loss = mean negative log-likelihood per response token)")
     print("\n".join(lines))
     print(f"run directory: {run_dir.root}")
 

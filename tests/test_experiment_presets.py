@@ -1,5 +1,7 @@
 """The spin_vs_sft presets: a weak SFT model from scratch, then SPIN or continued SFT from it."""
 
+import json
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -48,3 +50,67 @@ def test_run_directory_names_stay_valid():
     short = dirname(long)
     assert len(short.encode()) <= 140 and short.startswith("data.option_0=0")
     assert short == dirname(long) and short != dirname(long + "x")  # stable and unique
+
+
+def test_converged_sft_preset_trains_the_weak_model_architecture_round_by_round():
+    cfg = compose_cfg(["experiment=converged_sft"])
+    loaded = instantiate(cfg.model)
+    module = instantiate(cfg.module, policy=loaded.model)
+    assert isinstance(module, SFTModule)
+    assert (loaded.model.config.hidden_size, loaded.model.config.num_hidden_layers) == (128, 4)
+    # Each round is evaluated on validation, where the plateau is read; the test split stays unseen.
+    assert (cfg.rounds, cfg.epochs_per_round, cfg.eval.split) == (10, 2, "validation")
+
+
+@pytest.mark.parametrize(
+    ("objective", "objective_cls", "pairs_cls"),
+    [
+        ("spin", "SPIN", "SyntheticPairs"),
+        ("tspin", "TSPIN", "TripletPairs"),
+        ("sft", "SFT", "RealPairs"),
+    ],
+)
+def test_self_play_family_methods_share_the_start_and_differ_only_in_the_objective(
+    objective, objective_cls, pairs_cls, tmp_path
+):
+    cfg = compose_cfg(["experiment=self_play_family", f"objective={objective}", "seed=2"])
+    assert cfg.model.name_or_path == "experiments/self_play_family/runs/start"
+    start = tiny_model(hidden_size=128, num_layers=4, intermediate_size=384, seed=3)
+    start.model.save_pretrained(tmp_path / "start")
+    start.tokenizer.save_pretrained(tmp_path / "start")
+    cfg.model.name_or_path = str(tmp_path / "start")
+    loaded = instantiate(cfg.model)
+    assert torch.equal(loaded.model.lm_head.weight, start.model.lm_head.weight)
+    module = instantiate(cfg.module, policy=loaded.model)
+    assert isinstance(module, SPINModule)
+    assert type(module.objective).__name__ == objective_cls
+    assert type(instantiate(cfg.pairs)).__name__ == pairs_cls
+    assert (cfg.rounds, cfg.epochs_per_round, cfg.eval.split, cfg.data.num_prompts) == (3, 1, "test", None)
+
+
+def _choose(monkeypatch, tmp_path, curve):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "self_play_family" / "choose.py"
+    spec = importlib.util.spec_from_file_location("family_choose", path)
+    choose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choose)
+    monkeypatch.setattr(choose, "RUNS", tmp_path)
+    run = tmp_path / "sft_start"
+    for r in range(len(curve)):
+        (run / "hf" / f"round_{r:03d}").mkdir(parents=True)
+    summary = [{"round": r, choose.KEY: v, choose.TIE: 0.1} for r, v in enumerate(curve)]
+    (run / "summary.json").write_text(json.dumps(summary))
+    return choose
+
+
+def test_start_is_chosen_only_once_validation_loglik_plateaus(monkeypatch, tmp_path):
+    choose = _choose(monkeypatch, tmp_path, [-30.0, -12.0, -8.0, -7.5])
+    assert choose.select_start(tol=0.1) == 1  # still rising by 0.5 nats: extend the run
+    assert not (tmp_path / "start").exists()
+    choose = _choose(monkeypatch, tmp_path / "b", [-30.0, -12.0, -8.0, -7.97, -8.4])
+    assert choose.select_start(tol=0.1) == 0
+    assert (tmp_path / "b" / "start").resolve() == (
+        tmp_path / "b" / "sft_start" / "hf" / "round_003"
+    ).resolve()

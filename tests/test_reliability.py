@@ -93,6 +93,32 @@ def test_metrics_history_survives_a_crash_and_resume(finished, tmp_path):
     assert after[: redone[0]] == before[: redone[0]]  # the rows before the checkpoint, untouched
 
 
+def test_generation_speed_is_logged_once_when_a_crash_precedes_the_rounds_checkpoint(
+    finished, tmp_path, monkeypatch
+):
+    # Killed while round 1 scores its opponent: the synthetic data is on disk and its
+    # gen/tokens_per_s row was written after the last checkpoint, so the resume cuts the row and
+    # reads the data back instead of generating it again; the row must come back once.
+    from spinlab.rounds import SyntheticPairs
+
+    scored = SyntheticPairs.opponent_logps
+
+    def crash_in_round_1(self, trainer, module, rnd, run_dir):
+        if rnd.index == 1:
+            raise Crash("killed while scoring round 1's opponent")
+        return scored(self, trainer, module, rnd, run_dir)
+
+    monkeypatch.setattr(SyntheticPairs, "opponent_logps", crash_in_round_1)
+    with pytest.raises(Crash):
+        run(tmp_path, "run")
+    assert (tmp_path / "run" / "rounds" / "round_001" / "synthetic.jsonl").exists()
+    monkeypatch.setattr(SyntheticPairs, "opponent_logps", scored)
+    run(tmp_path, "run")
+    rows = metric_rows(tmp_path / "run")
+    assert [float(r["round"]) for r in rows if r.get("gen/tokens_per_s")] == [0, 1]
+    assert_same_history(rows, metric_rows(finished))
+
+
 @pytest.mark.slow
 def test_metrics_history_survives_sigkill(finished, tmp_path):
     run_dir = tmp_path / "run"

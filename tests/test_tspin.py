@@ -20,6 +20,7 @@ from spinlab.models import tiny_model
 from spinlab.module import SFTModule, SPINModule
 from spinlab.objectives import SFT, SPIN, TSPIN
 from spinlab.rounds import RealPairs, Round, SyntheticPairs, TripletPairs
+from spinlab.rundir import RunDir
 from tests.conftest import CONF, compose_cfg
 from tests.helpers import Crash, RecordPairs, response_logp
 
@@ -202,3 +203,17 @@ def test_tspin_resume_after_round_zero_keeps_the_proto_responses(tspin_run, tmp_
         a, b = weights(root / "hf" / r), weights(tmp_path / "run" / "hf" / r)
         for name in a:
             assert torch.equal(a[name], b[name]), (r, name)
+
+
+@pytest.mark.parametrize(
+    "target, heading",
+    [
+        ("spinlab.objectives.TSPIN", "T-SPIN rounds (accuracy"),
+        ("spinlab.objectives.SPIN", "SPIN rounds (accuracy"),
+    ],
+)
+def test_the_closing_table_names_the_method_that_trained(target, heading, capsys, tmp_path):
+    summaries = {0: {"loss": 0.5, "margin": 0.25, "accuracy": 0.75, "pairs": 8, "seconds": 1.0}}
+    train.print_summary(summaries, RunDir(tmp_path), target)
+    out = capsys.readouterr().out
+    assert f"\n{heading}" in out and "0.2500" in out

@@ -37,7 +37,7 @@ arm() { # <sweep subdir> <overrides...>
 ) &
 (
   arm spin_mix optimizer.lr=$SPIN_LR data.mix_previous_rounds=1
-  for seed in 0 1 2; do $PY experiments/spin_vs_sft/baseline.py seed=$seed eval.split=test; done
+  for seed in 0 1 2; do $PY experiments/baseline.py experiment=spin_vs_sft seed=$seed eval.split=test; done
 ) &
 wait
 # SPIN with a 5x larger step than the selected one: what a faster-moving SPIN does here.

@@ -12,6 +12,7 @@ being made again. Every process takes part in every step (see spinlab.rounds).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -198,6 +199,7 @@ class SelfPlayCallback(L.Callback):
         rows = self.pairs.build(trainer, pl_module, planned, self.run_dir, self.generator, self.num_samples)
         if fresh:
             self.log_samples(trainer, index, rows[: self.num_samples])
+            self.log_generation(trainer, index)
         dm.set_pairs(rows)
         logps = self.pairs.opponent_logps(trainer, pl_module, planned, self.run_dir)
         if logps is not None:
@@ -211,6 +213,20 @@ class SelfPlayCallback(L.Callback):
             self.evaluator.prepare(index, trainer, pl_module, dm, self.generator, self.run_dir)
         pl_module.begin_round(planned, fresh=fresh)
         log.info("round %d: %d pairs, lam=%g, lr=%g", index, len(rows), planned.lam, planned.lr)
+
+    def log_generation(self, trainer: L.Trainer, index: int) -> None:
+        # Logged from stats.json when the round starts, not when generation ends: a kill between
+        # the two and a resume from an earlier checkpoint cut the row from the history, and the
+        # resumed run reads the finished synthetic data back instead of generating it again.
+        path = self.run_dir.round_stats(index)
+        if not trainer.is_global_zero or not path.exists():
+            return
+        stats = json.loads(path.read_text()).get("generation", {})
+        if "tokens_per_s" in stats:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {"gen/tokens_per_s": stats["tokens_per_s"], "round": index}, step=trainer.global_step
+                )
 
     def log_samples(self, trainer: L.Trainer, index: int, rows: list[dict]) -> None:
         """A table of prompts with real and synthetic responses, for loggers that show tables (W&B)."""

@@ -284,11 +284,6 @@ class SyntheticPairs:
                 path.unlink()
             write_json(run_dir.round_stats(index), {"generation": out["stats"], "pairs": len(pairs)})
             write_jsonl(run_dir.round_dir(index) / "samples.jsonl", pairs[:num_samples])
-            for logger in trainer.loggers:
-                logger.log_metrics(
-                    {"gen/tokens_per_s": out["stats"]["tokens_per_s"], "round": index},
-                    step=trainer.global_step,
-                )
         trainer.strategy.barrier("synthetic data")
         return read_jsonl(final)
 

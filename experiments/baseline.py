@@ -1,7 +1,9 @@
-"""Evaluate the weak SFT model (the starting point θ_0 of every arm) exactly as the runs
-evaluate their rounds: python experiments/spin_vs_sft/baseline.py seed=0 [eval.split=test]
+"""Evaluate an experiment's starting model θ_0 exactly as its runs evaluate their rounds:
 
-Writes experiments/spin_vs_sft/runs/baseline/<split>/seed=<seed>/eval.json.
+    python experiments/baseline.py experiment=spin_vs_sft seed=0 [eval.split=test]
+    python experiments/baseline.py experiment=self_play_family seed=0
+
+Writes experiments/<experiment>/runs/baseline/<split>/seed=<seed>/eval.json.
 """
 
 import json
@@ -15,13 +17,16 @@ from omegaconf import open_dict
 import spinlab.config  # noqa: F401  (registers the schema and the run-directory resolver)
 from spinlab.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(overrides: list[str]) -> dict:
+    experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("name the experiment once, e.g. experiment=spin_vs_sft")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["experiment=spin_vs_sft", *overrides])
-    out = ROOT / "experiments" / "spin_vs_sft" / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
+        cfg = compose(config_name="train", overrides=overrides)
+    out = ROOT / "experiments" / experiments[0] / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
     with open_dict(cfg):
         cfg.run_dir = str(out)
     loaded = instantiate(cfg.model)
