@@ -15,18 +15,19 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 import spinlab.config  # noqa: F401  (registers the schema and the run-directory resolver)
+from spinlab.rounds import SingleProcess
 from spinlab.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(overrides: list[str]) -> dict:
+def main(overrides: list[str], out: Path | None = None) -> dict:
     experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
     if len(experiments) != 1:
         raise SystemExit("name the experiment once, e.g. experiment=spin_vs_sft")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    out = ROOT / "experiments" / experiments[0] / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
+    out = out or ROOT / "experiments" / experiments[0] / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
     with open_dict(cfg):
         cfg.run_dir = str(out)
     loaded = instantiate(cfg.model)
@@ -34,10 +35,10 @@ def main(overrides: list[str]) -> dict:
     dm.setup()
     module = instantiate(cfg.module, policy=loaded.model)
     evaluator, generator = instantiate(cfg.eval), instantiate(cfg.generation)
-    run_dir = RunDir(out)
+    run_dir, trainer = RunDir(out), SingleProcess()
     # Policy = opponent here, so the held-out margin is 0 by construction; the rest is θ_0's.
-    evaluator.prepare(0, module, dm, generator, run_dir)
-    results = evaluator.evaluate(0, module, dm, run_dir)
+    evaluator.prepare(0, trainer, module, dm, generator, run_dir)
+    results = evaluator.evaluate(0, trainer, module, dm, run_dir)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     return results
 

@@ -59,7 +59,7 @@ def test_converged_sft_preset_trains_the_weak_model_architecture_round_by_round(
     assert isinstance(module, SFTModule)
     assert (loaded.model.config.hidden_size, loaded.model.config.num_hidden_layers) == (128, 4)
     # Each round is evaluated on validation, where the plateau is read; the test split stays unseen.
-    assert (cfg.rounds, cfg.epochs_per_round, cfg.eval.split) == (10, 2, "validation")
+    assert (cfg.rounds, cfg.epochs_per_round, cfg.eval.split) == (20, 2, "validation")
 
 
 @pytest.mark.parametrize(
@@ -114,3 +114,30 @@ def test_start_is_chosen_only_once_validation_loglik_plateaus(monkeypatch, tmp_p
     assert (tmp_path / "b" / "start").resolve() == (
         tmp_path / "b" / "sft_start" / "hf" / "round_003"
     ).resolve()
+
+
+def test_baseline_evaluates_the_start_model_as_the_rounds_do(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "baseline.py"
+    spec = importlib.util.spec_from_file_location("experiments_baseline", path)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    start = tiny_model(seed=4)
+    start.model.save_pretrained(tmp_path / "start")
+    start.tokenizer.save_pretrained(tmp_path / "start")
+    overrides = [
+        "experiment=self_play_family",
+        f"model.name_or_path={tmp_path / 'start'}",
+        "data.num_prompts=8",
+        "eval.heldout_pairs=4",
+        "eval.task_prompts=4",
+        "eval.max_new_tokens=8",
+        "generation.max_new_tokens=8",
+    ]
+    results = baseline.main(overrides, out=tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == results
+    # The policy is its own opponent here: the held-out margin is exactly 0, the rest is θ_0's.
+    assert results["eval/heldout_margin"] == 0.0
+    assert results["eval/heldout_logp_real"] < 0 and 0 <= results["eval/task_accuracy"] <= 1

@@ -7,6 +7,7 @@
 #   2. the learning rate of each method, chosen on the validation split (seed 0, one round)
 #   3. three methods x 3 seeds, 3 rounds each, evaluated on the test split, in two parallel streams
 #   4. the sweep report (table and plots over seeds) and the summary table: results/
+#   5. one round of each method from the embedded SmolLM2-135M-Instruct (64 prompts, seed 0)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
@@ -40,3 +41,8 @@ wait
 # 4. Table and plots.
 $PY -m spinlab.report $HERE/runs/family --out $HERE/results/report
 $PY $HERE/summarize.py
+
+# 5. SmolLM2-135M-Instruct, one round per method, on the demo's settings with 64 prompts.
+$PY train.py -m experiment=demo objective=spin,tspin,sft rounds=1 data.num_prompts=64 eval.split=test \
+  eval.task_prompts=64 eval.heldout_pairs=32 hydra.sweep.dir=$HERE/runs/smollm2
+$PY -m spinlab.report $HERE/runs/smollm2 --out $HERE/results/smollm2
