@@ -27,7 +27,10 @@ def main(overrides: list[str], out: Path | None = None) -> dict:
         raise SystemExit("name the experiment once, e.g. experiment=spin_vs_sft")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    out = out or ROOT / "experiments" / experiments[0] / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
+    out = (
+        out
+        or ROOT / "experiments" / experiments[0] / "runs" / "baseline" / cfg.eval.split / f"seed={cfg.seed}"
+    )
     with open_dict(cfg):
         cfg.run_dir = str(out)
     loaded = instantiate(cfg.model)
