@@ -25,17 +25,23 @@ def test_weak_sft_preset_builds_an_sft_run_from_scratch():
     assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == 2e-3
 
 
+def load_from_saved_start(cfg, path, seed):
+    """Save a tiny start model at `path`, point the config's model at it and load it back."""
+    start = tiny_model(hidden_size=128, num_layers=4, intermediate_size=384, seed=seed)
+    start.model.save_pretrained(path)
+    start.tokenizer.save_pretrained(path)
+    cfg.model.name_or_path = str(path)
+    loaded = instantiate(cfg.model)
+    assert torch.equal(loaded.model.lm_head.weight, start.model.lm_head.weight)
+    return loaded
+
+
 @pytest.mark.parametrize("arm", [[], ["data.mix_previous_rounds=1"], ["module=sft"]])
 def test_spin_vs_sft_arms_start_from_the_weak_model_of_their_seed(arm, tmp_path):
     cfg = compose_cfg(["experiment=spin_vs_sft", "seed=1", *arm])
     OmegaConf.resolve(cfg)
     assert cfg.model.name_or_path == "outputs/weak_sft/experiment=weak_sft,seed=1/hf/round_000"
-    weak = tiny_model(hidden_size=128, num_layers=4, intermediate_size=384, seed=5)
-    weak.model.save_pretrained(tmp_path / "weak")
-    weak.tokenizer.save_pretrained(tmp_path / "weak")
-    cfg.model.name_or_path = str(tmp_path / "weak")
-    loaded = instantiate(cfg.model)
-    assert torch.equal(loaded.model.lm_head.weight, weak.model.lm_head.weight)
+    loaded = load_from_saved_start(cfg, tmp_path / "weak", seed=5)
     module = instantiate(cfg.module, policy=loaded.model)
     assert isinstance(module, SFTModule if arm == ["module=sft"] else SPINModule)
     # Both arms: 4 rounds of one epoch over the same prompts with the same optimizer.
@@ -75,12 +81,7 @@ def test_self_play_family_methods_share_the_start_and_differ_only_in_the_objecti
 ):
     cfg = compose_cfg(["experiment=self_play_family", f"objective={objective}", "seed=2"])
     assert cfg.model.name_or_path == "experiments/self_play_family/runs/start"
-    start = tiny_model(hidden_size=128, num_layers=4, intermediate_size=384, seed=3)
-    start.model.save_pretrained(tmp_path / "start")
-    start.tokenizer.save_pretrained(tmp_path / "start")
-    cfg.model.name_or_path = str(tmp_path / "start")
-    loaded = instantiate(cfg.model)
-    assert torch.equal(loaded.model.lm_head.weight, start.model.lm_head.weight)
+    loaded = load_from_saved_start(cfg, tmp_path / "start", seed=3)
     module = instantiate(cfg.module, policy=loaded.model)
     assert isinstance(module, SPINModule)
     assert type(module.objective).__name__ == objective_cls
