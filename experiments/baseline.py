@@ -2,8 +2,9 @@
 
     python experiments/baseline.py experiment=spin_vs_sft seed=0 [eval.split=test]
     python experiments/baseline.py experiment=self_play_family seed=0
+    python experiments/baseline.py --out DIR experiment=demo data.num_prompts=64   # any start
 
-Writes experiments/<experiment>/runs/baseline/<split>/seed=<seed>/eval.json.
+Writes experiments/<experiment>/runs/baseline/<split>/seed=<seed>/eval.json, or DIR/eval.json.
 """
 
 import json
@@ -47,4 +48,8 @@ def main(overrides: list[str], out: Path | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:]), indent=2))
+    args = sys.argv[1:]
+    out = None
+    if args[:1] == ["--out"] and len(args) > 1:
+        out, args = Path(args[1]), args[2:]
+    print(json.dumps(main(args, out), indent=2))

@@ -45,4 +45,6 @@ $PY $HERE/summarize.py
 # 5. SmolLM2-135M-Instruct, one round per method, on the demo's settings with 64 prompts.
 $PY train.py -m experiment=demo objective=spin,tspin,sft rounds=1 data.num_prompts=64 eval.split=test \
   eval.task_prompts=64 eval.heldout_pairs=32 hydra.sweep.dir=$HERE/runs/smollm2
+$PY experiments/baseline.py --out $HERE/runs/smollm2_start experiment=demo data.num_prompts=64 eval.split=test \
+  eval.task_prompts=64 eval.heldout_pairs=32
 $PY -m spinlab.report $HERE/runs/smollm2 --out $HERE/results/smollm2
