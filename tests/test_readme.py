@@ -38,7 +38,7 @@ MESSAGES = {  # what a cluster command stops with where a need is missing; the R
     "slurm": 'Could not detect "srun", are you indeed on a slurm cluster?',
 }
 TABLE = re.compile(
-    r"^(?:SPIN|SFT) rounds .*\n *round +loss .*\n((?: +\d+ .*\n)+)run directory: .+\n*\Z", re.MULTILINE
+    r"^(?:SPIN|T-SPIN|SFT) rounds .*\n *round +loss .*\n((?: +\d+ .*\n)+)run directory: .+\n*\Z", re.MULTILINE
 )
 
 
