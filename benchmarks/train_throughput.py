@@ -78,7 +78,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--chunk-size",
-        default="1024",
+        default="256",
         help="SPINModule(logprob_chunk_size=...) when it has that keyword; 'none' for full logits",
     )
     p.add_argument("--also-unchunked", action="store_true", help="also run ours with logprob_chunk_size=None")

@@ -59,7 +59,7 @@ def chunked_sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed response log-prob per sequence from final hidden states and the output layer.

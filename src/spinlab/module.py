@@ -58,7 +58,7 @@ class ResponseScorer(nn.Module):
     are gathered for the whole forward, including the chunked output-layer pass below.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int | None = 256):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -135,7 +135,7 @@ class PolicyModule(L.LightningModule):
         lam: float = 0.1,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = 1024,
+        logprob_chunk_size: int | None = 256,
         on_nonfinite: str = "stop",
         gather_for_generation: bool = True,
     ):
@@ -371,7 +371,7 @@ class SPINModule(PolicyModule):
         opponent: str = "cached",
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = 1024,
+        logprob_chunk_size: int | None = 256,
         on_nonfinite: str = "stop",
         gather_for_generation: bool = True,
         objective: Objective | None = None,
@@ -450,7 +450,7 @@ class SFTModule(PolicyModule):
         lam: float = 0.1,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = 1024,
+        logprob_chunk_size: int | None = 256,
         on_nonfinite: str = "stop",
         gather_for_generation: bool = True,
         objective: Objective | None = None,
