@@ -33,5 +33,9 @@ def test_two_processes_match_one(tmp_path):
     assert not list((tmp_path / "ddp" / "rounds").rglob("synthetic.partial*"))
     # Round metrics are synchronised over both processes, not rank 0's half.
     for s, d in zip(single, ddp, strict=True):
-        for key in ("loss", "margin", "accuracy", "reward_real", "eval/heldout_margin"):
+        for key in ("loss", "margin", "reward_real", "eval/heldout_margin"):
             assert d[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), key
+        # Accuracy counts margins > 0; a round starts with policy = opponent, where margins are
+        # float noise (~1e-7) and the order of additions can flip one pair's sign.
+        assert abs(d["accuracy"] - s["accuracy"]) <= 1 / s["pairs"] + 1e-9
+        assert d["pairs"] == s["pairs"]
