@@ -13,7 +13,7 @@ import os
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from spinlab.callbacks import AtomicCheckpointIO
@@ -152,7 +152,7 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
     for index in sorted(summaries):
         s = summaries[index]
         lines.append(f"{index:>5} " + " ".join(f"{s.get(k, nan):>11{f}}" for _, k, f in columns))
-    method = {"SPIN": "SPIN", "TSPIN": "T-SPIN", "SFT": "SFT"}.get(objective.rsplit(".", 1)[-1], objective)
+    method = get_class(objective).name
     if any("margin" in s for s in summaries.values()):
         print(f"\n{method} rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
     else:

@@ -19,6 +19,7 @@ Logps = dict[str, torch.Tensor]
 class Objective:
     """The interface every method fits; `kinds` are the responses it needs for each prompt."""
 
+    name: str = "SPIN"  # as printed and reported
     kinds: tuple[str, ...] = ("real", "synthetic")
     needs_opponent: bool = True
     metric_names: tuple[str, ...] = ()
@@ -71,6 +72,7 @@ class SFT(Objective):
     `tokens` (the number of scored response tokens in the batch) arrives under the kind "tokens".
     """
 
+    name = "SFT"
     kinds = ("real",)
     needs_opponent = False
     metric_names = ("loss", "logp_real")
@@ -95,6 +97,7 @@ class TSPIN(Objective):
     in the paper's experiments (Sec. 4.1); Eq. 4 admits any monotonically decreasing ℓ.
     """
 
+    name = "T-SPIN"
     kinds = ("real", "synthetic", "proto")
     needs_opponent = False
     metric_names = (
