@@ -211,6 +211,46 @@ def now(device: str) -> float:
     return time.perf_counter()
 
 
+class StepTimes:
+    """(wall, process CPU) seconds at the end of each step, synchronising with the GPU only at the
+    end of the last warm-up step and of the last step: the two ends of the timed span. A clock that
+    synchronised every step would stop the host from queueing the next step's kernels ahead, and
+    would charge each side a stall that its own loop may not have."""
+
+    def __init__(self, device: str, warmup: int, total: int):
+        self.device, self.synced_at = device, {warmup - 1, total - 1}
+        self.times: list[tuple[float, float]] = []
+
+    def mark(self) -> None:
+        if len(self.times) in self.synced_at:
+            sync(self.device)
+        self.times.append((time.perf_counter(), cpu_now()))
+
+
+# Peak dense bf16 matrix throughput used for MFU: the H100/H200 SXM data-sheet figure.
+PEAK_BF16_FLOPS = 989e12
+
+
+def train_flops_per_token(shape: str, seq_len: int, forward_passes: int = 3) -> float:
+    """Model FLOPs per token of one training step (PaLM's MFU convention): 2 per weight of every
+    matrix product (the attention and MLP projections and the output layer, over all positions)
+    plus the attention scores and their weighted sum (2 x 2 x layers x heads x head_dim x length),
+    for the forward pass; the backward pass is twice that (`forward_passes=3`). A frozen reference
+    model scored in every step adds one more forward pass (`forward_passes=4`)."""
+    c = SHAPES[shape]
+    d, heads, kv, hd, layers = (
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
+        c["num_hidden_layers"],
+    )
+    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * c["intermediate_size"]
+    weights = layers * per_layer + c["vocab_size"] * d
+    forward = 2 * weights + 4 * layers * heads * hd * seq_len
+    return forward_passes * forward
+
+
 def cpu_now() -> float:
     """CPU seconds used by this process, all threads: less disturbed than wall time on a shared box."""
     return time.process_time()
@@ -238,11 +278,14 @@ def run_child(script: Path, argv: list[str], timeout: float | None = None) -> di
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout} s", "command": cmd}
+            # A child that writes its result as it goes (one entry per variant) keeps what it finished.
+            partial = json.loads(result.read_text()) if result.exists() else {}
+            return {**partial, "error": f"timed out after {timeout} s", "command": cmd}
         wall = time.perf_counter() - started
         if proc.returncode != 0 or not result.exists():
             tail = (proc.stderr or proc.stdout or "")[-3000:]
-            return {"error": f"exit status {proc.returncode}", "stderr_tail": tail}
+            partial = json.loads(result.read_text()) if result.exists() else {}
+            return {**partial, "error": f"exit status {proc.returncode}", "stderr_tail": tail}
         out = json.loads(result.read_text())
         out["subprocess_wall_s"] = wall
         return out

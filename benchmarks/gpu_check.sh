@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in under 10 minutes on one GPU: the GPU tests, a two-round sharded
-# run (trainer=fsdp), and the GPU throughput benchmarks. Not part of `make test` (CI has no GPU).
+# Everything that needs a GPU, in about 9 minutes on one GPU: generation and training throughput
+# against the peers with every speed lever on and off, then the GPU tests (two-round runs with
+# trainer=gpu and trainer=fsdp). Not part of `make test` (CI has no GPU).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     # default: $OUT if set, else ./gpu_check_out
 #
@@ -45,11 +46,12 @@ fi
     git rev-parse HEAD 2>/dev/null
 } >"$DIR/machine.txt" 2>&1
 
+GEN_BACKENDS="${GEN_BACKENDS:-hf,static,continuous}"
 printf 'step\tstatus\tseconds\n' >"$DIR/steps.tsv"
 failed=0
-# Seven files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
-# log.txt (every step's stderr and the tests' and the run's stdout), pytest_gpu.xml,
-# train_fsdp_summary.json, train_throughput.jsonl, generation_throughput.jsonl.
+# Six files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
+# log.txt (every step's stderr and the tests' output), pytest_gpu.xml, train_throughput.jsonl
+# (one line per shape), generation_throughput.jsonl.
 : >"$DIR/log.txt"
 # step NAME SECONDS STDOUT_FILE COMMAND...: a time limit, stderr to log.txt, a row in steps.tsv
 step() {
@@ -64,24 +66,29 @@ step() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" | tee -a "$DIR/steps.tsv"
 }
 
-# 1. the GPU tests (tests/test_gpu.py: two rounds with trainer=gpu and trainer=fsdp, bf16)
+# Order: the figures first (generation, then training at both shapes), the GPU tests last, so a
+# slow test cannot starve a measurement. Limits sum to ~9 minutes.
+
+# 1. generation at the Llama-1B shape (batch 256, prompt 256, 256 new tokens, bf16): every backend
+#    against plain generate, greedy tokens checked against generate's
+step generation_throughput 150 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
+    --shape llama-1b --batch 256 --backends $GEN_BACKENDS --timeout 45 --check-greedy
+
+# 2. training against TRL as SPIN, SmolLM2-135M shape (batch 16 pairs, 256 + 256): TRL's fastest
+#    setting (precomputed reference log-probs) against every lever of ours on and off
+step train_135m 175 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
+    --shape smollm2-135m --peer-settings precompute_ref_log_probs --timeout 100 \
+    --ours-variants "default,sync,chunk256,chunk1024,unchunked,fsdp1;compile,compile+liger;liger"
+
+# 3. the same at the Llama-1B shape (batch 8 pairs)
+step train_1b 135 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
+    --shape llama-1b --peer-settings precompute_ref_log_probs --timeout 90 \
+    --ours-variants "default,chunk1024;compile,compile+liger"
+
+# 4. the GPU tests (tests/test_gpu.py: two rounds with trainer=gpu and trainer=fsdp, eager and with
+#    compiled layers, bf16; Liger's kernels and compiled layers against the eager loss)
 # (only the GPU file: collecting the others would need packages the GPU machine lacks, e.g. nbformat)
-step pytest_gpu 150 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" tests/test_gpu.py
-
-# 2. two sharded rounds through the user's command, on the one GPU
-RUN=$(mktemp -d)/train_fsdp  # checkpoints and HF directories stay out of OUT_DIR
-step train_fsdp 75 "$DIR/log.txt" "$PY" train.py trainer=fsdp trainer.devices=1 debug=fast rounds=2 \
-    hydra.run.dir="$RUN"
-cp "$RUN/summary.json" "$DIR/train_fsdp_summary.json" 2>/dev/null
-
-# 3. training throughput against TRL as SPIN, the SmolLM2-135M shape (20 timed steps per side)
-step train_throughput 130 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda --shape smollm2-135m --timeout 60
-
-# 4. generation throughput, every backend against plain generate, at the generation issue's target
-#    shape: Llama-1B config, batch 256, prompt 256, 256 new tokens, bf16 (--gpu-suite adds the 135M
-#    shape and batch 64: ~15 min, run it apart)
-step generation_throughput 230 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
-    --shape llama-1b --batch 256 --backends hf,static,continuous --timeout 55
+step pytest_gpu 110 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" tests/test_gpu.py
 
 echo "gpu_check: results in $DIR"
 exit "$failed"

@@ -36,9 +36,9 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import inspect
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,11 +77,14 @@ def parse_args(argv=None):
         help="applied to both sides alike; 'both' measures off, then on",
     )
     p.add_argument(
-        "--chunk-size",
-        default="256",
-        help="SPINModule(logprob_chunk_size=...) when it has that keyword; 'none' for full logits",
+        "--ours-variants",
+        default="default",
+        help="our settings to measure: names from VARIANTS joined by '+' to combine, ',' between "
+        "variants run one after the other in one subprocess, ';' between subprocesses "
+        "(e.g. 'default,sync,chunk256;compile;liger'). 'default' is conf/module/spin.yaml as is",
     )
-    p.add_argument("--also-unchunked", action="store_true", help="also run ours with logprob_chunk_size=None")
+    p.add_argument("--also-unchunked", action="store_true", help="shorthand: add the 'unchunked' variant")
+    p.add_argument("--bare-loop", action="store_true", help="also run ours in a hand-written loop")
     p.add_argument(
         "--peer-settings", default=",".join(PEER_SETTINGS), help="comma list of " + "|".join(PEER_SETTINGS)
     )
@@ -94,6 +97,7 @@ def parse_args(argv=None):
         "--child", choices=("peer", "ours", "ours_bare_loop"), default=None, help=argparse.SUPPRESS
     )
     p.add_argument("--peer-setting", choices=PEER_SETTINGS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="default", help=argparse.SUPPRESS)
     p.add_argument("--gc", choices=("off", "on"), default="off", help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -107,7 +111,50 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the clock starts at the end of the last warm-up step)")
+    if args.also_unchunked:
+        args.ours_variants += ";unchunked"
+    for group in args.ours_variants.split(";"):
+        for name in group.split(","):
+            try:
+                variant_settings(name)
+            except ValueError as err:
+                p.error(str(err))
     return args
+
+
+# Our settings measured against each other and the peer: module keywords over conf/module/spin.yaml,
+# and `trainer` (the conf/trainer/ file, GPU name; the CPU one is its _cpu twin).
+VARIANTS = {
+    "default": {},
+    "sync": {"sync_every_step": True},  # the finiteness vote and metrics moved to the host every step
+    "chunk256": {"logprob_chunk_size": 256},
+    "chunk1024": {"logprob_chunk_size": 1024},
+    "chunk4096": {"logprob_chunk_size": 4096},
+    "unchunked": {"logprob_chunk_size": None},
+    "compile": {"compile_layers": True},
+    "eager": {"compile_layers": False},
+    "liger": {"liger_kernels": True},
+    "fsdp1": {"trainer": "fsdp"},  # FSDP2 on one device, against trainer=gpu/cpu
+}
+
+
+def variant_settings(name: str) -> dict:
+    settings = {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise ValueError(f"unknown variant {part!r} in {name!r}; choose from {sorted(VARIANTS)}")
+        settings.update(VARIANTS[part])
+    return settings
+
+
+def module_defaults() -> dict:
+    """The module settings a user gets from conf/module/spin.yaml (its plain values; the
+    interpolated ones -- objective, optimizer, lam, schedule -- the benchmark sets itself)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(common.REPO / "conf" / "module" / "spin.yaml"), resolve=False)
+    skip = {"_target_", "opponent", "gradient_checkpointing"}
+    return {k: v for k, v in cfg.items() if k not in skip and not (isinstance(v, str) and "${" in v)}
 
 
 # -- shared by both sides -----------------------------------------------------------------------
@@ -154,6 +201,11 @@ def figures(args, times: list[tuple[float, float]], result: dict, precompute_s: 
         peak_memory_gib=common.peak_memory_gib(args.device),
         memory_at_end=common.memory_probe(args.device),
     )
+    if args.device == "cuda":
+        per_token = common.train_flops_per_token(
+            args.shape, args.prompt_len + args.response_len, result.get("forward_passes", 3)
+        )
+        result["mfu"] = tokens / timed_s * per_token / common.PEAK_BF16_FLOPS
     return result
 
 
@@ -195,10 +247,10 @@ def run_peer(args) -> dict:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.times: list[tuple[float, float]] = []
+            self.steps = common.StepTimes(args.device, args.warmup, args.warmup + args.steps)
 
         def on_step_end(self, *a, **kw):
-            self.times.append((common.now(args.device), common.cpu_now()))
+            self.steps.mark()
 
     gpu = args.device == "cuda"
     precompute = args.peer_setting == "precompute_ref_log_probs"
@@ -257,7 +309,8 @@ def run_peer(args) -> dict:
         "lr_scheduler_type": "constant",
         "optimizer": "torch.optim.RMSprop",
     }
-    return figures(args, clock.times, result, trainer.precompute_s)
+    result["forward_passes"] = 3 if precompute else 4  # the reference model's forward in every step
+    return figures(args, clock.steps.times, result, trainer.precompute_s)
 
 
 def make_dataset(datasets, rows: dict):
@@ -283,17 +336,7 @@ def check_same_tokens(example: dict, pair: dict) -> None:
 
 
 # -- ours: spinlab ------------------------------------------------------------------------------
-def chunk_setting(args):
-    """(kwargs for SPINModule, what to report)."""
-    from spinlab.module import SPINModule
-
-    if "logprob_chunk_size" not in inspect.signature(SPINModule).parameters:
-        return {}, "unavailable (SPINModule has no logprob_chunk_size; full logits)"
-    size = None if str(args.chunk_size).lower() in ("none", "0") else int(args.chunk_size)
-    return {"logprob_chunk_size": size}, size
-
-
-def build_ours(args, side: str):
+def build_ours(args, side: str, variant: str = "default"):
     """The same model, pairs, SPINModule and SelfPlayDataModule for both of our measurements,
     with the cached opponent's log-probs set (computed once, timed)."""
     import torch
@@ -308,9 +351,11 @@ def build_ours(args, side: str):
             pass
 
     setup(args)
-    kwargs, chunk_report = chunk_setting(args)
+    settings = variant_settings(variant)
+    kwargs = module_defaults() | {k: v for k, v in settings.items() if k != "trainer"}
     result = base_result(args, side)
-    result["logprob_chunk_size"] = chunk_report
+    result.update(variant=variant, module_settings=kwargs, trainer=settings.get("trainer", "default"))
+    result["logprob_chunk_size"] = kwargs.get("logprob_chunk_size")
     result["memory_after_imports"] = common.memory_probe(args.device)
     model = common.build_model(args.shape, args.seed).to(args.device)
     result["memory_after_model"] = common.memory_probe(args.device)
@@ -353,10 +398,10 @@ def run_ours_bare(args) -> dict:
     import torch
 
     module, datamodule, probe, result, precompute_s = build_ours(
-        args, "spinlab SPINModule (opponent=cached), hand-written loop"
+        args, "spinlab SPINModule (opponent=cached), hand-written loop", args.variants
     )
     optimizer = module.configure_optimizers()["optimizer"]
-    times = []
+    clock = common.StepTimes(args.device, args.warmup, args.warmup + args.steps)
     for batch in datamodule.train_dataloader():
         batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with common.autocast(args.device):
@@ -364,12 +409,34 @@ def run_ours_bare(args) -> dict:
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
-        times.append((common.now(args.device), common.cpu_now()))
+        clock.mark()
     result["lm_head_module_calls_in_training"] = probe.take()
-    return figures(args, times, result, precompute_s)
+    return figures(args, clock.times, result, precompute_s)
 
 
-def run_ours_fit(args) -> dict:
+def run_ours_variants(args) -> dict:
+    """Each of --variants in turn in this process, with a fresh model and the peak-memory counter
+    reset; the result file is rewritten after each, so a timeout keeps the finished ones."""
+    import gc
+    import traceback
+
+    import torch
+
+    out = {"variants": {}}
+    for name in args.variants.split(","):
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            out["variants"][name] = run_ours_fit(args, name)
+        except Exception as err:  # one variant failing must not lose the others' figures
+            out["variants"][name] = {"error": repr(err), "traceback": traceback.format_exc()[-3000:]}
+        common.write_result(args.result_file, out)
+    return out
+
+
+def run_ours_fit(args, variant: str = "default") -> dict:
     """What `python train.py` runs for a round's training: Trainer.fit with the trainer config of
     conf/trainer/, SPINModule's own hooks (training_step, on_before_optimizer_step, logging),
     the round's LR schedule, the CSV logger, RoundCheckpoint at the epoch end and
@@ -385,7 +452,7 @@ def run_ours_fit(args) -> dict:
     from spinlab.rounds import Round
 
     module, datamodule, probe, result, precompute_s = build_ours(
-        args, "spinlab SPINModule (opponent=cached), Trainer.fit as train.py"
+        args, "spinlab SPINModule (opponent=cached), Trainer.fit as train.py", variant
     )
     steps = args.warmup + args.steps
     module.begin_round(
@@ -402,21 +469,23 @@ def run_ours_fit(args) -> dict:
 
     class StepClock(L.Callback):
         def __init__(self):
-            self.times: list[tuple[float, float]] = []  # (wall, process CPU) at each batch's end
-            self.in_batch: list[float] = []  # on_train_batch_start to on_train_batch_end
+            self.steps = common.StepTimes(args.device, args.warmup, steps)
+            self.in_batch: list[float] = []  # on_train_batch_start to on_train_batch_end (CPU only)
             self.started = 0.0
 
         def on_train_batch_start(self, *a, **kw):
-            self.started = common.now(args.device)
+            self.started = time.perf_counter()
 
         def on_train_batch_end(self, *a, **kw):
-            end = common.now(args.device)
-            self.times.append((end, common.cpu_now()))
-            self.in_batch.append(end - self.started)
+            self.steps.mark()
+            self.in_batch.append(self.steps.times[-1][0] - self.started)
 
-    trainer_cfg = OmegaConf.load(
-        common.REPO / "conf" / "trainer" / ("gpu.yaml" if args.device == "cuda" else "cpu.yaml")
-    )
+    trainer_name = result["trainer"] if result["trainer"] != "default" else "gpu"
+    if args.device != "cuda":
+        trainer_name = "cpu" if trainer_name == "gpu" else f"{trainer_name}_cpu"
+    trainer_cfg = OmegaConf.load(common.REPO / "conf" / "trainer" / f"{trainer_name}.yaml")
+    if "devices" in trainer_cfg:
+        trainer_cfg.devices = 1
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="spinlab-bench-") as run_dir:
         csv = CSVLogger(
@@ -436,28 +505,33 @@ def run_ours_fit(args) -> dict:
         result["memory_after_trainer_init"] = common.memory_probe(args.device)
         started = common.now(args.device)
         trainer.fit(module, datamodule=datamodule)
+        if trainer.strategy.root_device.type == "cuda" and hasattr(trainer.strategy, "barrier"):
+            trainer.strategy.barrier()
         fit_s = common.now(args.device) - started
         logged_rows = csv.experiment.rows
-        checkpoint_bytes = checkpoint.path.stat().st_size
-    if len(clock.times) != steps:
-        raise RuntimeError(f"Trainer.fit ran {len(clock.times)} batches, expected {steps}")
+        path = checkpoint.path  # a file, or a directory of shards under FSDP2
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        checkpoint_bytes = sum(f.stat().st_size for f in files)
+    if len(clock.steps.times) != steps:
+        raise RuntimeError(f"Trainer.fit ran {len(clock.steps.times)} batches, expected {steps}")
     result["lm_head_module_calls_in_training"] = probe.take()
-    in_batch = sum(clock.in_batch[args.warmup :])
-    tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
     result.update(
         trainer_config=OmegaConf.to_container(trainer_cfg),
         fit_s=fit_s,
+        first_step_s=clock.in_batch[0],  # compilation, if any, happens here
         csv_rows_logged=logged_rows,
         checkpoint_bytes=checkpoint_bytes,
-        in_batch_s=in_batch,
-        tokens_per_s_in_batch=tokens / in_batch,
     )
-    return figures(args, clock.times, result, precompute_s)
+    if args.device != "cuda":  # on a GPU the span between hooks is the time to queue the kernels
+        in_batch = sum(clock.in_batch[args.warmup :])
+        tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
+        result.update(in_batch_s=in_batch, tokens_per_s_in_batch=tokens / in_batch)
+    return figures(args, clock.steps.times, result, precompute_s)
 
 
 # -- the comparison -----------------------------------------------------------------------------
 def child_argv(
-    args, child: str, gc: str, peer_setting: str | None = None, chunk: str | None = None
+    args, child: str, gc: str, peer_setting: str | None = None, variants: str | None = None
 ) -> list[str]:
     argv = [
         "--child",
@@ -484,8 +558,8 @@ def child_argv(
         str(args.lam),
         "--seed",
         str(args.seed),
-        "--chunk-size",
-        chunk or str(args.chunk_size),
+        "--variants",
+        variants or "default",
     ]
     if args.threads:
         argv += ["--threads", str(args.threads)]
@@ -528,7 +602,7 @@ def ratios(ours: dict, best: dict, prefix: str) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        run = {"peer": run_peer, "ours": run_ours_fit, "ours_bare_loop": run_ours_bare}[args.child]
+        run = {"peer": run_peer, "ours": run_ours_variants, "ours_bare_loop": run_ours_bare}[args.child]
         common.write_result(args.result_file, run(args))
         return
     script = Path(__file__).resolve()
@@ -542,14 +616,18 @@ def main(argv=None) -> None:
             s: common.run_child(script, child_argv(args, "peer", gc, peer_setting=s), args.timeout)
             for s in settings
         }
-        ours = common.run_child(script, child_argv(args, "ours", gc), args.timeout)
-        bare = common.run_child(script, child_argv(args, "ours_bare_loop", gc), args.timeout)
-        extra = {}
-        if args.also_unchunked:
-            extra["ours_unchunked"] = common.run_child(
-                script, child_argv(args, "ours", gc, chunk="none"), args.timeout
-            )
+        variants = {}
+        for group in args.ours_variants.split(";"):
+            out = common.run_child(script, child_argv(args, "ours", gc, variants=group), args.timeout)
+            for name in group.split(","):
+                variants[name] = out.get("variants", {}).get(name) or {"error": out.get("error", "not run")}
+                if "stderr_tail" in out and "error" in variants[name]:
+                    variants[name]["stderr_tail"] = out["stderr_tail"]
+        bare = {}
+        if args.bare_loop:
+            bare = common.run_child(script, child_argv(args, "ours_bare_loop", gc), args.timeout)
         best = best_of(peer)
+        ours = variants.get("default") or next(iter(variants.values()))
         record = {
             "benchmark": "train_throughput",
             "device": args.device,
@@ -571,14 +649,25 @@ def main(argv=None) -> None:
             "ours_full_logits": bool(ours.get("lm_head_module_calls_in_training"))
             if "error" not in ours
             else None,
-            # ours: Trainer.fit as train.py runs it; ours_bare_loop: the objective in a plain loop.
+            # ours: Trainer.fit as train.py runs it with conf/module/spin.yaml's settings.
             **ratios(ours, best, ""),
-            **ratios(bare, best, "bare_loop_"),
+            **(ratios(bare, best, "bare_loop_") if bare else {}),
+            # every variant against the peer's best: tokens/s ratio, peak-memory ratio, MFU
+            "variant_ratios": {
+                name: {
+                    **ratios(v, best, ""),
+                    "mfu": v.get("mfu"),
+                    "first_step_s": v.get("first_step_s"),
+                    "error": v.get("error"),
+                }
+                for name, v in variants.items()
+            },
+            "peer_mfu": {k: v.get("mfu") for k, v in peer.items()},
             "ours": ours,
-            "ours_bare_loop": bare,
+            "ours_variants": variants,
+            "ours_bare_loop": bare or None,
             "peer_best": best,
             "peer": peer,
-            **extra,
             "machine": machine,
         }
         common.emit(record)

@@ -165,3 +165,105 @@ def test_chunked_and_plain_logprobs_give_the_same_loss_and_gradients():
     b["loss"].backward()
     for p, q in zip(chunked.policy.parameters(), plain.policy.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+# -- speed levers: output-layer chunks, compiled layers, Liger kernels ----------------------------
+
+
+def test_chunk_size_auto_is_256_on_cpu_and_bad_sizes_are_refused(monkeypatch):
+    import spinlab.module as module_lib
+
+    seen = []
+    real = module_lib.chunked_sequence_logps
+    monkeypatch.setattr(
+        module_lib, "chunked_sequence_logps", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw)
+    )
+    module, dm = make("cached")
+    module.scorer.chunk_size = "auto"
+    auto = module.scorer(batch_of(dm))
+    module.scorer.chunk_size = 256
+    torch.testing.assert_close(module.scorer(batch_of(dm)), auto, rtol=0, atol=0)
+    assert seen == [256, 256]
+    for bad in (0, -4, "big", 2.5):
+        with pytest.raises(ValueError, match="logprob_chunk_size"):
+            SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, logprob_chunk_size=bad)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_loss_and_gradients_and_leave_generation_eager():
+    from spinlab.module import compile_decoder_layers
+
+    eager, dm = make("model")
+    compiled = copy.deepcopy(eager)
+    with torch.no_grad():  # policy away from the opponent, identically on both sides
+        for p, q in zip(eager.policy.parameters(), compiled.policy.parameters(), strict=True):
+            noise = torch.randn_like(p) * 0.05
+            p.add_(noise)
+            q.add_(noise)
+    assert compile_decoder_layers(compiled.policy) == 2  # the tiny model's two decoder layers
+    assert compile_decoder_layers(compiled.policy) == 2  # idempotent: no compile of a compile
+    batch = batch_of(dm)
+    out_eager, out_compiled = eager.loss_and_metrics(batch), compiled.loss_and_metrics(batch)
+    assert out_eager["margin"].abs().min() > 1e-3
+    torch.testing.assert_close(out_compiled["loss"], out_eager["loss"], rtol=1e-5, atol=1e-6)
+    out_eager["loss"].backward()
+    out_compiled["loss"].backward()
+    for p, q in zip(eager.policy.parameters(), compiled.policy.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+    # Decoding with a KV cache takes the eager forward: the compiler never sees a cache object.
+    compiled_calls = []
+    layer = compiled.policy.model.layers[0]
+    eager_forward = layer.forward.__kwdefaults__["_eager"]
+    layer.forward.__kwdefaults__["_eager"] = lambda *a, **kw: compiled_calls.append(1) or eager_forward(*a, **kw)
+    prompt = batch["input_ids"][:1, :5]
+    out = compiled.policy.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    reference = eager.policy.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert len(compiled_calls) >= 4 and torch.equal(out, reference)
+
+
+def test_compile_layers_auto_stays_eager_on_cpu(monkeypatch):
+    import spinlab.module as module_lib
+
+    calls = []
+    monkeypatch.setattr(module_lib, "compile_decoder_layers", lambda model: calls.append(model))
+    module, _ = make("cached")
+    module.compile_layers = "auto"
+    module.configure_model()
+    assert calls == []
+    module.compile_layers = True
+    module.configure_model()
+    assert calls == [module.policy]
+    with pytest.raises(ValueError, match="compile_layers"):
+        SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, compile_layers="yes")
+
+
+def test_liger_kernels_are_applied_to_the_policy_or_refused_with_the_install_command(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not importable, as on a CPU machine
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[liger\]'"):
+        SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, liger_kernels=True)
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    module = SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, liger_kernels=True)
+    assert calls == [
+        {
+            "rope": True,
+            "rms_norm": True,
+            "swiglu": True,
+            "cross_entropy": False,  # the output layer stays ours: chunked response log-probs
+            "fused_linear_cross_entropy": False,
+            "model": module.policy,
+        }
+    ]
+    other = tiny_model().model
+    other.config.model_type = "unheard_of"
+    with pytest.raises(ValueError, match="no kernels for model type 'unheard_of'"):
+        SPINModule(other, losses.logistic, torch.optim.SGD, liger_kernels=True)

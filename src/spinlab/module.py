@@ -50,6 +50,66 @@ def warmup_linear_decay(step: int, total_steps: int, warmup_ratio: float) -> flo
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
+# Response tokens per output-layer chunk under logprob_chunk_size="auto", by device type. Small
+# chunks bound memory where it is scarce (CPU RAM); on a GPU each chunk is a kernel launch, so
+# larger chunks keep the device busy (benchmarks/README.md, "Results on one H200").
+AUTO_CHUNK_SIZE = {"cpu": 256, "cuda": 4096}
+# compile_layers="auto", by device type: on where the measured step time pays for compiling.
+AUTO_COMPILE = {"cpu": False, "cuda": True}
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated decoder blocks: the classes it names in `_no_split_modules`."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in layer_classes]
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile each decoder layer's forward for the cache-free passes (training, opponent
+    and evaluation scoring); a forward with a KV cache (generation) stays eager, so generation
+    backends keep their own graphs and no cache object reaches the compiler. Per layer rather than
+    the whole model, so it composes with FSDP2's per-layer sharding. Returns the layer count."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_spinlab_compiled", False):
+            continue
+        eager = layer.forward
+        compiled = torch.compile(eager)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            # transformers 5.24 passes the KV cache as `cache`, earlier releases as `past_key_values`
+            cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+            use = _eager if cached else _compiled
+            return use(*args, **kwargs)
+
+        layer.forward = forward
+        layer._spinlab_compiled = True
+    return len(layers)
+
+
+def apply_liger_kernels(model: nn.Module) -> None:
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU in the policy (optional extra `liger`).
+    The output layer stays ours (chunked log-probs), so Liger's fused cross-entropy is off."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError as err:
+        raise ImportError(
+            f"module.liger_kernels=true needs liger-kernel, which failed to import ({err}). Install "
+            "the extra on a machine with CUDA and triton: pip install -e '.[liger]'; or set "
+            "module.liger_kernels=false"
+        ) from err
+    apply = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if apply is None:
+        raise ValueError(
+            f"module.liger_kernels=true: liger-kernel has no kernels for model type {model_type!r}; "
+            "set module.liger_kernels=false"
+        )
+    apply(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+
+
 class ResponseScorer(nn.Module):
     """Summed response log-prob of every sequence of a collated batch (padded [rows, T] or packed).
 
@@ -58,8 +118,10 @@ class ResponseScorer(nn.Module):
     are gathered for the whole forward, including the chunked output-layer pass below.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = 256):
+    def __init__(self, model: nn.Module, chunk_size: int | str | None = 256):
         super().__init__()
+        if chunk_size is not None and chunk_size != "auto" and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"module.logprob_chunk_size must be a positive int, 'auto' or null, got {chunk_size!r}")
         self.model = model
         self.chunk_size = chunk_size
 
@@ -70,12 +132,15 @@ class ResponseScorer(nn.Module):
         else:
             inputs["attention_mask"] = batch["attention_mask"]
         sequence_ids = batch.get("sequence_ids")
-        if self.chunk_size:
+        chunk_size = self.chunk_size
+        if chunk_size == "auto":
+            chunk_size = AUTO_CHUNK_SIZE.get(batch["input_ids"].device.type, AUTO_CHUNK_SIZE["cuda"])
+        if chunk_size:
             # Logits are the output layer applied to the decoder's last hidden state (no bias,
             # no soft-capping), so the vocabulary projection can run chunk by chunk.
             hidden = self.model.get_decoder()(**inputs).last_hidden_state
             weight = self.model.get_output_embeddings().weight
-            return chunked_sequence_logps(hidden, weight, batch["labels"], self.chunk_size, sequence_ids)
+            return chunked_sequence_logps(hidden, weight, batch["labels"], chunk_size, sequence_ids)
         return sequence_logps(self.model(**inputs).logits, batch["labels"], sequence_ids)
 
 
@@ -83,8 +148,7 @@ def shard(scorer: ResponseScorer, mesh, mp_policy) -> None:
     """FSDP2: every decoder layer (the classes the model names in `_no_split_modules`), then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    layer_classes = set(getattr(scorer.model, "_no_split_modules", None) or ())
-    layers = [m for m in scorer.model.modules() if type(m).__name__ in layer_classes]
+    layers = decoder_layers(scorer.model)
     if not layers:
         raise ValueError(
             f"{type(scorer.model).__name__} names no decoder layer classes (_no_split_modules): "
@@ -135,9 +199,11 @@ class PolicyModule(L.LightningModule):
         lam: float = 0.1,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = 256,
+        logprob_chunk_size: int | str | None = 256,
         on_nonfinite: str = "stop",
         gather_for_generation: bool = True,
+        compile_layers: bool | str = False,
+        liger_kernels: bool = False,
     ):
         super().__init__()
         # Sharded runs: decode on the full weights gathered once (fast; needs the whole model's
@@ -155,6 +221,13 @@ class PolicyModule(L.LightningModule):
         if gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
+        if liger_kernels:
+            apply_liger_kernels(policy)
+        if compile_layers not in (True, False, "auto"):
+            raise ValueError(f"module.compile_layers must be true, false or auto, got {compile_layers!r}")
+        # Applied in configure_model, once the device is known and every scorer (the opponent's
+        # copy too) exists.
+        self.compile_layers = compile_layers
         # from_pretrained returns eval mode; Lightning keeps modes as found
         self.scorer = ResponseScorer(policy.train(), logprob_chunk_size)
         self.means = nn.ModuleDict({k: MeanMetric() for k in objective.metric_names})
@@ -191,6 +264,12 @@ class PolicyModule(L.LightningModule):
 
     # -- sharding ---------------------------------------------------------------------------
     def configure_model(self) -> None:
+        compile_layers = self.compile_layers
+        if compile_layers == "auto":
+            compile_layers = AUTO_COMPILE.get(self.device.type, False)
+        if compile_layers:
+            for scorer in self.scorers():
+                compile_decoder_layers(scorer.model)
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp, fsdp_cpu) only
         if mesh is None or self.sharded:
             return
@@ -360,21 +439,17 @@ class PolicyModule(L.LightningModule):
 class SPINModule(PolicyModule):
     """The self-play module: the policy under `objective` (default SPIN with ℓ = `loss`) against
     the opponent, whose log-probs arrive cached in the batch or come from a frozen copy
-    (`opponent="model"`) when the objective uses them (`needs_opponent`)."""
+    (`opponent="model"`) when the objective uses them (`needs_opponent`). Other settings are
+    PolicyModule's."""
 
     def __init__(
         self,
         policy: nn.Module,
         loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimizer: Callable | None = None,
-        lam: float = 0.1,
         opponent: str = "cached",
-        warmup_ratio: float = 0.1,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = 256,
-        on_nonfinite: str = "stop",
-        gather_for_generation: bool = True,
         objective: Objective | None = None,
+        **settings,
     ):
         if opponent not in OPPONENT_MODES:
             raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
@@ -387,17 +462,7 @@ class SPINModule(PolicyModule):
                 f"opponent=model keeps a frozen copy of the policy, but {type(objective).__name__} uses "
                 "no opponent log-probs: leave opponent=cached (nothing is cached for it)"
             )
-        super().__init__(
-            policy,
-            objective,
-            optimizer,
-            lam,
-            warmup_ratio,
-            gradient_checkpointing,
-            logprob_chunk_size,
-            on_nonfinite,
-            gather_for_generation,
-        )
+        super().__init__(policy, objective, optimizer, **settings)
         self.opponent_scorer = None
         if opponent == "model":
             self.opponent_scorer = copy.deepcopy(self.scorer).requires_grad_(False).eval()
@@ -447,27 +512,12 @@ class SFTModule(PolicyModule):
         self,
         policy: nn.Module,
         optimizer: Callable | None = None,
-        lam: float = 0.1,
-        warmup_ratio: float = 0.1,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int | None = 256,
-        on_nonfinite: str = "stop",
-        gather_for_generation: bool = True,
         objective: Objective | None = None,
+        **settings,
     ):
         if objective is not None and not isinstance(objective, SFT):
             raise ValueError(
                 f"module=sft trains the SFT objective, not {type(objective).__name__}: "
                 "choose the method with objective=... alone (module=spin, the default)"
             )
-        super().__init__(
-            policy,
-            objective or SFT(),
-            optimizer,
-            lam,
-            warmup_ratio,
-            gradient_checkpointing,
-            logprob_chunk_size,
-            on_nonfinite,
-            gather_for_generation,
-        )
+        super().__init__(policy, objective or SFT(), optimizer, **settings)
