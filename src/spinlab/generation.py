@@ -308,12 +308,12 @@ class StaticCacheGenerator(HFGenerator):
             rows = int(self.memory_share * free // per_row)
             if rows < 1:
                 raise RuntimeError(
-                    f"generation.batch_size=auto: one row needs {per_row / 2**30:.2f} GiB (cache length "
+                    f"generation.batch_size=auto: one row needs {per_row / 2**20:.1f} MiB (cache length "
                     f"{width + self.max_new_tokens}) and {self.memory_share} of the free memory is "
-                    f"{self.memory_share * free / 2**30:.2f} GiB; lower generation.max_new_tokens or the prompt length"
+                    f"{self.memory_share * free / 2**20:.1f} MiB; lower generation.max_new_tokens or the prompt length"
                 )
-        rows = min(rows, math.ceil(len(prompt_ids) / world))
         rows = rows // 8 * 8 or rows  # multiples of 8 for the matrix units
+        rows = min(rows, math.ceil(len(prompt_ids) / world))
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             agreed = torch.tensor([rows], device=device)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
