@@ -157,6 +157,24 @@ def test_a_generation_config_with_other_logits_processors_falls_back_to_generate
     )
 
 
+def test_a_lora_policy_is_decoded_by_the_loop_through_its_peft_wrapper():
+    pytest.importorskip("peft")
+    loaded = tiny_model(seed=0, lora={"r": 4})
+    with torch.no_grad():  # adapters that change the outputs
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompts = encode(loaded.tokenizer, PROMPTS)
+    rows, stats = collect(
+        StaticCacheGenerator(max_new_tokens=8, batch_size=4, do_sample=False), loaded, prompts
+    )
+    hf = collect(HFGenerator(max_new_tokens=8, batch_size=4, do_sample=False), loaded, prompts)[0]
+    assert stats["loop"] == "spinlab" and by_index(rows) == by_index(hf)
+    with loaded.model.disable_adapter():
+        base = collect(HFGenerator(max_new_tokens=8, batch_size=4, do_sample=False), loaded, prompts)[0]
+    assert by_index(base) != by_index(hf)
+
+
 def test_a_rows_bytes_are_its_kv_cache_prefill_and_sampling_buffers():
     model = tiny_model(seed=0).model  # 2 layers, 2 KV heads of 16, hidden 64, MLP 128, fp32
     vocab = model.config.vocab_size
@@ -233,3 +251,25 @@ def test_a_killed_static_round_resumes_to_the_uninterrupted_runs_responses(tmp_p
     run(tmp_path / "killed")
     assert (round_dir / "synthetic.jsonl").read_text() == whole
     assert json.loads((round_dir / "stats.json").read_text())["generation"]["loop"] == "spinlab"
+
+
+# -- on a GPU: the captured step --------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_graph_decodes_as_the_eager_step_and_greedy_as_generate(dtype):
+    loaded = eos_model()
+    loaded.model.to(device="cuda", dtype=dtype)
+    prompts = encode(loaded.tokenizer, PROMPTS)
+    kw = {"max_new_tokens": 12, "batch_size": 4, "pad_to_multiple_of": 8, "eos_check_every": 4}
+    for do_sample in (True, False):
+        graph_rows, stats = collect(StaticCacheGenerator(do_sample=do_sample, seed=3, **kw), loaded, prompts)
+        assert stats["cuda_graph"] and stats["graph_captures"] == 3, stats
+        eager_rows, stats = collect(
+            StaticCacheGenerator(do_sample=do_sample, seed=3, cuda_graph=False, **kw), loaded, prompts
+        )
+        assert not stats["cuda_graph"]
+        assert by_index(graph_rows) == by_index(eager_rows)
+    if dtype == torch.float32:
+        hf = collect(HFGenerator(max_new_tokens=12, batch_size=4, do_sample=False), loaded, prompts)[0]
+        assert by_index(graph_rows) == by_index(hf)

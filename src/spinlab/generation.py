@@ -28,7 +28,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -387,12 +387,18 @@ def _unsupported(model, config: GenerationConfig) -> str | None:
         value = getattr(config, field, None)
         if value not in neutral:
             return f"the model's generation config sets {field}={value!r}"
-    params = inspect.signature(model.forward).parameters
+    params = _forward_parameters(model)
     if "cache" not in params and "past_key_values" not in params:
         return f"{type(model).__name__}.forward takes no cache argument"
     if "logits_to_keep" not in params:
         return f"{type(model).__name__}.forward takes no logits_to_keep argument"
     return None
+
+
+def _forward_parameters(model) -> Mapping:
+    """The parameters of the model's forward (under a peft wrapper, which passes them on: its base model's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
 
 
 def _free_memory(device: torch.device) -> int | None:
@@ -442,7 +448,8 @@ def _sample(logits: torch.Tensor, gen: Generator, key, index, step) -> torch.Ten
     `generate`'s order and with its rules) then the inverse of the row's cumulative distribution."""
     if not gen.do_sample:
         return logits.argmax(-1)
-    logits = logits / gen.temperature
+    if gen.temperature != 1:
+        logits = logits / gen.temperature
     if gen.top_k:
         kth = logits.topk(min(gen.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -474,9 +481,11 @@ class _StaticDecoder:
         self.eos, self.pad = config.eos_token_id, config.pad_token_id
         self.device = next(model.parameters()).device
         self.use_graph, self.run_to_end = graph, run_to_end
-        self.cache_arg = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
+        self.cache_arg = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+        dtype = next(model.parameters()).dtype
+        # How far a replay may stray from the eager step: float32 kernels agree to rounding, half
+        # precision ones (if a kernel differs under capture) to a few units in the last place.
+        self.tolerance = (1e-4, 0.0) if dtype == torch.float32 else (0.02, 0.01)
         self.shape = None
         self.graph = None
         self.stats = {
@@ -595,15 +604,16 @@ class _StaticDecoder:
         graph = None
         try:
             graph, logits = self._record()
+            logit_tol, token_tol = self.tolerance
             for step, (want_logits, want_tokens) in enumerate(eager, 1):
                 graph.replay()
-                if not torch.equal(self.last, want_tokens) or not torch.allclose(
-                    logits, want_logits, rtol=1e-3, atol=1e-3
-                ):
+                off = (logits - want_logits).abs().max().item() / max(want_logits.abs().max().item(), 1e-6)
+                tokens = (self.last != want_tokens).sum().item()
+                if off > logit_tol or tokens > token_tol * len(want_tokens):
                     raise RuntimeError(
-                        f"replay {step} of the captured decode step differs from the eager step (tokens "
-                        f"{(self.last != want_tokens).sum().item()} of {len(want_tokens)} differ, "
-                        f"logits by up to {(logits - want_logits).abs().max().item():.3g})"
+                        f"replay {step} of the captured decode step differs from the eager step "
+                        f"({tokens} of {len(want_tokens)} tokens differ, logits by up to {off:.3g} of their "
+                        "largest magnitude)"
                     )
         except Exception as err:  # any capture failure falls back to the eager step
             if self.device.type == "cuda":
