@@ -10,7 +10,15 @@ from omegaconf import open_dict
 
 import spinlab.generation as generation
 import train
-from spinlab.generation import HFGenerator, StaticCacheGenerator, _mix32, _row_bytes, _StaticDecoder, _uniform
+from spinlab.generation import (
+    HFGenerator,
+    StaticCacheGenerator,
+    _mix32,
+    _row_bytes,
+    _StaticDecoder,
+    _uniform,
+    _unsupported,
+)
 from spinlab.models import tiny_model
 from tests.conftest import compose_cfg
 from tests.helpers import Crash
@@ -155,6 +163,17 @@ def test_a_generation_config_with_other_logits_processors_falls_back_to_generate
         )
         != hf
     )
+
+
+def test_models_the_loop_does_not_cover_are_named():
+    model = tiny_model(seed=0).model
+    config = model.generation_config
+    assert _unsupported(model, config) is None
+    model.config.sliding_window = 16
+    assert "sliding-window" in _unsupported(model, config)
+    model.config.sliding_window = None
+    config.no_repeat_ngram_size = 3
+    assert _unsupported(model, config) == "the model's generation config sets no_repeat_ngram_size=3"
 
 
 def test_a_lora_policy_is_decoded_by_the_loop_through_its_peft_wrapper():

@@ -383,6 +383,12 @@ def _unsupported(model, config: GenerationConfig) -> str | None:
     """Why spinlab's decode loop cannot stand in for `generate` on this model and config, if it cannot."""
     if model.config.is_encoder_decoder:
         return "an encoder-decoder model"
+    text = model.config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None)
+    if set(layer_types or ["full_attention"]) != {"full_attention"} or (
+        layer_types is None and getattr(text, "sliding_window", None)
+    ):
+        return "a model with sliding-window or linear-attention layers (the loop's mask is full attention)"
     for field, neutral in _NEUTRAL.items():
         value = getattr(config, field, None)
         if value not in neutral:
@@ -617,7 +623,13 @@ class _StaticDecoder:
                     )
         except Exception as err:  # any capture failure falls back to the eager step
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                try:
+                    torch.cuda.synchronize(self.device)
+                except RuntimeError as broken:
+                    raise RuntimeError(
+                        f"generation=static: capturing the decode step in a CUDA graph failed ({err}) and "
+                        f"left the device unusable ({broken}); run with generation.cuda_graph=false"
+                    ) from err
             log.warning("generation=static: no CUDA graph for the decode step (%s); decoding eagerly", err)
             self.use_graph = False
             graph = None
