@@ -4,7 +4,7 @@
     python benchmarks/generation_throughput.py --device cuda --shape llama-1b --batch 256
     python benchmarks/generation_throughput.py --device cuda --gpu-suite         # 135M and 1B, batch 64 and 256
     python benchmarks/generation_throughput.py --device cuda --shape llama-1b --batch 256 \
-        --backends static,static@eager --check-greedy                           # the static loop, graph on and off
+        --backends static,static@eager --check-greedy both                      # the static loop, graph on and off
 
 All sides sample from the same random-init model with the same prompts (random token ids,
 fixed seed, equal lengths) and the same settings (temperature 1, top-p 1, top-k 0, the same
@@ -22,9 +22,12 @@ max_new_tokens); `batch` prompts per generate call, `--batches` of them timed.
   `static@eager` (spinlab's loop, no CUDA graph), `static@generate` (transformers' generate with
   its static cache); any other name takes its settings from `--engine-kwargs`.
 
-`--check-greedy`: after timing, each backend decodes the first timed batch greedily in the same
-process and compares its tokens with plain `generate`'s (greedy); `greedy_check` in the JSON line
-counts identical rows and, for a row that differs, the logit gap at the first differing step.
+`--check-greedy [run|float32|both]`: after timing, each backend decodes the first timed batch
+greedily in the same process and compares its tokens with plain `generate`'s (greedy), in the
+timed dtype and/or with the model cast to float32; `greedy_check` in the JSON line (per dtype)
+counts identical rows and, for a row that differs, the logit gap at the first differing step. In
+bf16 two correct implementations part at near-ties (logits a bf16 step apart, frequent with random
+weights); float32 is where "identical" is expected.
 
 Each side runs in its own subprocess, `--repeats` times, alternating, and the fastest run of
 each side is compared (on a shared CPU a run can only be slowed down by others). The first batch
@@ -91,9 +94,13 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--check-greedy",
-        action="store_true",
+        nargs="?",
+        const="run",
+        choices=("run", "float32", "both"),
+        default=None,
         help="after timing, each backend decodes the first timed batch greedily and compares its tokens "
-        "with plain generate's (greedy_check in the JSON line)",
+        "with plain generate's (greedy_check in the JSON line): in the timed dtype (run, the default), in "
+        "float32 (the model cast after timing), or both",
     )
     p.add_argument(
         "--repeats",
@@ -239,9 +246,13 @@ def run_backend(args) -> dict:
     result["generator_stats"] = stats
     result = finish(args, result, stats["new_tokens"], seconds, cpu_s)
     if args.check_greedy:
-        result["greedy_check"] = greedy_check(
-            model, tokenizer, prompts[args.batch : 2 * args.batch], generator
-        )
+        checked = prompts[args.batch : 2 * args.batch]
+        result["greedy_check"] = {}
+        if args.check_greedy in ("run", "both"):
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            result["greedy_check"][dtype] = greedy_check(model, tokenizer, checked, generator)
+        if args.check_greedy in ("float32", "both"):
+            result["greedy_check"]["float32"] = greedy_check(model.float(), tokenizer, checked, generator)
     return result
 
 
@@ -368,7 +379,7 @@ def compare(args) -> None:
     if args.threads:
         base += ["--threads", str(args.threads)]
     if args.check_greedy:
-        base += ["--check-greedy"]
+        base += ["--check-greedy", args.check_greedy]
     script = Path(__file__).resolve()
     sides = ["plain", *args.backends]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
