@@ -106,9 +106,9 @@ class ReplayingGraph:
             self.decoder.last.fill_(0)
 
 
-def decode(loaded, prompts, graph, corrupt=False, do_sample=True):
+def decode(loaded, prompts, graph, corrupt=False, do_sample=True, max_new_tokens=10):
     gen = StaticCacheGenerator(
-        max_new_tokens=10, batch_size=4, do_sample=do_sample, seed=2, pad_to_multiple_of=4
+        max_new_tokens=max_new_tokens, batch_size=4, do_sample=do_sample, seed=2, pad_to_multiple_of=4
     )
     tok = loaded.tokenizer
     decoder = _StaticDecoder(
@@ -141,6 +141,16 @@ def test_a_checked_graph_replays_the_eager_loop_and_a_wrong_one_is_dropped(do_sa
     assert fallen_back == eager
     assert not stats["cuda_graph"] and stats["graph_captures"] == 0
     assert "replay 1 of the captured decode step differs" in caplog.text and "decoding eagerly" in caplog.text
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 3])
+def test_a_graph_is_checked_even_when_fewer_steps_are_left_than_the_check_takes(max_new_tokens):
+    loaded = eos_model()
+    prompts = encode(loaded.tokenizer, PROMPTS)
+    eager, _ = decode(loaded, prompts, graph=False, max_new_tokens=max_new_tokens)
+    replayed, stats = decode(loaded, prompts, graph=True, max_new_tokens=max_new_tokens)
+    assert replayed == eager and stats["cuda_graph"]
+    assert all(len(row) == max_new_tokens for row in replayed)
 
 
 def test_a_generation_config_with_other_logits_processors_falls_back_to_generate(caplog):

@@ -517,7 +517,8 @@ class _StaticDecoder:
         self.last = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.out = torch.full((rows, new), self.pad, dtype=torch.long, device=device)
+        # Two columns to spare: the graph check's eager steps may run past the last step.
+        self.out = torch.full((rows, new + 2), self.pad, dtype=torch.long, device=device)
         self.index = torch.zeros(rows, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.step_no = torch.zeros(1, dtype=torch.long, device=device)
