@@ -3,6 +3,8 @@
     python benchmarks/generation_throughput.py --device cpu                      # cpu-small, all backends
     python benchmarks/generation_throughput.py --device cuda --shape llama-1b --batch 256
     python benchmarks/generation_throughput.py --device cuda --gpu-suite         # 135M and 1B, batch 64 and 256
+    python benchmarks/generation_throughput.py --device cuda --shape llama-1b --batch 256 \
+        --backends static,static@eager --check-greedy both                      # the static loop, graph on and off
 
 All sides sample from the same random-init model with the same prompts (random token ids,
 fixed seed, equal lengths) and the same settings (temperature 1, top-p 1, top-k 0, the same
@@ -16,6 +18,16 @@ max_new_tokens); `batch` prompts per generate call, `--batches` of them timed.
   decoded and handed back). The continuous engine gets all timed prompts at once and schedules
   them itself; its time includes building the paged cache (and capturing CUDA graphs on a GPU),
   which a round pays once, reported apart as `engine_setup_seconds`.
+- backend@variant: a backend with other settings, measured against the same plain side:
+  `static@eager` (spinlab's loop, no CUDA graph), `static@generate` (transformers' generate with
+  its static cache); any other name takes its settings from `--engine-kwargs`.
+
+`--check-greedy [run|float32|both]`: after timing, each backend decodes the first timed batch
+greedily in the same process and compares its tokens with plain `generate`'s (greedy), in the
+timed dtype and/or with the model cast to float32; `greedy_check` in the JSON line (per dtype)
+counts identical rows and, for a row that differs, the logit gap at the first differing step. In
+bf16 two correct implementations part at near-ties (logits a bf16 step apart, frequent with random
+weights); float32 is where "identical" is expected.
 
 Each side runs in its own subprocess, `--repeats` times, alternating, and the fastest run of
 each side is compared (on a shared CPU a run can only be slowed down by others). The first batch
@@ -44,6 +56,11 @@ DEFAULTS = {  # shape: (batch, prompt, new tokens)
     "llama-1b": (64, 256, 256),
 }
 BACKENDS = ("hf", "static", "continuous")
+# A backend with other settings, named backend@variant; --engine-kwargs may define more.
+VARIANTS = {
+    "static@eager": {"cuda_graph": False},  # spinlab's loop without the CUDA graph
+    "static@generate": {"loop": "generate"},  # transformers' generate with its static cache
+}
 GPU_SUITE = [(shape, batch) for shape in ("smollm2-135m", "llama-1b") for batch in (64, 256)]
 
 
@@ -54,7 +71,10 @@ def parse_args(argv=None):
         "--shape", choices=sorted(common.SHAPES), default=None, help="cpu-small on CPU, smollm2-135m on GPU"
     )
     p.add_argument(
-        "--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}"
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"comma-separated, of {', '.join(BACKENDS)}, {', '.join(VARIANTS)}, or backend@name with "
+        "its settings in --engine-kwargs",
     )
     p.add_argument("--batch", type=int, default=None, help="prompts per generate call (CPU 8, GPU 64)")
     p.add_argument("--batches", type=int, default=None, help="timed batches (CPU 2, GPU 1)")
@@ -73,6 +93,16 @@ def parse_args(argv=None):
         help='JSON {backend: {key: value}} over conf/generation/<backend>.yaml, e.g. \'{"continuous": {"page_size": 64}}\'',
     )
     p.add_argument(
+        "--check-greedy",
+        nargs="?",
+        const="run",
+        choices=("run", "float32", "both"),
+        default=None,
+        help="after timing, each backend decodes the first timed batch greedily and compares its tokens "
+        "with plain generate's (greedy_check in the JSON line): in the timed dtype (run, the default), in "
+        "float32 (the model cast after timing), or both",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -86,17 +116,21 @@ def parse_args(argv=None):
         + "; 256 new tokens, prompt 256, bf16",
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds per side and run")
-    p.add_argument("--child", choices=("plain", *BACKENDS), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     if args.gpu_suite and not gpu:
         p.error("--gpu-suite needs --device cuda")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(args.backends) - set(BACKENDS))
-    if unknown:
-        p.error(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
     args.engine_kwargs = json.loads(args.engine_kwargs) if isinstance(args.engine_kwargs, str) else {}
+    for label in args.backends:
+        base, variant = label.partition("@")[::2]
+        if base not in BACKENDS or (variant and label not in VARIANTS and label not in args.engine_kwargs):
+            p.error(
+                f"--backends: unknown {label!r}; choose from {', '.join(BACKENDS)}, {', '.join(VARIANTS)}, "
+                "or name backend@variant with its settings in --engine-kwargs"
+            )
     args.shape = args.shape or ("smollm2-135m" if gpu else "cpu-small")
     batch, prompt, new = DEFAULTS[args.shape]
     args.batch = args.batch or batch
@@ -171,10 +205,11 @@ def run_plain(args) -> dict:
     return finish(args, result, new_tokens, common.now(args.device) - started, common.cpu_now() - cpu)
 
 
-def build_generator(args, backend: str):
+def build_generator(args, label: str):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    backend = label.partition("@")[0]
     cfg = OmegaConf.load(common.REPO / "conf" / "generation" / f"{backend}.yaml")
     cfg.merge_with(
         {
@@ -185,7 +220,8 @@ def build_generator(args, backend: str):
             "temperature": 1.0,
             "top_p": 1.0,
             "top_k": 0,
-            **args.engine_kwargs.get(backend, {}),
+            **VARIANTS.get(label, {}),
+            **args.engine_kwargs.get(label, {}),
         }
     )
     return instantiate(cfg), OmegaConf.to_container(cfg)
@@ -208,7 +244,97 @@ def run_backend(args) -> dict:
     stats = generator.generate(model, tokenizer, prompts[args.batch :], on_batch=ignore, round_index=1)
     seconds, cpu_s = common.now(args.device) - started, common.cpu_now() - cpu
     result["generator_stats"] = stats
-    return finish(args, result, stats["new_tokens"], seconds, cpu_s)
+    result = finish(args, result, stats["new_tokens"], seconds, cpu_s)
+    if args.check_greedy:
+        checked = prompts[args.batch : 2 * args.batch]
+        result["greedy_check"] = {}
+        if args.check_greedy in ("run", "both"):
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            result["greedy_check"][dtype] = greedy_check(model, tokenizer, checked, generator)
+        if args.check_greedy in ("float32", "both"):
+            result["greedy_check"]["float32"] = greedy_check(model.float(), tokenizer, checked, generator)
+    return result
+
+
+def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: int = 16) -> dict:
+    """Greedy tokens of the backend against plain `generate`'s on the same prompts and model.
+
+    Both are cut after the first EOS. For a row that differs, the logits of the model at the
+    first differing step (one forward over the prompt and plain generate's tokens before it) say
+    whether it is a near-tie: `gap` is the logit of generate's token minus that of ours.
+    """
+    import torch
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = generator.greedy()
+    if greedy.batch_size == "auto":
+        greedy.batch_size = greedy.auto_batch_size(model, prompts)
+    ours: dict[int, list[int]] = {}
+
+    def keep(rows):
+        ours.update(rows)
+
+    config = greedy.generation_config(model, eos, pad)
+    with torch.no_grad():
+        greedy._run(model, prompts, greedy.batches(prompts), keep, config, 0, False, 0)
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        device = next(model.parameters()).device
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=generator.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )[:, width:].tolist()
+
+    def cut(tokens):
+        return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+    matched = total = 0
+    differing = []
+    for i, ref in enumerate(out):
+        ref, got = cut(ref), cut(ours[i])
+        same = next(
+            (k for k, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got))
+        )
+        matched += same
+        total += len(ref)
+        if ref != got:
+            differing.append((i, same, ref, got))
+    divergences = []
+    with torch.no_grad():
+        for i, step, ref, got in differing[:detail]:
+            ids = torch.tensor([[*prompts[i], *ref[:step]]], device=device)
+            logits = model(input_ids=ids).logits[0, -1].float()
+            top2 = logits.topk(2).values
+            ref_tok = ref[step] if step < len(ref) else None
+            our_tok = got[step] if step < len(got) else None
+            divergences.append(
+                {
+                    "index": i,
+                    "step": step,
+                    "generate_token": ref_tok,
+                    "our_token": our_tok,
+                    "gap": (logits[ref_tok] - logits[our_tok]).item()
+                    if ref_tok is not None and our_tok is not None
+                    else None,
+                    "top2_gap": (top2[0] - top2[1]).item(),
+                    "logit_scale": logits.abs().max().item(),
+                }
+            )
+    return {
+        "prompts": len(prompts),
+        "identical_rows": len(prompts) - len(differing),
+        "identical": not differing,
+        "matched_token_share": matched / max(total, 1),
+        "divergences": divergences,
+    }
 
 
 def finish(args, result: dict, new_tokens: int, seconds: float, cpu_s: float) -> dict:
@@ -252,6 +378,8 @@ def compare(args) -> None:
     ]
     if args.threads:
         base += ["--threads", str(args.threads)]
+    if args.check_greedy:
+        base += ["--check-greedy", args.check_greedy]
     script = Path(__file__).resolve()
     sides = ["plain", *args.backends]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
@@ -274,6 +402,9 @@ def compare(args) -> None:
                 "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
                 "dtype": "bf16" if args.device == "cuda" else "fp32",
                 "threads": args.threads,
+                "greedy_check": ours.get("greedy_check"),
+                "loop": (ours.get("generator_stats") or {}).get("loop"),
+                "cuda_graph": (ours.get("generator_stats") or {}).get("cuda_graph"),
                 "new_tokens_per_s": ours.get("new_tokens_per_s"),
                 "plain_new_tokens_per_s": plain.get("new_tokens_per_s"),
                 "new_tokens_per_s_ratio": common.ratio(

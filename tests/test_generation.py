@@ -65,10 +65,13 @@ def test_generation_stops_at_eos_and_restores_train_mode():
     assert loaded.model.training
 
 
-def test_static_cache_generates_what_the_dynamic_cache_does():
+@pytest.mark.parametrize("loop", ["spinlab", "generate"])
+def test_static_cache_generates_what_the_dynamic_cache_does(loop):
     loaded = tiny_model(seed=0)
     dynamic = collect(HFGenerator(max_new_tokens=10, batch_size=3, do_sample=False), loaded)
-    static = collect(StaticCacheGenerator(max_new_tokens=10, batch_size=3, do_sample=False), loaded)
+    static = collect(
+        StaticCacheGenerator(max_new_tokens=10, batch_size=3, do_sample=False, loop=loop), loaded
+    )
     assert {i: r["synthetic"] for i, r in static.items()} == {i: r["synthetic"] for i, r in dynamic.items()}
     assert all(r["tokens"] > 0 for r in static.values())
 
