@@ -38,7 +38,7 @@ def run_side(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = common.build_model(args.shape, args.seed).to(args.device)
+    model = common.build_model(args.shape, args.seed, args.device)
     if args.child == "compiled":
         model.model.forward = torch.compile(model.model.forward, dynamic=True)
     module = SPINModule(

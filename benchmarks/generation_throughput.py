@@ -148,7 +148,7 @@ def load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = common.build_model(args.shape, args.seed)
+    model = common.build_model(args.shape, args.seed, args.device)
     if args.device == "cuda":
         model = model.to(device="cuda", dtype=torch.bfloat16)
     model.eval()

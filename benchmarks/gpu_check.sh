@@ -46,7 +46,7 @@ fi
     git rev-parse HEAD 2>/dev/null
 } >"$DIR/machine.txt" 2>&1
 
-GEN_BACKENDS="${GEN_BACKENDS:-hf,static,continuous}"
+GEN_BACKENDS="${GEN_BACKENDS:-static,static@eager}"
 printf 'step\tstatus\tseconds\n' >"$DIR/steps.tsv"
 failed=0
 # Six files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
@@ -69,10 +69,11 @@ step() {
 # Order: the figures first (generation, then training at both shapes), the GPU tests last, so a
 # slow test cannot starve a measurement. Limits sum to ~9 minutes.
 
-# 1. generation at the Llama-1B shape (batch 256, prompt 256, 256 new tokens, bf16): every backend
-#    against plain generate, greedy tokens checked against generate's
-step generation_throughput 150 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
-    --shape llama-1b --batch 256 --backends $GEN_BACKENDS --timeout 45 --check-greedy
+# 1. generation at the Llama-1B shape (batch 256, prompt 256, 256 new tokens, bf16): our decode
+#    loop with its CUDA graph (static) and without (static@eager) against plain generate, one
+#    warm-up and two timed batches each; greedy tokens compared with generate's in float32
+step generation_throughput 140 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
+    --shape llama-1b --batch 256 --batches 2 --backends $GEN_BACKENDS --timeout 60 --check-greedy float32
 
 # 2. training against TRL as SPIN, SmolLM2-135M shape (batch 16 pairs, 256 + 256): TRL's fastest
 #    setting (precomputed reference log-probs) against every lever of ours on and off
@@ -81,14 +82,17 @@ step train_135m 175 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_through
     --ours-variants "default,sync,chunk256,chunk1024,unchunked,fsdp1;compile,compile+liger;liger"
 
 # 3. the same at the Llama-1B shape (batch 8 pairs)
-step train_1b 135 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
+step train_1b 130 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
     --shape llama-1b --peer-settings precompute_ref_log_probs --timeout 90 \
     --ours-variants "default,chunk1024;compile,compile+liger"
 
-# 4. the GPU tests (tests/test_gpu.py: two rounds with trainer=gpu and trainer=fsdp, eager and with
-#    compiled layers, bf16; Liger's kernels and compiled layers against the eager loss)
-# (only the GPU file: collecting the others would need packages the GPU machine lacks, e.g. nbformat)
-step pytest_gpu 110 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" tests/test_gpu.py
+# 4. the GPU tests: tests/test_gpu.py (two rounds with trainer=gpu and trainer=fsdp, eager and with
+#    compiled layers, bf16; Liger's kernels and compiled layers against the eager loss) and
+#    tests/test_generation_static.py's (the captured decode step against the eager one, greedy
+#    against generate). Only these files: collecting the others would need packages the GPU
+#    machine lacks (e.g. nbformat).
+step pytest_gpu 120 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" \
+    tests/test_gpu.py tests/test_generation_static.py
 
 echo "gpu_check: results in $DIR"
 exit "$failed"

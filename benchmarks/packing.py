@@ -58,7 +58,7 @@ def run_side(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = common.build_model(args.shape, args.seed).to(args.device)
+    model = common.build_model(args.shape, args.seed, args.device)
     module = SPINModule(
         model, loss=logistic, optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7), opponent="cached"
     ).to(args.device)

@@ -220,7 +220,7 @@ def run_peer(args) -> dict:
     setup(args)
     result = base_result(args, f"trl {trl.__version__} DPOTrainer ({args.peer_setting})")
     result["memory_after_imports"] = common.memory_probe(args.device)
-    model = common.build_model(args.shape, args.seed).to(args.device)
+    model = common.build_model(args.shape, args.seed, args.device)
     result["memory_after_model"] = common.memory_probe(args.device)
     tokenizer = common.build_tokenizer(args.shape)
     eos = common.SHAPES[args.shape]["eos_token_id"]
@@ -357,7 +357,7 @@ def build_ours(args, side: str, variant: str = "default"):
     result.update(variant=variant, module_settings=kwargs, trainer=settings.get("trainer", "default"))
     result["logprob_chunk_size"] = kwargs.get("logprob_chunk_size")
     result["memory_after_imports"] = common.memory_probe(args.device)
-    model = common.build_model(args.shape, args.seed).to(args.device)
+    model = common.build_model(args.shape, args.seed, args.device)
     result["memory_after_model"] = common.memory_probe(args.device)
     tokenizer = common.build_tokenizer(args.shape)
     pairs = common.random_pairs(
