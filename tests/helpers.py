@@ -63,6 +63,22 @@ class PoisonRound(L.Callback):
             next(pl_module.policy.parameters()).grad.view(-1)[0] = float("inf")
 
 
+class PoisonStep(L.Callback):
+    """Makes the one optimizer step `step` (0-based, counted over the run) non-finite: its loss."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.lam = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.lam, pl_module.round.lam = pl_module.round.lam, float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.lam is not None:
+            pl_module.round.lam, self.lam = self.lam, None
+
+
 def response_logp(model, tokenizer, prompt: str, response: str) -> float:
     """log p(response + EOS | prompt) summed over the response tokens, written out here from the
     logits (log_softmax, then the log-prob of each next token), so that tests do not take the

@@ -29,6 +29,20 @@ def test_nonfinite_stops_with_round_and_step_and_keeps_the_last_checkpoint(tmp_p
     assert not (tmp_path / "run" / "hf" / "round_001").exists()
 
 
+def test_nonfinite_stop_between_logging_steps_names_the_first_bad_step_and_saves_nothing_after(tmp_path):
+    # Rounds of 4 steps (0-3, 4-7); with log_every_n_steps=3 the host reads the device's record
+    # after steps 2, 5 and 8, and at each epoch's end. A NaN loss at step 4 is noticed after
+    # step 5, mid-round: 1 step late, at most log_every_n_steps - 1.
+    poison = {"_target_": "tests.helpers.PoisonStep", "step": 4}
+    with pytest.raises(
+        NonFiniteError, match=r"round 1, step 4: the loss is not finite .*noticed after step 5 "
+    ):
+        run(tmp_path, "run", "trainer.log_every_n_steps=3", extra_callbacks={"poison": poison})
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 4  # steps 0-3 only: before the bad one
+    assert not (tmp_path / "run" / "hf" / "round_001").exists()
+
+
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_nonfinite_skip_counts_and_does_not_update(tmp_path, what):
     poison = {"_target_": "tests.helpers.PoisonRound", "round_index": 1, "what": what}

@@ -30,6 +30,14 @@ from spinlab.rundir import RunDir, write_json
 log = logging.getLogger(__name__)
 
 
+def _check_finite(pl_module) -> None:
+    """The module's deferred non-finite check (PolicyModule.check_finite): callbacks run before
+    the module's own epoch-end hook, so each one that saves calls it first."""
+    check = getattr(pl_module, "check_finite", None)
+    if check is not None:
+        check()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints streamed to a temporary file in the same directory, fsynced, then
     renamed into place: a kill while saving leaves the previous checkpoint whole, and the
@@ -66,6 +74,7 @@ class RoundCheckpoint(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        _check_finite(pl_module)
         log.info("saving checkpoint %s (epoch %d)", self.path, trainer.current_epoch)
         if getattr(pl_module, "sharded", False):
             self._save_sharded(trainer)
@@ -173,6 +182,7 @@ class SelfPlayCallback(L.Callback):
             self.start_round(trainer, pl_module, index)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        _check_finite(pl_module)  # before the round's policy is saved, evaluated or generates
         self.completed_epochs += 1
         if self.completed_epochs % self.epochs_per_round:
             return

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from spinlab.logprobs import IGNORE_INDEX
+from spinlab.logprobs import IGNORE_INDEX, target_positions
 from spinlab.models import CHATML_TEMPLATE, position_limit
 from spinlab.rundir import read_jsonl
 
@@ -511,6 +511,11 @@ class SelfPlayDataModule(L.LightningDataModule):
         batch = self._packed(seqs, labels) if self.packing else self._padded(seqs, labels)
         batch["index"] = torch.tensor([item["index"] for item in items])
         batch["tokens"] = batch_tokens(batch)  # counted here, on the host, not from device tensors
+        # Where the scored targets are, found here on the host: on the device, finding them would
+        # make the host wait for the device (the count decides the size) in every forward.
+        batch["target_rows"], batch["target_cols"] = target_positions(batch["labels"])
+        if self.packing:
+            batch["num_sequences"] = len(seqs)
         if all("opponent_logps" in item for item in items):
             batch["opponent_logps"] = torch.stack([item["opponent_logps"] for item in items])
         return batch
@@ -524,7 +529,12 @@ class SelfPlayDataModule(L.LightningDataModule):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             label_ids[row, : len(lab)] = torch.tensor(lab)
             attention_mask[row, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_ids,
+            "padding_at_end": True,
+        }
 
     def _packed(self, seqs: list[list[int]], labels: list[list[int]]) -> dict:
         """The same sequences without padding between them: laid end to end in rows of at most

@@ -26,26 +26,43 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logps * mask
 
 
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the scored targets, labels[:, 1:] != IGNORE_INDEX. On a GPU this is a
+    host synchronisation (the count decides the size), so collate computes it on the host."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+
+
 def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_ids: torch.Tensor | None = None,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_sequences: int | None = None,
 ) -> torch.Tensor:
     """Summed response log-prob per sequence: [B] for one sequence per row; for packed rows,
-    one entry per sequence id (see SelfPlayDataModule's packing)."""
+    one entry per sequence id (see SelfPlayDataModule's packing). `positions` and
+    `num_sequences`, when given, are target_positions(labels) and the count of sequence ids."""
     per_token = token_logps(logits, labels)
     if sequence_ids is None:
         return per_token.sum(-1)
-    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return _sum_by_sequence(per_token[rows, cols], rows, cols, labels, sequence_ids)
+    rows, cols = target_positions(labels) if positions is None else positions
+    return _sum_by_sequence(per_token[rows, cols], rows, cols, labels, sequence_ids, num_sequences)
 
 
 def _sum_by_sequence(
-    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor, sequence_ids
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_ids,
+    num_sequences: int | None = None,
 ) -> torch.Tensor:
     """Per-token values at target positions (rows, cols) summed per row, or per sequence id."""
     if sequence_ids is None:
         owner, count = rows, labels.shape[0]
     else:  # every sequence has at least its prompt's tokens, so ids run 0 .. max
-        owner, count = sequence_ids[:, 1:][rows, cols], int(sequence_ids.max()) + 1
+        owner = sequence_ids[:, 1:][rows, cols]
+        count = int(sequence_ids.max()) + 1 if num_sequences is None else num_sequences
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, owner, values)
 
 
@@ -61,6 +78,8 @@ def chunked_sequence_logps(
     labels: torch.Tensor,
     chunk_size: int = 256,
     sequence_ids: torch.Tensor | None = None,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_sequences: int | None = None,
 ) -> torch.Tensor:
     """Summed response log-prob per sequence from final hidden states and the output layer.
 
@@ -68,12 +87,13 @@ def chunked_sequence_logps(
     runs only on response positions, `chunk_size` tokens at a time, and each chunk is
     recomputed in the backward pass instead of stored: the [B, T, V] logits, which dominate
     memory for small models with large vocabularies, never exist. With `sequence_ids`
-    (packed rows), sums are per sequence id instead of per row.
+    (packed rows), sums are per sequence id instead of per row. `positions` and `num_sequences`
+    as for sequence_logps: given, nothing here waits for the device.
     """
     from torch.utils.checkpoint import checkpoint
 
     targets = labels[:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    rows, cols = target_positions(labels) if positions is None else positions
     h = hidden[:, :-1][rows, cols]
     t = targets[rows, cols]
     parts = []
@@ -84,4 +104,4 @@ def chunked_sequence_logps(
         else:
             parts.append(_selected_logps(h[start:end], weight, t[start:end]))
     per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    return _sum_by_sequence(per_token, rows, cols, labels, sequence_ids)
+    return _sum_by_sequence(per_token, rows, cols, labels, sequence_ids, num_sequences)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, SumMetric
 
 from spinlab.data import batch_tokens
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 
 OPPONENT_MODES = ("cached", "model")
 NONFINITE_POLICIES = ("stop", "skip")
+_NO_STEP = 2**62  # "no bad step yet": above any step index, exact in float64
+_STOP_ADVICE = (
+    "The run stops here; the last good checkpoint is kept. Lower the learning rate or lam, check the "
+    "data, or set module.on_nonfinite=skip to skip such batches (they are counted)."
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -106,8 +112,23 @@ def apply_liger_kernels(model: nn.Module) -> None:
             "set module.liger_kernels=false"
         )
     apply(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model,
     )
+
+
+def _host_tokens(batch: dict) -> int | torch.Tensor:
+    """The batch's count of non-padding tokens: collate's number on the host, else counted on the
+    device (a tensor, so that nothing waits for it)."""
+    if "tokens" in batch:
+        return batch["tokens"]
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return (batch["sequence_ids"] >= 0).sum()
 
 
 class ResponseScorer(nn.Module):
@@ -118,20 +139,34 @@ class ResponseScorer(nn.Module):
     are gathered for the whole forward, including the chunked output-layer pass below.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | str | None = 256):
+    def __init__(self, model: nn.Module, chunk_size: int | str | None = 256, mask_end_padding: bool = True):
         super().__init__()
-        if chunk_size is not None and chunk_size != "auto" and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"module.logprob_chunk_size must be a positive int, 'auto' or null, got {chunk_size!r}")
+        if (
+            chunk_size is not None
+            and chunk_size != "auto"
+            and (not isinstance(chunk_size, int) or chunk_size < 1)
+        ):
+            raise ValueError(
+                f"module.logprob_chunk_size must be a positive int, 'auto' or null, got {chunk_size!r}"
+            )
         self.model = model
         self.chunk_size = chunk_size
+        self.mask_end_padding = mask_end_padding
 
     def forward(self, batch: dict) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "use_cache": False}
         if "sequence_ids" in batch:  # packed rows: no mask, the restarts in position_ids separate sequences
             inputs["position_ids"] = batch["position_ids"]
-        else:
+        elif self.mask_end_padding or not batch.get("padding_at_end"):
             inputs["attention_mask"] = batch["attention_mask"]
+        # else: padding only after each row's last real token (collate's batches) needs no mask, as
+        # causal attention never lets a real token see it and it is never scored. Given a mask,
+        # transformers reads it on the host (twice a forward) to pick the attention kernel, and
+        # with padding present picks one that takes the mask instead of plain causal attention.
         sequence_ids = batch.get("sequence_ids")
+        # collate's host-side target positions and sequence count, so nothing here waits for the device
+        positions = (batch["target_rows"], batch["target_cols"]) if "target_rows" in batch else None
+        where = {"positions": positions, "num_sequences": batch.get("num_sequences")}
         chunk_size = self.chunk_size
         if chunk_size == "auto":
             chunk_size = AUTO_CHUNK_SIZE.get(batch["input_ids"].device.type, AUTO_CHUNK_SIZE["cuda"])
@@ -140,8 +175,8 @@ class ResponseScorer(nn.Module):
             # no soft-capping), so the vocabulary projection can run chunk by chunk.
             hidden = self.model.get_decoder()(**inputs).last_hidden_state
             weight = self.model.get_output_embeddings().weight
-            return chunked_sequence_logps(hidden, weight, batch["labels"], chunk_size, sequence_ids)
-        return sequence_logps(self.model(**inputs).logits, batch["labels"], sequence_ids)
+            return chunked_sequence_logps(hidden, weight, batch["labels"], chunk_size, sequence_ids, **where)
+        return sequence_logps(self.model(**inputs).logits, batch["labels"], sequence_ids, **where)
 
 
 def shard(scorer: ResponseScorer, mesh, mp_policy) -> None:
@@ -204,6 +239,7 @@ class PolicyModule(L.LightningModule):
         gather_for_generation: bool = True,
         compile_layers: bool | str = False,
         liger_kernels: bool = False,
+        sync_every_step: bool = False,
     ):
         super().__init__()
         # Sharded runs: decode on the full weights gathered once (fast; needs the whole model's
@@ -214,6 +250,9 @@ class PolicyModule(L.LightningModule):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
         self.on_nonfinite = on_nonfinite
+        # True: the host reads the finiteness vote and the metrics after every step (the behaviour
+        # before windows, kept to measure against); False: once per logging window (see training).
+        self.sync_every_step = sync_every_step
         self.objective = objective
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
@@ -229,14 +268,20 @@ class PolicyModule(L.LightningModule):
         # copy too) exists.
         self.compile_layers = compile_layers
         # from_pretrained returns eval mode; Lightning keeps modes as found
-        self.scorer = ResponseScorer(policy.train(), logprob_chunk_size)
-        self.means = nn.ModuleDict({k: MeanMetric() for k in objective.metric_names})
+        self.scorer = ResponseScorer(policy.train(), logprob_chunk_size, mask_end_padding=sync_every_step)
+        # nan_strategy="disable": the default checks each update for NaN on the host (a wait for
+        # the device); non-finite steps are caught by the module's own check instead.
+        nan = {} if sync_every_step else {"nan_strategy": "disable"}
+        self.means = nn.ModuleDict({k: MeanMetric(**nan) for k in objective.metric_names})
         self.skipped = SumMetric()
-        self.tokens = SumMetric()
+        self.tokens = SumMetric(**nan)
         for metric in self._round_metrics():
             metric.persistent(True)  # a resumed round's summary still covers the whole round
         self.round: Round | None = None  # owned by SelfPlayCallback, read here
         self._batch_started = 0.0
+        self._first_bad: dict[str, torch.Tensor] = {}
+        self._unchecked = False  # steps ran since the host last read the finiteness record
+        self._reset_window()
 
     @property
     def policy(self) -> nn.Module:
@@ -363,23 +408,31 @@ class PolicyModule(L.LightningModule):
         return out
 
     # -- training ---------------------------------------------------------------------------
+    # With sync_every_step=False a training step never waits for the device: the finiteness of
+    # each step's loss and gradients is kept on the device (the first bad step, a min over steps),
+    # the metrics are summed there, and the host reads both once per logging window
+    # (trainer.log_every_n_steps steps), at each epoch's end and before any checkpoint is written.
+    # on_nonfinite=skip must decide before each optimizer step, so it reads one flag per step.
+    def on_train_start(self) -> None:
+        self._first_bad = {k: self._no_step() for k in ("loss", "gradient")}
+        self._unchecked = False
+
     def on_train_epoch_start(self) -> None:
         # Here the step count is restored (also after a resume), so the round's schedule is exact.
         if self.round is not None and self.round.start_step is None:
             self.round.start_step = self.global_step
         self.lr_schedulers().refresh()
+        self._reset_window()  # a logging window never spans two epochs (or two rounds)
 
     def on_train_batch_start(self, batch, batch_idx):
         self._batch_started = time.perf_counter()
+        if self._window_started is None:
+            self._window_started = self._batch_started
 
     def _nonfinite(self, what: str) -> None:
         where = f"round {self.round_index}, step {self.global_step}"
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(
-                f"{where}: the {what} is not finite (NaN or inf). The run stops here; the last good "
-                "checkpoint is kept. Lower the learning rate or lam, check the data, or set "
-                "module.on_nonfinite=skip to skip such batches (they are counted)."
-            )
+            raise NonFiniteError(f"{where}: the {what} is not finite (NaN or inf). {_STOP_ADVICE}")
         log.warning("%s: non-finite %s, batch skipped (module.on_nonfinite=skip)", where, what)
         self.skipped.update(1.0)
         self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
@@ -389,6 +442,26 @@ class PolicyModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.loss_and_metrics(batch)
+        if self.sync_every_step:
+            return self._synced_training_step(batch, out)
+        log.debug("round %d step %d", self.round_index, self.global_step)
+        names = self.objective.metric_names
+        step = {
+            "values": torch.stack([out[n].detach().float().mean() for n in names]),
+            "per_pair": {n: out[n].detach() for n in names},
+            "pairs": len(batch["index"]),
+        }
+        finite = torch.isfinite(out["loss"].detach())
+        if self.on_nonfinite == "skip":
+            # Kept until the step's one synchronisation says whether the update is applied.
+            self._pending.append(step)
+            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        else:
+            self._note_bad("loss", ~finite)
+            self._add_to_window(step)
+        return out["loss"]
+
+    def _synced_training_step(self, batch, out):
         names = self.objective.metric_names
         # One collective per step: the finiteness vote and the metrics' means across processes.
         local = torch.stack(
@@ -406,27 +479,147 @@ class PolicyModule(L.LightningModule):
         for name in names:
             self.means[name].update(out[name].detach())
         self.log_dict(
-            {f"train/{n}": v for n, v in zip(names, values[1:], strict=True)}
-            | {"round": float(self.round_index), "train/lam": float(self.lam)}
-            | {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]},
+            {f"train/{n}": v for n, v in zip(names, values[1:], strict=True)} | self._step_settings(),
             batch_size=pairs,
         )
         return out["loss"]
 
+    def _step_settings(self) -> dict[str, float]:
+        return {
+            "round": float(self.round_index),
+            "train/lam": float(self.lam),
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+        }
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        seconds = time.perf_counter() - self._batch_started
-        tokens = float(batch_tokens(batch))
-        self.tokens.update(tokens)
-        self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
+        tokens = batch_tokens(batch) if self.sync_every_step else _host_tokens(batch)
+        if self.sync_every_step:
+            seconds = time.perf_counter() - self._batch_started
+            self.tokens.update(float(tokens))
+            self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
+            return
+        # A fill with a host number: no copy from the host, so no wait for the device either.
+        count = tokens.float() if torch.is_tensor(tokens) else torch.full((), tokens, device=self.device)
+        self.tokens.update(count)
+        self._window_tokens += tokens
+        trainer = self.trainer
+        # Lightning writes a step's metrics to the loggers on these steps only (and at a stop).
+        if (
+            not trainer.fit_loop.epoch_loop._should_accumulate()
+            and trainer._logger_connector.should_update_logs
+        ):
+            self._log_window()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
-        # One fused norm over all gradients: a single host synchronisation, not one per tensor.
-        local = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
-        if not self.trainer.strategy.reduce_boolean_decision(local, all=True):
-            self._nonfinite("gradient")
+        if self.sync_every_step:
+            # One fused norm over all gradients: a single host synchronisation, not one per tensor.
+            local = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+            if not self.trainer.strategy.reduce_boolean_decision(local, all=True):
+                self._nonfinite("gradient")
+                optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
+            return
+        finite = (
+            torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            if grads
+            else torch.ones((), dtype=torch.bool, device=self.device)
+        )
+        if self.on_nonfinite == "stop":
+            self._note_bad("gradient", ~finite)
+            return
+        loss_finite = self._loss_finite if self._loss_finite is not None else torch.ones_like(finite)
+        verdict = self._all_reduce(torch.stack([loss_finite, finite]).int(), ReduceOp.MIN)
+        loss_ok, grads_ok = verdict.tolist()  # skip: the step's one host synchronisation
+        pending, self._pending, self._loss_finite = self._pending, [], None
+        if not (loss_ok and grads_ok):
+            self._nonfinite("loss" if not loss_ok else "gradient")
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
+            return
+        for step in pending:
+            self._add_to_window(step)
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # a non-finite update is never saved
+
+    # -- the device-side record of the steps ------------------------------------------------
+    def _no_step(self) -> torch.Tensor:
+        return torch.full((), _NO_STEP, dtype=torch.long, device=self.device)
+
+    def _reset_window(self) -> None:
+        self._window_sums: torch.Tensor | None = None  # per metric, summed over the window's steps
+        self._window_steps = 0
+        self._window_pairs = 0
+        self._window_tokens = 0
+        self._window_started: float | None = None
+        self._pending: list[dict] = []
+        self._loss_finite: torch.Tensor | None = None
+
+    def _note_bad(self, what: str, bad: torch.Tensor) -> None:
+        step = torch.where(bad, self.global_step, _NO_STEP)
+        self._first_bad[what] = torch.minimum(self._first_bad[what], step)
+        self._unchecked = True
+
+    def _add_to_window(self, step: dict) -> None:
+        values = step["values"]
+        self._window_sums = values if self._window_sums is None else self._window_sums + values
+        self._window_steps += 1
+        self._window_pairs += step["pairs"]
+        for name, value in step["per_pair"].items():
+            self.means[name].update(value)
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        # torch.distributed directly: Lightning's strategy.reduce adds a barrier, which waits for the device
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=op)
+        return tensor
+
+    def _first_bad_across_processes(self) -> torch.Tensor:
+        return self._all_reduce(
+            torch.stack([self._first_bad["loss"], self._first_bad["gradient"]]), ReduceOp.MIN
+        )
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if a step since the last check had a non-finite loss or gradient
+        (module.on_nonfinite=stop, sync_every_step=false): one host synchronisation, none when no
+        step ran since. Called before every checkpoint and Hugging Face save, so a non-finite
+        update is never saved."""
+        if self.sync_every_step or not self._unchecked:
+            return
+        self._raise_if_bad(self._first_bad_across_processes().tolist())
+
+    def _raise_if_bad(self, first_bad: list) -> None:
+        self._unchecked = False
+        loss_step, gradient_step = (int(x) for x in first_bad)
+        step = min(loss_step, gradient_step)
+        if step >= _NO_STEP:
+            return
+        what = "loss" if loss_step <= gradient_step else "gradient"
+        raise NonFiniteError(
+            f"round {self.round_index}, step {step}: the {what} is not finite (NaN or inf); noticed after "
+            f"step {self.global_step - 1} (module.sync_every_step=false checks every "
+            f"trainer.log_every_n_steps={self.trainer.log_every_n_steps} steps and before every save). "
+            f"{_STOP_ADVICE}"
+        )
+
+    def _log_window(self) -> None:
+        """The window's metric means and token rate to the loggers, and the finiteness check."""
+        names = self.objective.metric_names
+        first_bad = self._first_bad_across_processes().double()
+        sums = self._window_sums if self._window_sums is not None else first_bad.new_zeros(len(names))
+        sums = self._all_reduce(sums.double(), ReduceOp.SUM)
+        values = torch.cat([first_bad, sums]).tolist()  # the window's one host synchronisation
+        self._raise_if_bad(values[:2])
+        seconds = time.perf_counter() - self._window_started  # the device has caught up by now
+        metrics = {"perf/tokens_per_s": float(self._window_tokens) / max(seconds, 1e-9)}
+        if self._window_steps:
+            steps = self._window_steps * self.trainer.world_size
+            metrics |= {f"train/{n}": v / steps for n, v in zip(names, values[2:], strict=True)}
+        self.log_dict(metrics | self._step_settings(), batch_size=max(1, self._window_pairs))
+        self._reset_window()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
