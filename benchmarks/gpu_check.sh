@@ -91,7 +91,7 @@ step train_1b 130 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughpu
 #    tests/test_generation_static.py's (the captured decode step against the eager one, greedy
 #    against generate). Only these files: collecting the others would need packages the GPU
 #    machine lacks (e.g. nbformat).
-step pytest_gpu 120 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" \
+step pytest_gpu 110 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" \
     tests/test_gpu.py tests/test_generation_static.py
 
 echo "gpu_check: results in $DIR"
