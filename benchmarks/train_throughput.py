@@ -83,6 +83,11 @@ def parse_args(argv=None):
         "variants run one after the other in one subprocess, ';' between subprocesses "
         "(e.g. 'default,sync,chunk256;compile;liger'). 'default' is conf/module/spin.yaml as is",
     )
+    p.add_argument(
+        "--chunk-size",
+        default=None,
+        help="logprob_chunk_size for every variant that does not set its own ('none': full logits)",
+    )
     p.add_argument("--also-unchunked", action="store_true", help="shorthand: add the 'unchunked' variant")
     p.add_argument("--bare-loop", action="store_true", help="also run ours in a hand-written loop")
     p.add_argument(
@@ -353,6 +358,10 @@ def build_ours(args, side: str, variant: str = "default"):
     setup(args)
     settings = variant_settings(variant)
     kwargs = module_defaults() | {k: v for k, v in settings.items() if k != "trainer"}
+    if args.chunk_size is not None and "logprob_chunk_size" not in settings:
+        kwargs["logprob_chunk_size"] = (
+            None if args.chunk_size.lower() in ("none", "0") else int(args.chunk_size)
+        )
     result = base_result(args, side)
     result.update(variant=variant, module_settings=kwargs, trainer=settings.get("trainer", "default"))
     result["logprob_chunk_size"] = kwargs.get("logprob_chunk_size")
@@ -561,6 +570,8 @@ def child_argv(
         "--variants",
         variants or "default",
     ]
+    if args.chunk_size is not None:
+        argv += ["--chunk-size", args.chunk_size]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if peer_setting:
