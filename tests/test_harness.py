@@ -207,3 +207,23 @@ def test_offline_builtin_task_without_cached_data_fails_before_weights_load(tmp_
         train.run(cfg)
     message = str(err.value)
     assert "hub reachable" in message and "local task" in message and "include_path" in message
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    """trainer=fsdp_cpu: every process runs the benchmarks on the gathered weights; no hang, and
+    the numbers of one process (the start exactly; after training, weights agree to ~1e-5)."""
+    from tests.test_sharded import SHARDED, train
+
+    bench = ["eval=lm_eval", "eval.limit=4", "eval.task_prompts=0", "eval.heldout_pairs=4"]
+    train(tmp_path / "sharded", *SHARDED, *bench)
+    train(tmp_path / "single", "data.batch_size=4", *bench)
+    sharded, single = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("sharded", "single"))
+    assert [s["round"] for s in sharded] == [s["round"] for s in single] == [-1, 0, 1]
+    for a, b in zip(sharded, single, strict=True):
+        keys = sorted(k for k in b if k.startswith("bench/") and k != "bench/seconds")
+        assert sorted(k for k in a if k.startswith("bench/") and k != "bench/seconds") == keys
+        assert len(keys) >= 8
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["round"], key)
+    assert len(bench_rows(tmp_path / "sharded")) == 3

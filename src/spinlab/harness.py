@@ -135,7 +135,10 @@ class Harness:
         for key, where in ((self.num_fewshot, "num_fewshot"), (self.main_metrics, "main_metrics")):
             unknown = sorted(set(key) - set(self.tasks))
             if unknown:
-                raise ValueError(f"eval.{where} names {unknown}, which are not in eval.tasks {self.tasks}")
+                raise ValueError(
+                    f"eval.{where} names {unknown}, which are not in eval.tasks {self.tasks}: "
+                    "add them to eval.tasks or remove their entries"
+                )
         self.limit = limit
         self.batch_size = batch_size
         self.include_path = str(Path(include_path).resolve()) if include_path else None
