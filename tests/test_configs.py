@@ -245,7 +245,11 @@ def test_eval_configs(evaluation):
     assert isinstance(evaluator, RoundEvaluator)
     harness = evaluator.harness
     if evaluation == "lm_eval":
-        assert harness.tasks == ["arithmetic_gen", "arithmetic_mc"] and harness.num_fewshot == {} and harness.main_metrics == {}
+        assert (
+            harness.tasks == ["arithmetic_gen", "arithmetic_mc"]
+            and harness.num_fewshot == {}
+            and harness.main_metrics == {}
+        )
     elif evaluation == "open_llm_v1":  # the paper's Table 1: six tasks at its shot counts, averaged
         assert harness.num_fewshot == {
             "arc_challenge": 25,
