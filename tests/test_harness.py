@@ -3,6 +3,7 @@ plain-torch computations on the same rows and model, the run's records, resume a
 
 import csv
 import json
+import random
 
 import pytest
 import torch
@@ -70,7 +71,11 @@ def test_multiple_choice_accuracy_is_the_log_likelihood_argmax(tiny):
     model, tok = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     vocab, pad = len(tok), tok.pad_token
+    rng = torch.get_rng_state(), random.getstate()
     results = Harness(tasks=["arithmetic_mc"], limit=LIMIT, batch_size=4).evaluate(model, tok)
+    assert (
+        torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    )  # training's draws unchanged
     assert model.training and all(m.training for m in model.modules())  # HFLM set eval mode: put back
     assert (len(tok), tok.pad_token) == (vocab, pad)  # HFLM worked on a copy
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -220,8 +220,11 @@ class Harness:
         modes = {m: m.training for m in model.modules()}
         states = random.getstate(), np.random.get_state()
         results: dict[str, float] = {}
+        mains: list[float] = []
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            device = next(model.parameters()).device
+            cuda = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size)
                 for task in self.tasks:
                     random.seed(self.seed)
@@ -237,14 +240,18 @@ class Harness:
                         log_samples=False,
                         apply_chat_template=self.apply_chat_template,
                     )
-                    results.update(flatten(task, out["results"][task], self.main_metrics.get(task)))
+                    # A task or group has its own row; a tag (a list of tasks) has one per task.
+                    rows = out["results"]
+                    named = {task: rows[task]} if task in rows else rows
+                    for name, numbers in named.items():
+                        results.update(flatten(name, numbers, self.main_metrics.get(task)))
+                        mains.append(results[f"{PREFIX}{name}"])
         finally:
             random.setstate(states[0])
             np.random.set_state(states[1])
             for m, training in modes.items():
                 m.training = training
         if self.average:
-            mains = [results[f"{PREFIX}{t}"] for t in self.tasks]
             results[f"{PREFIX}{self.average}"] = sum(mains) / len(mains) if mains else math.nan
         results[f"{PREFIX}seconds"] = time.perf_counter() - started
         return results
