@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spinlab.callbacks import AtomicCheckpointIO
 from spinlab.config import check_settings, check_targets, redact, round_overrides  # registers the schema
+from spinlab.harness import main_columns
 from spinlab.rundir import (
     RunDir,
     check_last_checkpoint,
@@ -61,6 +62,8 @@ def preflight(cfg: DictConfig):
     loaded = instantiate(cfg.model)  # the weights load on first use of loaded.model
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer, max_positions=loaded.max_positions)
     datamodule.load_rows()
+    if (cfg.get("eval") or {}).get("tasks"):  # the benchmarks' tasks and data, before the weights
+        instantiate(cfg.eval).check()
     return loaded, datamodule
 
 
@@ -77,15 +80,16 @@ def run(cfg: DictConfig) -> dict:
             "or set resume=auto to continue it"
         )
     done = finished_rounds(run_dir)
+    rounds_done = sum(index >= 0 for index in done)  # round -1: the start model's benchmarks
     check_settings(
-        run_dir, redact(OmegaConf.to_container(cfg, resolve=True)), len(done), record=is_launching_rank()
+        run_dir, redact(OmegaConf.to_container(cfg, resolve=True)), rounds_done, record=is_launching_rank()
     )
-    if len(done) >= cfg.rounds:
+    if rounds_done >= cfg.rounds:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
         print_summary(done, run_dir, cfg.objective._target_)
         return done
     if ckpt is not None:
-        check_last_checkpoint(run_dir, len(done))
+        check_last_checkpoint(run_dir, rounds_done)
     loaded, datamodule = preflight(cfg)
     check_writable(run_dir.root, need_bytes=0)
     L.seed_everything(cfg.seed, workers=True)
@@ -147,11 +151,17 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
         ("pairs", "pairs", "d"),
         ("seconds", "seconds", ".1f"),
     ]
+    columns += [(k.removeprefix("bench/"), k, ".3f") for k in main_columns(summaries)]  # lm-eval tasks
     columns = [c for c in columns if any(c[1] in s for s in summaries.values())]
-    lines = [f"{'round':>5} " + " ".join(f"{h:>11}" for h, _, _ in columns)]
+    widths = [max(11, len(h)) for h, _, _ in columns]
+    lines = [f"{'round':>5} " + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True))]
     for index in sorted(summaries):
         s = summaries[index]
-        lines.append(f"{index:>5} " + " ".join(f"{s.get(k, nan):>11{f}}" for _, k, f in columns))
+        cells = (  # a missing count ("pairs" of the start row) prints as nan too
+            f"{s.get(k, nan):>{w}{f if k in s or f != 'd' else ''}}"
+            for (_, k, f), w in zip(columns, widths, strict=True)
+        )
+        lines.append(f"{'start' if index < 0 else index:>5} " + " ".join(cells))
     method = get_class(objective).name
     if any("margin" in s for s in summaries.values()):
         print(f"\n{method} rounds (accuracy = share of pairs with real over synthetic, margin > 0)")

@@ -235,3 +235,31 @@ def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, m
     assert max(t for _, t in lengths) <= dm.max_length <= loaded.max_positions
     for e, r in zip(dm.encode_pairs(pairs), rows, strict=True):  # no real response was cut
         assert loaded.tokenizer.decode(e["real"][:-1]) == r["response"]
+
+
+@pytest.mark.parametrize("evaluation", options("eval"))
+def test_eval_configs(evaluation):
+    from spinlab.evaluation import RoundEvaluator
+
+    evaluator = instantiate(compose_cfg([f"eval={evaluation}"]).eval)
+    assert isinstance(evaluator, RoundEvaluator)
+    harness = evaluator.harness
+    if evaluation == "lm_eval":
+        assert (
+            harness.tasks == ["arithmetic_gen", "arithmetic_mc"]
+            and harness.num_fewshot == {}
+            and harness.main_metrics == {}
+        )
+    elif evaluation == "open_llm_v1":  # the paper's Table 1: six tasks at its shot counts, averaged
+        assert harness.num_fewshot == {
+            "arc_challenge": 25,
+            "hellaswag": 10,
+            "truthfulqa_mc2": 0,
+            "mmlu": 5,
+            "winogrande": 5,
+            "gsm8k": 5,
+        }
+        assert harness.tasks == list(harness.num_fewshot) and harness.average == "open_llm_average"
+        assert harness.main_metrics["gsm8k"] == "exact_match_strict-match"
+    else:
+        assert harness is None

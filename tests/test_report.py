@@ -126,6 +126,28 @@ def test_eval_keys_join_the_table_and_other_overrides_split_cells(sweep, tmp_pat
     assert "unknown metrics ['no_such_metric']" in capsys.readouterr().err
 
 
+def test_benchmarks_are_plotted_per_round_with_the_start_model_first(sweep, tmp_path):
+    """lm-eval results (bench/...) join the defaults, their stderr does not; round -1 is the start."""
+    copy = shutil.copytree(
+        sweep, tmp_path / "sweep", ignore=shutil.ignore_patterns("hf", "checkpoints", "rounds")
+    )
+    for i, summary in enumerate(sorted(copy.glob("*/summary.json"))):
+        entries = json.loads(summary.read_text())
+        start = {"round": -1, "bench/arc": 0.25, "bench/arc/acc": 0.25, "bench/arc/acc_stderr": 0.1}
+        for entry in entries:
+            entry.update({"bench/arc": 0.5 + 0.1 * i + 0.01 * entry["round"], "bench/arc/acc_stderr": 0.1})
+            entry["bench/seconds"] = 3.0
+        summary.write_text(json.dumps([start, *entries]))
+    df = report.collect(copy)
+    assert [m for m in report.default_metrics(df) if m.startswith("bench/")] == ["bench/arc", "bench/arc/acc"]
+    report.main([str(copy), "--metrics", "bench/arc"])
+    rows = markdown_rows((copy / "report.md").read_text())
+    by_round = {(r["loss fn"], r["round"]): r["bench/arc"] for r in rows}
+    assert by_round[("hinge", "start")] == "0.25 ± 0"
+    assert by_round[("hinge", "0")] == f"{0.55:.4g} ± {statistics.stdev([0.5, 0.6]):.4g}"
+    assert (copy / "plot_bench_arc.png").exists()
+
+
 def test_empty_directory_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "not_a_run" / "summary.json").write_text("[]")  # no .hydra/config.yaml: not a run dir

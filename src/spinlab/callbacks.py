@@ -221,8 +221,17 @@ class SelfPlayCallback(L.Callback):
             self.started[index] = planned
         if self.evaluator is not None:
             self.evaluator.prepare(index, trainer, pl_module, dm, self.generator, self.run_dir)
+            if index == 0 and -1 not in self.summaries:  # benchmarks of the start model: round -1
+                self.log_start(trainer, self.evaluator.evaluate_start(trainer, pl_module, dm, self.run_dir))
         pl_module.begin_round(planned, fresh=fresh)
         log.info("round %d: %d pairs, lam=%g, lr=%g", index, len(rows), planned.lam, planned.lr)
+
+    def log_start(self, trainer: L.Trainer, results: dict) -> None:
+        if not results:
+            return
+        self.summaries[-1] = {"round": -1, **results}
+        for logger in trainer.loggers:
+            logger.log_metrics({**results, "round": -1}, step=trainer.global_step)
 
     def log_generation(self, trainer: L.Trainer, index: int) -> None:
         # Logged from stats.json when the round starts, not when generation ends: a kill between

@@ -1,10 +1,12 @@
-"""Per-round evaluation: held-out real-vs-synthetic margin, task accuracy, MT-Bench answers.
+"""Per-round evaluation: held-out real-vs-synthetic margin, task accuracy, MT-Bench answers, and
+lm-evaluation-harness benchmarks (spinlab.harness) on the start model and after every round.
 
 `prepare` runs at a round's start with the opponent's weights (θ_t): it samples synthetic
 responses for held-out prompts and caches their opponent log-probs. `evaluate` runs at the
 round's end with the trained policy (θ_t+1). Results go to rounds/round_XXX/eval.json and
 are read back on resume instead of being recomputed. Both run on every process: generation and
-scoring are spread over them (spinlab.rounds), files are written by rank 0.
+scoring are spread over them (spinlab.rounds), files are written by rank 0. The benchmarks run
+whole on every process, on the policy's weights gathered once (one set of numbers, rank 0's).
 """
 
 from __future__ import annotations
@@ -73,6 +75,14 @@ class RoundEvaluator:
         mtbench: bool = False,
         mtbench_questions: int | None = None,
         mtbench_max_new_tokens: int = 512,
+        tasks: list[str] | None = None,
+        num_fewshot: dict[str, int] | None = None,
+        limit: int | float | None = None,
+        include_path: str | None = None,
+        main_metrics: dict[str, str] | None = None,
+        average: str | None = None,
+        bootstrap_iters: int = 1000,
+        apply_chat_template: bool = False,
     ):
         self.heldout_pairs = heldout_pairs
         self.task_prompts = task_prompts
@@ -84,6 +94,26 @@ class RoundEvaluator:
         self.mtbench_limit = mtbench_questions
         self.mtbench_max_new_tokens = mtbench_max_new_tokens
         self.batch_size = batch_size
+        self.harness = None
+        if tasks:
+            from spinlab.harness import Harness
+
+            self.harness = Harness(
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=batch_size,
+                include_path=include_path,
+                main_metrics=main_metrics,
+                average=average,
+                bootstrap_iters=bootstrap_iters,
+                apply_chat_template=apply_chat_template,
+            )
+
+    def check(self) -> None:
+        """At the start of a run, before any weights load: the benchmarks' tasks and data."""
+        if self.harness is not None:
+            self.harness.check()
 
     # -- held-out pairs: synthetic responses from the opponent --------------------------------
     def _heldout_path(self, run_dir: RunDir, index: int) -> Path:
@@ -129,11 +159,31 @@ class RoundEvaluator:
         results.update(self._task(index, trainer, module, dm, run_dir))
         if self.mtbench:
             results.update(self._mtbench(index, trainer, module, dm, run_dir))
+        results.update(self._benchmarks(f"round {index}", trainer, module, dm))
         results["eval/seconds"] = time.perf_counter() - started
         results = trainer.strategy.broadcast(results)  # one set of numbers, rank 0's clock
         if trainer.is_global_zero:
             write_json(path, results)
         return results
+
+    def evaluate_start(self, trainer, module, dm, run_dir: RunDir) -> dict:
+        """The benchmarks on the start model (before round 0 trains); {} without benchmarks."""
+        if self.harness is None:
+            return {}
+        path = run_dir.round_dir(0) / "start_eval.json"
+        if trainer.strategy.broadcast(path.exists()):
+            return json.loads(path.read_text())
+        results = trainer.strategy.broadcast(self._benchmarks("start", trainer, module, dm))
+        if trainer.is_global_zero:
+            write_json(path, results)
+        return results
+
+    def _benchmarks(self, desc: str, trainer, module, dm) -> dict:
+        if self.harness is None:
+            return {}
+        trainer = trainer or SingleProcess()
+        with module.gathered_weights(), trainer.precision_plugin.forward_context():
+            return self.harness.evaluate(module.policy, dm.tokenizer, desc=desc)
 
     def _heldout(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
         path = self._heldout_path(run_dir, index)

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 CELL = ["loss_fn", "lam", "variant"]
 DEFAULT_METRICS = ("loss", "margin", "accuracy")
-# Per-round evaluations join the default columns whatever their names.
-EVAL_PREFIXES = ("eval/", "val/")
+# Per-round evaluations join the default columns whatever their names (bench/: lm-eval tasks,
+# whose round -1 is the start model).
+EVAL_PREFIXES = ("eval/", "val/", "bench/")
 # Overrides that name the cell or the seed, or only say where the run goes: not part of the variant.
 NOT_VARIANT = {"loss", "lam", "seed", "resume", "name", "run_dir", "run_name"}
 
@@ -103,7 +104,8 @@ def default_metrics(df: pd.DataFrame) -> list[str]:
     return [m for m in DEFAULT_METRICS if m in names] + sorted(
         m
         for m in names
-        if m.startswith(EVAL_PREFIXES) and not m.endswith("seconds")  # timing is not a result
+        # timing is not a result; a stderr is lm-eval's, within one run
+        if m.startswith(EVAL_PREFIXES) and not m.endswith(("seconds", "_stderr"))
     )
 
 
@@ -137,7 +139,7 @@ def markdown(table: pd.DataFrame, metrics: Sequence[str]) -> str:
     for row in table.itertuples(index=False):
         r = dict(zip(table.columns, row, strict=True))
         cells = [r["loss_fn"], f"{r['lam']:g}", *([f"`{r['variant']}`"] if with_variant else [])]
-        cells += [str(r["round"]), str(r["seeds"])]
+        cells += ["start" if r["round"] < 0 else str(r["round"]), str(r["seeds"])]
         cells += [_cell(r[f"{m} mean"], r[f"{m} std"]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -152,7 +154,7 @@ def plot_metric(table: pd.DataFrame, metric: str, ax) -> None:
         (line,) = ax.plot(cell["round"], mean, marker="o", label=label)
         ax.fill_between(cell["round"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_title(f"{metric}: mean ± std over seeds")
-    ax.set_xlabel("round")
+    ax.set_xlabel("round (-1: the start model)" if (table["round"] < 0).any() else "round")
     ax.set_ylabel(metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
