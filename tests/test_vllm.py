@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import open_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,10 +137,6 @@ def test_greedy_vllm_equals_hf_on_every_prompt(saved_model):
     assert 0 < stats["engine_start_seconds"] < stats["seconds"]
 
 
-class Killed(RuntimeError):
-    pass
-
-
 def test_seeded_sampling_gives_the_same_rows_across_runs_batches_and_a_resume(saved_model):
     loaded, path = saved_model
     # "hello" twice: the seed follows the prompt's index, so the two get different samples.
@@ -161,14 +156,22 @@ def test_seeded_sampling_gives_the_same_rows_across_runs_batches_and_a_resume(sa
     other = engine(batch_size=3, max_num_seqs=2, **settings)
     written = []
 
-    def killed_after_one_block(rows):
+    def kill_the_engine_after_one_block(rows):
+        if not written:
+            for pid in engines_of(Path.cwd(), parent=os.getpid()):
+                os.kill(pid, signal.SIGKILL)
         written.extend(rows)
-        raise Killed("killed mid-phase")
 
-    with pytest.raises(Killed):
+    with pytest.raises(RuntimeError, match="stopped with exit code -9 before every response") as err:
         other.generate(
-            loaded.model, loaded.tokenizer, prompts, killed_after_one_block, weights=path, round_index=1
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            kill_the_engine_after_one_block,
+            weights=path,
+            round_index=1,
         )
+    assert "running the same command again resumes" in str(err.value)
     assert 0 < len(written) < len(texts)
     rest, stats = collect(
         other, loaded, prompts, weights=path, round_index=1, done={r["index"] for r in written}
@@ -246,14 +249,17 @@ def vllm_command(run_dir: Path, *overrides) -> list[str]:
     ]
 
 
-def engines_of(cwd: Path) -> list[int]:
-    """Engine processes still running from `cwd`."""
+def engines_of(cwd: Path, parent: int | None = None) -> list[int]:
+    """Engine processes running from `cwd` (and started by `parent`)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if b"vllm_child.py" in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == cwd:
+            if b"vllm_child.py" not in (proc / "cmdline").read_bytes() or (proc / "cwd").resolve() != cwd:
+                continue
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent is None or ppid == parent:
                 pids.append(int(proc.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return pids
 
@@ -261,13 +267,13 @@ def engines_of(cwd: Path) -> list[int]:
 @pytest.mark.slow
 def test_sigkill_during_a_vllm_phase_then_rerun_gives_one_row_per_prompt(tmp_path):
     run_dir = tmp_path / "run"
-    prompts = 48
+    prompts = 16
     command = vllm_command(
         run_dir,
         "rounds=1",
         f"data.num_prompts={prompts}",
         "generation.batch_size=2",
-        "generation.max_num_seqs=1",  # requests one after another: the phase lasts long enough to cut
+        "generation.max_num_seqs=2",  # 2 requests at a time: the phase lasts long enough to cut
         "eval.heldout_pairs=4",
         "eval.task_prompts=4",
         "eval.max_new_tokens=16",

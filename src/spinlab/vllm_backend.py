@@ -109,7 +109,9 @@ class VLLMGenerator(Generator):
                 raise ValueError(f"generation.{key} must be >= 1, got {value}")
         if kv_cache_space_gib <= 0:
             raise ValueError(f"generation.kv_cache_space_gib must be > 0, got {kv_cache_space_gib}")
-        self.python = os.path.expanduser(python) if python else sys.executable
+        python = os.path.expanduser(python) if python else sys.executable
+        # A path is taken from where the run was started; a bare name is looked up on PATH.
+        self.python = os.path.abspath(python) if os.sep in python else python
         self.vllm_origin = check_interpreter(self.python)
         self.dtype = dtype
         self.max_model_len = max_model_len
