@@ -3,6 +3,8 @@
 The engine runs under the interpreter in SPINLAB_VLLM_PYTHON (`make test` sets it to
 .venv-vllm/bin/python). Without it, or on a CPU the build cannot run on, these tests skip and
 say why. vLLM's CPU attention takes head sizes of 32 and up: the tiny model here has 2 heads of 32.
+Every test that starts an engine is `slow` (each start imports torch and vLLM: 15-50 s on 2 shared
+cores); CI runs them.
 """
 
 import contextlib
@@ -18,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +120,7 @@ def test_an_interpreter_that_does_not_exist_is_named(tmp_path):
 
 
 # -- one phase at a time, straight through the generator ---------------------------------------------
+@pytest.mark.slow
 def test_greedy_vllm_equals_hf_on_every_prompt(saved_model):
     loaded, path = saved_model
     prompts = encode(loaded.tokenizer, PROMPTS)
@@ -137,6 +141,7 @@ def test_greedy_vllm_equals_hf_on_every_prompt(saved_model):
     assert 0 < stats["engine_start_seconds"] < stats["seconds"]
 
 
+@pytest.mark.slow
 def test_seeded_sampling_gives_the_same_rows_across_runs_batches_and_a_resume(saved_model):
     loaded, path = saved_model
     # "hello" twice: the seed follows the prompt's index, so the two get different samples.
@@ -180,6 +185,7 @@ def test_seeded_sampling_gives_the_same_rows_across_runs_batches_and_a_resume(sa
     assert by_index(written + rest) == first
 
 
+@pytest.mark.slow
 def test_sampling_matches_the_models_probabilities(tmp_path):
     loaded = eos_model(**SHAPE)
     with torch.no_grad():
@@ -200,6 +206,7 @@ def test_sampling_matches_the_models_probabilities(tmp_path):
     assert chi_square_p(counts, wrong, n) < 1e-6
 
 
+@pytest.mark.slow
 def test_lora_policy_runs_as_a_merged_copy(tmp_path):
     loaded = tiny_model(seed=0, lora={"r": 4, "alpha": 8}, **SHAPE)
     model, tok = loaded.model, loaded.tokenizer
@@ -341,3 +348,12 @@ def test_fsdp_cpu_two_processes_generate_with_their_own_engines_for_two_rounds(t
         assert stats["backend"] == "vllm" and stats["responses"] == 16
     assert (run_dir / "hf" / "round_001" / "model.safetensors").exists()
     assert engines_of(tmp_path) == []
+
+
+def test_the_vllm_config_composes_and_instantiates():
+    cfg = compose_cfg(["generation=vllm", f"generation.python={vllm_python()}", "seed=7"])
+    gen = instantiate(cfg.generation)
+    assert isinstance(gen, VLLMGenerator) and gen.backend == "vllm" and gen.seed == 7
+    assert gen.vllm_origin.endswith("vllm/__init__.py")
+    assert gen.engine_kwargs["gpu_memory_utilization"] == 0.5 and gen.engine_kwargs["skip_tokenizer_init"]
+    assert gen.dtype is None and gen.max_model_len is None  # the policy's dtype; measured per phase

@@ -285,7 +285,8 @@ class Child:
         raise RuntimeError(
             f"generation=vllm: the engine process ({shlex.join(self.command)}) stopped with exit code "
             f"{code} before every response was in; the responses written so far are kept, and running "
-            f"the same command again resumes. Its last lines:\n{tail}"
+            f"the same command again resumes. If vLLM cannot run this model (its last lines say why), "
+            f"use generation=hf. Its last lines:\n{tail}"
         )
 
     def stop(self) -> None:
