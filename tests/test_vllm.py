@@ -144,8 +144,10 @@ def test_greedy_vllm_equals_hf_on_every_prompt(saved_model):
 @pytest.mark.slow
 def test_seeded_sampling_gives_the_same_rows_across_runs_batches_and_a_resume(saved_model):
     loaded, path = saved_model
-    # "hello" twice: the seed follows the prompt's index, so the two get different samples.
-    texts = [*PROMPTS, "hello", "hello"]
+    # "hello" twice: the seed follows the prompt's index, so the two get different samples. The
+    # long prompts, 4,800 tokens together, exceed vLLM's default prefill budget per step (4,096).
+    long = [f"{i} " + "the quick brown fox jumps. " * 11 for i in range(16)]
+    texts = [*PROMPTS, *long, "hello", "hello"]
     prompts = encode(loaded.tokenizer, texts)
     settings = dict(max_new_tokens=10, do_sample=True, seed=5)
     with cpu_permitting():

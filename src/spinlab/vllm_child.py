@@ -32,9 +32,16 @@ def main() -> None:
     os.dup2(2, 1)
 
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
+    engine_args = dict(job["engine"])
+    if current_platform.is_cpu():
+        # A prefill split over steps discards a sampled token and rewinds the request's generator,
+        # which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only.
+        engine_args.setdefault("enable_chunked_prefill", False)
+        engine_args.setdefault("max_num_batched_tokens", max(engine_args["max_model_len"], 4096))
     try:
-        llm = LLM(model=job["model"], **job["engine"])
+        llm = LLM(model=job["model"], **engine_args)
     except Exception as err:
         print(f"SPINLAB_LOAD_FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
