@@ -128,6 +128,7 @@ class VLLMGenerator(Generator):
         )
         self._weights: Path | None = None
         self._done: set[int] = set()
+        self._shard = (0, 1)
 
     def generate(
         self,
@@ -152,6 +153,7 @@ class VLLMGenerator(Generator):
         phase = copy.copy(self)
         phase._weights = Path(weights)
         phase._done = set(done)
+        phase._shard = kwargs.get("shard", (0, 1))
         return Generator.generate(phase, model, tokenizer, prompt_ids, on_batch, done=done, **kwargs)
 
     def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> dict | None:
@@ -197,11 +199,12 @@ class VLLMGenerator(Generator):
 
     def _env(self, model) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-        env.setdefault(
-            "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
-        )  # the engine in the child itself: starts in seconds
+        # The engine in the child itself, not in a process of its own: starts in seconds.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_space_gib:g}")
-        rank, world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        # This machine's processes (Lightning sets LOCAL_RANK only; one node: the shard's world).
+        rank = int(os.environ.get("LOCAL_RANK", self._shard[0]))
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", self._shard[1]))
         device = getattr(model, "device", None)
         if device is not None and device.type == "cuda":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
