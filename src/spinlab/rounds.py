@@ -231,15 +231,14 @@ def policy_weights(trainer, module, tokenizer, run_dir: RunDir, trained_rounds: 
     backend that loads them from disk (generation=vllm); every process calls it.
 
     Before training: the model's own directory. After round t: hf/round_t, which the round saved.
-    A model built in code (model=tiny), or LoRA adapters merged into their model, is saved once
-    under <run_dir>/engine/ (LoRA: the latest merged copy only).
+    A model built in code (model=tiny), LoRA adapters merged into their model, or a policy whose
+    directory is missing is saved once under <run_dir>/engine/ (LoRA: the latest merged copy only).
     """
     trainer = trainer or SingleProcess()
     lora = hasattr(module.policy, "merge_and_unload")
     if not lora:
-        if trained_rounds > 0:
-            return run_dir.hf(trained_rounds - 1)
-        source = Path(str(getattr(module.policy, "name_or_path", "") or "."))
+        saved = run_dir.hf(trained_rounds - 1) if trained_rounds > 0 else None
+        source = saved or Path(str(getattr(module.policy, "name_or_path", "") or "."))
         if (source / "config.json").is_file():
             return source
     out = run_dir.root / "engine" / f"policy_after_{trained_rounds:03d}"
