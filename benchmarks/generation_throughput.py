@@ -12,6 +12,10 @@ max_new_tokens); `batch` prompts per generate call, `--batches` of them timed.
 
 - plain (the peer): `model.generate` on left-padded batches with the default dynamic KV cache,
   nothing of spinlab's.
+- vllm: `spinlab.vllm_backend.VLLMGenerator` from `conf/generation/vllm.yaml`, the model saved to
+  a temporary directory, all timed prompts in one phase: `new_tokens_per_s` includes the engine's
+  start (a round pays it once per phase), `new_tokens_per_s_after_engine_start` does not. Its
+  interpreter: SPINLAB_VLLM_PYTHON, else .venv-vllm/bin/python (`make vllm` builds it on CPU).
 - hf, static, continuous: `spinlab.generation` built from `conf/generation/<backend>.yaml` (its
   engine settings as configured; `--engine-kwargs` overrides them), through the same
   `generate(...)` call that makes each round's synthetic responses (batched by length, rows
@@ -55,7 +59,7 @@ DEFAULTS = {  # shape: (batch, prompt, new tokens)
     "smollm2-135m": (64, 256, 256),
     "llama-1b": (64, 256, 256),
 }
-BACKENDS = ("hf", "static", "continuous")
+BACKENDS = ("hf", "static", "continuous", "vllm")
 # A backend with other settings, named backend@variant; --engine-kwargs may define more.
 VARIANTS = {
     "static@eager": {"cuda_graph": False},  # spinlab's loop without the CUDA graph
@@ -228,6 +232,8 @@ def build_generator(args, label: str):
 
 
 def run_backend(args) -> dict:
+    if args.child == "vllm":
+        return run_vllm(args)
     model, tokenizer, prompts = load(args)
     generator, cfg = build_generator(args, args.child)
     result = {
@@ -335,6 +341,44 @@ def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: 
         "matched_token_share": matched / max(total, 1),
         "divergences": divergences,
     }
+
+
+def run_vllm(args) -> dict:
+    """generation=vllm: the random model saved to a directory, then one whole generation phase
+    over all timed prompts, the engine's start included (each phase starts its own engine; no
+    warm-up phase). The engine runs in a child process under `python` (default: SPINLAB_VLLM_PYTHON,
+    else .venv-vllm/bin/python): process_cpu_s and the peak RSS are this process's, not the engine's."""
+    import os
+    import tempfile
+
+    model, tokenizer, prompts = load(args)
+    python = os.environ.get("SPINLAB_VLLM_PYTHON") or str(common.REPO / ".venv-vllm" / "bin" / "python")
+    args.engine_kwargs.setdefault("vllm", {}).setdefault("python", python)
+    generator, cfg = build_generator(args, "vllm")  # dtype null: the model's (fp32 on CPU, bf16 on a GPU)
+    result = {
+        "side": "spinlab generation=vllm",
+        "config": cfg,
+        "memory_after_model": common.memory_probe(args.device),
+    }
+    with tempfile.TemporaryDirectory() as weights:
+        model.save_pretrained(weights)
+        started, cpu = common.now(args.device), common.cpu_now()
+        stats = generator.generate(
+            model,
+            tokenizer,
+            prompts[args.batch :],
+            on_batch=lambda rows: None,
+            round_index=1,
+            weights=weights,
+        )
+        seconds, cpu_s = common.now(args.device) - started, common.cpu_now() - cpu
+    result["generator_stats"] = stats
+    result["phase_seconds_with_engine_start"] = seconds
+    result["engine_start_seconds"] = stats["engine_start_seconds"]
+    result["new_tokens_per_s_after_engine_start"] = stats["new_tokens"] / (
+        seconds - stats["engine_start_seconds"]
+    )
+    return finish(args, result, stats["new_tokens"], seconds, cpu_s)
 
 
 def finish(args, result: dict, new_tokens: int, seconds: float, cpu_s: float) -> dict:

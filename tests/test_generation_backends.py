@@ -17,15 +17,16 @@ BACKENDS = {
 }
 
 
-def eos_model():
-    """The tiny model, made to say varied things, with an EOS that some prompts reach early.
+def eos_model(**shape):
+    """The tiny model (`shape`: tiny_model's sizes), made to say varied things, with an EOS that
+    some prompts reach early.
 
     Its layers are scaled up so that the context matters. Hidden coordinates 0 and 1 carry
     nothing but two planted facts, since no layer writes there: the token `y` is followed by `z`
     and `z` by EOS. A prompt ending in `y` gets "z" then EOS, one ending in `z` an empty
     response; others ramble, some into `z` and EOS, some up to the length limit.
     """
-    loaded = tiny_model(seed=0)
+    loaded = tiny_model(seed=0, **shape)
     model, tok = loaded.model, loaded.tokenizer
     y, z = tok.convert_tokens_to_ids(["y", "z"])
     with torch.no_grad():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from spinlab.generation import HFGenerator
-from spinlab.rounds import SingleProcess, generate_rows, score_pairs
+from spinlab.rounds import SingleProcess, generate_rows, policy_weights, score_pairs
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class RoundEvaluator:
             [dm.encode_prompt(r["prompt"]) for r in rows],
             round_index=10_000 + index,  # other samples than training's
             desc=f"round {index} held-out",
+            weights=lambda: policy_weights(trainer, module, dm.tokenizer, run_dir, index),
         )
         pairs = [
             {"prompt": r["prompt"], "real": r["response"], "synthetic": out["rows"][i]["synthetic"]}
@@ -220,6 +221,7 @@ class RoundEvaluator:
             [dm.encode_prompt(r["prompt"]) for r in rows],
             round_index=index,
             desc=f"round {index} task accuracy",
+            weights=lambda: policy_weights(trainer, module, dm.tokenizer, run_dir, index + 1),
         )
         answers = {i: r["synthetic"] for i, r in out["rows"].items()}
         graded = [
@@ -268,6 +270,7 @@ class RoundEvaluator:
                 prompts,
                 index,
                 desc=f"round {index} MT-Bench turn {turn + 1}",
+                weights=lambda: policy_weights(trainer, module, tokenizer, run_dir, index + 1),
             )
             replies = {i: r["synthetic"] for i, r in out["rows"].items()}
             for i, conv in enumerate(conversations):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,13 +140,16 @@ def generate_rows(
     round_index: int,
     desc: str,
     partial: Callable[[int], Path] | None = None,
+    weights: Callable[[], Path] | None = None,
 ) -> dict:
     """{"rows": {index: {index, synthetic, tokens, finished}}, "stats": {...}} for every prompt,
     on every process (trainer=None: in this process alone, outside a fit).
 
-    Each process generates its share on the policy's gathered weights. With `partial` (a path
-    per rank), finished batches are appended there as they complete and skipped when the call is
-    repeated after a crash; the rows are then read back from all partial files.
+    Each process generates its share on the policy's gathered weights, or, for a backend that
+    loads them from disk (`generator.loads_weights`, generation=vllm), on the directory that
+    `weights()` names (see `policy_weights`). With `partial` (a path per rank), finished batches
+    are appended there as they complete and skipped when the call is repeated after a crash; the
+    rows are then read back from all partial files.
     """
     trainer = trainer or SingleProcess()
     rank, world = trainer.global_rank, trainer.world_size
@@ -170,7 +174,16 @@ def generate_rows(
             rows.extend(new)
 
     synced = module.sharded and not module.gather_for_generation
-    with module.gathered_weights(root_only=synced), trainer.precision_plugin.forward_context():
+    if getattr(generator, "loads_weights", False):
+        if weights is None:
+            raise ValueError(
+                f"{desc}: generation={generator.backend} loads the weights from a directory; none given"
+            )
+        context, extra = contextlib.nullcontext(), {"weights": weights()}
+    else:
+        context = module.gathered_weights(root_only=synced)
+        extra = {"synced": True} if synced else {}
+    with context, trainer.precision_plugin.forward_context():
         stats = generator.generate(
             module.policy,
             tokenizer,
@@ -180,7 +193,7 @@ def generate_rows(
             round_index=round_index,
             desc=desc,
             shard=(rank, world),
-            **({"synced": True} if synced else {}),
+            **extra,
         )
     if partial:
         trainer.strategy.barrier("generation shards")
@@ -211,6 +224,43 @@ def save_policy(trainer, module, index: int, out: Path, tokenizer) -> None:
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)
     trainer.strategy.barrier("round model")
+
+
+def policy_weights(trainer, module, tokenizer, run_dir: RunDir, trained_rounds: int) -> Path:
+    """A Hugging Face directory with the policy's weights after `trained_rounds` rounds, for a
+    backend that loads them from disk (generation=vllm); every process calls it.
+
+    Before training: the model's own directory. After round t: hf/round_t, which the round saved.
+    A model built in code (model=tiny), LoRA adapters merged into their model, or a policy whose
+    directory is missing is saved once under <run_dir>/engine/ (LoRA: the latest merged copy only).
+    """
+    trainer = trainer or SingleProcess()
+    lora = hasattr(module.policy, "merge_and_unload")
+    if not lora:
+        saved = run_dir.hf(trained_rounds - 1) if trained_rounds > 0 else None
+        source = saved or Path(str(getattr(module.policy, "name_or_path", "") or "."))
+        if (source / "config.json").is_file():
+            return source
+    out = run_dir.root / "engine" / f"policy_after_{trained_rounds:03d}"
+    if not trainer.strategy.broadcast(out.exists()):
+        state = module.full_state_dict()  # a collective under sharding
+        if trainer.is_global_zero:
+            log.info("saving the policy after %d rounds for the generation engine to %s", trained_rounds, out)
+            model = module.policy
+            if lora:
+                import copy
+
+                model = copy.deepcopy(model).merge_and_unload()
+            tmp = out.with_name(out.name + ".tmp")
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            replace_dir(tmp, out)
+            if lora:
+                for old in out.parent.glob("policy_after_*"):
+                    if old != out:
+                        shutil.rmtree(old, ignore_errors=True)
+        trainer.strategy.barrier("engine weights")
+    return out
 
 
 # -- how a round's rows are built (config group `pairs`) --------------------------------------
@@ -264,6 +314,7 @@ class SyntheticPairs:
             round_index=index,
             desc=f"round {index} generate",
             partial=lambda rank: run_dir.synthetic_partial(index, rank),
+            weights=lambda: policy_weights(trainer, module, dm.tokenizer, run_dir, index),
         )
         if trainer.is_global_zero:
             pairs = []

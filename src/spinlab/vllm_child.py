@@ -1,0 +1,80 @@
+"""The child process of `generation=vllm`: one vLLM engine for one generation phase.
+
+Run as a script by the interpreter in `generation.python` (vLLM's own environment), so it imports
+nothing of spinlab. It reads one job (JSON) on stdin: the weights directory, the engine's
+arguments, the sampling settings and the prompts with their seeds. It writes JSON lines on
+stdout: `{"rows": [[index, token_ids], ...]}` each time `block` responses have finished, then
+`{"done": true}` (`{"ready": true}` first, once the engine is up). Everything vLLM prints goes to stderr.
+"""
+
+import json
+import os
+import signal
+import sys
+
+
+def die_with_parent(parent: int) -> None:
+    """A SIGKILL from the kernel when the parent dies: an orphaned engine would hold its memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    die_with_parent(job["parent"])
+    rows_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
+
+    engine_args = dict(job["engine"])
+    if current_platform.is_cpu():
+        # A prefill split over steps discards a sampled token and rewinds the request's generator,
+        # which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only.
+        engine_args.setdefault("enable_chunked_prefill", False)
+        engine_args.setdefault("max_num_batched_tokens", max(engine_args["max_model_len"], 4096))
+    try:
+        llm = LLM(model=job["model"], **engine_args)
+    except Exception as err:
+        print(f"SPINLAB_LOAD_FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    rows_out.write(json.dumps({"ready": True}) + "\n")
+    engine = llm.llm_engine
+    sampling = job["sampling"]
+    eos = job["eos"]
+    for index, ids, seed in job["prompts"]:
+        params = SamplingParams(
+            n=1,
+            max_tokens=job["max_new_tokens"],
+            stop_token_ids=[eos],
+            seed=seed,
+            detokenize=False,
+            **sampling,
+        )
+        engine.add_request(str(index), {"prompt_token_ids": ids}, params)
+    pending = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if not out.finished:
+                continue
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            if completion.finish_reason == "stop" and (not tokens or tokens[-1] != eos):
+                tokens.append(eos)
+            pending.append([int(out.request_id), tokens])
+        if pending and (len(pending) >= job["block"] or not engine.has_unfinished_requests()):
+            rows_out.write(json.dumps({"rows": pending}) + "\n")
+            pending = []
+    rows_out.write(json.dumps({"done": True}) + "\n")
+    rows_out.flush()
+
+
+if __name__ == "__main__":
+    main()
