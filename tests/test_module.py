@@ -215,7 +215,9 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_and_leave_generation_
     compiled_calls = []
     layer = compiled.policy.model.layers[0]
     eager_forward = layer.forward.__kwdefaults__["_eager"]
-    layer.forward.__kwdefaults__["_eager"] = lambda *a, **kw: compiled_calls.append(1) or eager_forward(*a, **kw)
+    layer.forward.__kwdefaults__["_eager"] = lambda *a, **kw: (
+        compiled_calls.append(1) or eager_forward(*a, **kw)
+    )
     prompt = batch["input_ids"][:1, :5]
     out = compiled.policy.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     reference = eager.policy.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
