@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from spinlab.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps, token_logps
+from spinlab.logprobs import (
+    IGNORE_INDEX,
+    chunked_sequence_logps,
+    sequence_logps,
+    target_positions,
+    token_logps,
+)
 
 
 def test_sequence_logp_sums_response_tokens_only():
@@ -62,3 +68,24 @@ def test_chunked_logps_of_a_sequence_without_response_is_zero():
     labels[1, 2] = 3
     out = chunked_sequence_logps(hidden, torch.randn(10, 8), labels)
     assert out[0].item() == 0.0 and out[1].item() != 0.0
+
+
+def test_given_target_positions_and_sequence_count_give_the_same_sums():
+    # Two packed rows: sequences 0 and 2 in row 0, sequence 1 in row 1; -1 is the row's end padding.
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 8, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 8), generator=g)
+    sequence_ids = torch.tensor([[0, 0, 0, 0, 2, 2, 2, -1], [1, 1, 1, 1, 1, 1, -1, -1]])
+    labels[sequence_ids < 0] = IGNORE_INDEX
+    labels[:, 0] = labels[0, 4] = IGNORE_INDEX  # each sequence's first token: its prompt
+    positions = target_positions(labels)
+    for ids, count in ((None, None), (sequence_ids, 3)):
+        plain = sequence_logps(hidden @ weight.t(), labels, ids)
+        assert plain.shape == (2 if ids is None else 3,) and (plain < -1).all()
+        given = sequence_logps(hidden @ weight.t(), labels, ids, positions=positions, num_sequences=count)
+        chunked = chunked_sequence_logps(
+            hidden, weight, labels, 3, ids, positions=positions, num_sequences=count
+        )
+        torch.testing.assert_close(given, plain)
+        torch.testing.assert_close(chunked, plain)

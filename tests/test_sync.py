@@ -8,6 +8,7 @@ those calls instead, during Trainer.fit on the tiny model.
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -104,14 +105,36 @@ def patch_host_reads(monkeypatch, counter: Counter) -> None:
 
 class Window(L.Callback):
     """Opens the count at each batch's start (callbacks run before the module's hook); the module's
-    on_train_batch_end, wrapped below, closes it, so that backward and the optimizer step count."""
+    on_train_batch_end, wrapped below, closes it, so that backward and the optimizer step count.
+    On a GPU, CUDA's own record of synchronising calls is switched on for the same span."""
 
-    def __init__(self, counter: Counter):
-        self.counter = counter
+    def __init__(self, counter: Counter, cuda: bool):
+        self.counter, self.cuda = counter, cuda
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.counter.calls[batch_idx] = []
         self.counter.step = batch_idx
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        self.counter.step = None
+
+
+def cuda_sync_warnings(counter: Counter):
+    """A warnings.showwarning that charges each of CUDA's "synchronizing operation" warnings to
+    the Python frame that made the call."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            frame = sys._getframe(1)
+            while frame.f_back is not None and frame.f_code.co_filename == warnings.__file__:
+                frame = frame.f_back
+            counter.hit("CUDA synchronizing call", frame)
+
+    return show
 
 
 def pairs(n: int) -> list[dict]:
@@ -126,7 +149,7 @@ def pairs(n: int) -> list[dict]:
 
 
 def fit_and_count(
-    tmp_path, monkeypatch, sync_every_step: bool, packing: bool = False
+    tmp_path, monkeypatch, sync_every_step: bool, packing: bool = False, accelerator: str = "cpu"
 ) -> dict[int, list[str]]:
     torch.manual_seed(0)
     loaded = tiny_model(seed=0)
@@ -147,26 +170,36 @@ def fit_and_count(
     )
     dm.set_pairs(pairs(2 * STEPS))
     counter = Counter()
+    cuda = accelerator == "gpu"
+    window = Window(counter, cuda)
     module_batch_end = module.on_train_batch_end
 
     def closing(*args, **kwargs):
         module_batch_end(*args, **kwargs)
-        counter.step = None
+        window.close()
 
     module.on_train_batch_end = closing
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
         max_epochs=1,
         log_every_n_steps=LOG_EVERY,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
-        callbacks=[Window(counter)],
+        callbacks=[window],
         enable_checkpointing=False,
         enable_model_summary=False,
     )
     patch_host_reads(monkeypatch, counter)
-    with CountingMode(counter):
-        trainer.fit(module, train_dataloaders=dm.scoring_dataloader())
-    monkeypatch.undo()
+    try:
+        with CountingMode(counter), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = cuda_sync_warnings(counter)
+            trainer.fit(module, train_dataloaders=dm.scoring_dataloader())
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
     assert sorted(counter.calls) == list(range(STEPS))
     return counter.calls
 
@@ -185,3 +218,11 @@ def test_every_step_reads_the_host_with_sync_every_step(tmp_path, monkeypatch):
     calls = fit_and_count(tmp_path, monkeypatch, sync_every_step=True)
     assert all(calls[b] for b in calls), calls
     assert any(".tolist" in c for c in calls[0]) and any("__bool__" in c for c in calls[0]), calls[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_cuda_synchronisation_between_logging_steps_on_a_gpu(tmp_path, monkeypatch):
+    calls = fit_and_count(tmp_path, monkeypatch, sync_every_step=False, accelerator="gpu")
+    quiet = {b: c for b, c in calls.items() if (b + 1) % LOG_EVERY}
+    assert quiet == {b: [] for b in quiet}

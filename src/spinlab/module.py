@@ -279,6 +279,7 @@ class PolicyModule(L.LightningModule):
             metric.persistent(True)  # a resumed round's summary still covers the whole round
         self.round: Round | None = None  # owned by SelfPlayCallback, read here
         self._batch_started = 0.0
+        self._last_settings: dict[str, float] = {}
         self._first_bad: dict[str, torch.Tensor] = {}
         self._unchecked = False  # steps ran since the host last read the finiteness record
         self._reset_window()
@@ -445,6 +446,8 @@ class PolicyModule(L.LightningModule):
         if self.sync_every_step:
             return self._synced_training_step(batch, out)
         log.debug("round %d step %d", self.round_index, self.global_step)
+        # Read now: by on_train_batch_end the scheduler has already set the next step's rate.
+        self._last_settings = self._step_settings()
         names = self.objective.metric_names
         step = {
             "values": torch.stack([out[n].detach().float().mean() for n in names]),
@@ -618,7 +621,7 @@ class PolicyModule(L.LightningModule):
         if self._window_steps:
             steps = self._window_steps * self.trainer.world_size
             metrics |= {f"train/{n}": v / steps for n, v in zip(names, values[2:], strict=True)}
-        self.log_dict(metrics | self._step_settings(), batch_size=max(1, self._window_pairs))
+        self.log_dict(metrics | self._last_settings, batch_size=max(1, self._window_pairs))
         self._reset_window()
 
     def configure_optimizers(self):
