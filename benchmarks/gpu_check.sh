@@ -96,7 +96,7 @@ step train_1b 200 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughpu
 #    against generate). Only these files: collecting the others would need packages the GPU
 #    machine lacks (e.g. nbformat).
 step pytest_gpu 110 "$DIR/log.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$DIR/pytest_gpu.xml" \
-    tests/test_gpu.py tests/test_generation_static.py
+    tests/test_gpu.py tests/test_generation_static.py tests/test_sync.py
 
 echo "gpu_check: results in $DIR"
 exit "$failed"
