@@ -211,8 +211,12 @@ def _alive(pid) -> bool:
     return True
 
 
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory."""
+
+
 def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RuntimeError:
-    return RuntimeError(
+    return RunDirInUse(
         f"{run_dir.root} is in use by another run ({_describe(holder)}){hint}; two processes on one "
         "run directory would overwrite each other's files. Wait for it to end or stop it, or choose "
         "another run directory."
