@@ -83,6 +83,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    num_prompts = cfg.data.get("num_prompts")
+    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
+        raise ValueError(
+            f"data.num_prompts must be an int >= 1 (prompts per round), or null for the whole training "
+            f"split; got {num_prompts}"
+        )
     lengths = cfg.data.get("max_prompt_length"), cfg.data.get("max_length")
     if None not in lengths and lengths[0] >= lengths[1]:
         raise ValueError(

@@ -66,6 +66,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["synthetic.jsonl"]
 
 
+def test_a_checkpoint_write_failing_inside_torch_save_names_the_path(tmp_path, monkeypatch):
+    from spinlab import callbacks
+
+    target = tmp_path / "last.ckpt"
+    callbacks.AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    old = target.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(callbacks.torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"cannot write {target} \(\d+ bytes free there\): \[enforce fail"):
+        callbacks.AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert target.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+
+
 def test_no_secret_reaches_the_run_directory(tmp_path, monkeypatch):
     secrets = {
         "WANDB_API_KEY": "wandb-secret-7781",

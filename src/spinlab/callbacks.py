@@ -12,6 +12,8 @@ being made again. Every process takes part in every step (see spinlab.rounds).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.rounds import Round, round_settings, save_policy
-from spinlab.rundir import RunDir, write_json
+from spinlab.rundir import CHECKSUMS, RunDir, record_checksum, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints streamed to a temporary file in the same directory, fsynced, then
     renamed into place: a kill while saving leaves the previous checkpoint whole, and the
-    checkpoint is never held in memory a second time as bytes."""
+    checkpoint is never held in memory a second time as bytes. Its sha256, computed as it is
+    written, goes to `<name>.sha256` (rundir.checksum_sidecar), checked before a resume."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -46,16 +49,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _Hashing(f)
+                torch.save(checkpoint, writer)
                 f.flush()
                 os.fsync(f.fileno())
+            record_checksum(path, writer.digest.hexdigest())
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        except RuntimeError as err:  # torch.save's zip writer: a failed write (full disk), no path
+            tmp.unlink(missing_ok=True)
+            raise write_error(path, err) from err
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def write_error(path: Path, err: BaseException) -> OSError:
+    """A failed checkpoint write, naming the path and the space left (torch's own message does not)."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return OSError(errno.EIO, f"cannot write {path} ({free}): {err}")
 
 
 # -- stopping on a signal ---------------------------------------------------------------------
@@ -86,6 +103,20 @@ def stop_agreed(trainer: L.Trainer) -> bool:
 
 def received_signal() -> int | None:
     return _received[0] if _received else None
+
+
+class _Hashing:
+    """A file, written through, with the sha256 of what was written."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class RoundCheckpoint(L.Callback):
@@ -181,15 +212,34 @@ class RoundCheckpoint(L.Callback):
             f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}-{uuid.uuid4().hex[:8]}.ckpt"
         )
         target = self.path.with_name(name)
-        trainer.save_checkpoint(target, weights_only=False)
+        try:
+            trainer.save_checkpoint(target, weights_only=False)
+        except (OSError, RuntimeError) as err:
+            raise write_error(target, err) from err
         trainer.strategy.barrier("sharded checkpoint")
+        sums = self._checksums(trainer, target)
         if trainer.is_global_zero:
+            write_json(target / CHECKSUMS, sums)
             link = self.path.with_name(f".{self.path.name}.link.tmp")
             link.unlink(missing_ok=True)
             link.symlink_to(name)
             os.replace(link, self.path)  # atomic: last.ckpt names either the old or the new directory
             remove_unlinked_checkpoints(self.path.parent)
         trainer.strategy.barrier("checkpoint link")
+
+    @staticmethod
+    def _checksums(trainer: L.Trainer, target: Path) -> dict:
+        """sha256 of every file of a sharded checkpoint, each process hashing its share of them."""
+        import torch.distributed as dist
+
+        files = sorted(p.name for p in target.iterdir() if p.is_file())
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = {n: sha256_file(target / n) for n in files[rank::world]}
+        if world == 1 or not dist.is_initialized():
+            return mine
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        return {k: v for share in shares for k, v in share.items()}
 
 
 def remove_unlinked_checkpoints(directory: Path) -> None:

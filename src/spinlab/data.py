@@ -362,10 +362,9 @@ class SelfPlayDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.load_split("train"):
             where = getattr(self.source, "paths", {}).get("train") or f"{type(self.source).__name__}[train]"
-            raise DataError(
-                f"{where}: the training split has no usable rows ({self.skipped['train']} bad rows "
-                "skipped, data.bad_rows=skip)"
-            )
+            skipped = self.skipped["train"]
+            why = f"{skipped} bad rows skipped, data.bad_rows=skip" if skipped else "it holds none"
+            raise DataError(f"{where}: the training split has no usable rows ({why})")
 
     def _lengths(self, row: dict) -> tuple[int, int]:
         """(prompt, prompt + real response + EOS) in tokens, the prompt with the chat template."""
