@@ -306,6 +306,7 @@ def main(cfg: DictConfig) -> None:
         if status is None:
             raise
         held.drop()
+        release(run_dir, restore=True)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
         print(f"refused: {err}", file=sys.stderr)

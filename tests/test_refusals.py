@@ -89,7 +89,7 @@ def test_a_busy_run_directory_is_refused_with_status_3_and_nothing_changed(finis
 def test_an_accepted_start_writes_the_hydra_record_and_the_log(finished, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(finished, root)
-    out = start(root, "hydra.job.name=train")
+    out = start(root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert OmegaConf.load(root / ".hydra" / "config.yaml").lam == 0.1
     assert "debug=fast" in OmegaConf.load(root / ".hydra" / "overrides.yaml")

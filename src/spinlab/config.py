@@ -137,8 +137,8 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
     warnings, refused = [], {}
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b or _free(key, started):
-            continue
+        if a == b or _free(key, started) or REDACTED in (a, b):
+            continue  # a redacted value cannot be compared (older runs redacted `max_new_tokens`)
         if key in ("trainer.devices", "trainer.num_nodes"):
             warnings.append(
                 f"{key} changed from {a} to {b} since the run was started: the global batch changes with the "
@@ -147,13 +147,27 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
             )
             continue
         refused[key] = (a, b)
-    # A top-level change shows again in the callback nodes it reaches (`lam` in
-    # `callbacks.self_play.lam`): name it once, where it was set.
-    direct = {(k.split(".")[-1], v) for k, v in refused.items() if not k.startswith("callbacks.")}
+
+    # A change set in one place shows again wherever it is interpolated (`lam` in `module.lam` and
+    # `callbacks.self_play.lam`, `generation.seed` in `callbacks.self_play.generator.seed`): name
+    # it once, where it was set.
+    def repeated(key: str) -> bool:
+        return any(
+            other != key
+            and refused[other] == refused[key]
+            and (
+                key.endswith("." + other)
+                or (
+                    key.startswith("callbacks.")
+                    and not other.startswith("callbacks.")
+                    and key.split(".")[-1] == other.split(".")[-1]
+                )
+            )
+            for other in refused
+        )
+
     lines = [
-        f"{k}: {a!r} when the run was started, {b!r} now"
-        for k, (a, b) in refused.items()
-        if not (k.startswith("callbacks.") and (k.split(".")[-1], (a, b)) in direct)
+        f"{k}: {a!r} when the run was started, {b!r} now" for k, (a, b) in refused.items() if not repeated(k)
     ]
     if lines:
         raise ValueError(
@@ -188,13 +202,17 @@ def record_settings(run_dir: RunDir, now: dict) -> None:
     write_bytes(run_dir.run_config, OmegaConf.to_yaml(now).encode())
 
 
-SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
+# `token` only at a key's end (`hub_token`): `max_new_tokens` is a setting, compared at restart.
+SECRET = re.compile(r"(api[_-]?key|token$|secret|password|credential)", re.IGNORECASE)
+
+
+REDACTED = "<redacted>"
 
 
 def redact(node):
     """The config without values under secret-looking keys, for dumps and loggers."""
     if isinstance(node, dict):
-        return {k: "<redacted>" if SECRET.search(str(k)) else redact(v) for k, v in node.items()}
+        return {k: REDACTED if SECRET.search(str(k)) else redact(v) for k, v in node.items()}
     if isinstance(node, list):
         return [redact(v) for v in node]
     return node

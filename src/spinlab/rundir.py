@@ -180,6 +180,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 # -- one job per run directory ----------------------------------------------------------------
 
 _held: dict[Path, int] = {}  # run directory -> file descriptor holding its lock, in this process
+_before: dict[Path, bytes] = {}  # run directory -> what its run.lock held before this process took it
 
 
 def is_launching_rank() -> bool:
@@ -258,6 +259,7 @@ def claim(run_dir: RunDir) -> None:
             os.close(fd)
             raise _in_use(run_dir, holder, "") from None
         log.warning("%s cannot be locked here (%s); a start on another host would not be stopped", path, err)
+    before = os.pread(fd, 1 << 16, 0)
     previous = _holder(path)
     if previous.get("pid") is not None:
         log.warning("taking over %s, left by a run that has ended (%s)", path, _describe(previous))
@@ -270,13 +272,19 @@ def claim(run_dir: RunDir) -> None:
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     os.fsync(fd)
     _held[root] = fd
+    _before[root] = before
 
 
-def release(run_dir: RunDir) -> None:
-    """Give the run directory up before this process ends (a sweep's next job runs in it)."""
-    fd = _held.pop(run_dir.root.resolve(), None)
+def release(run_dir: RunDir, restore: bool = False) -> None:
+    """Give the run directory up before this process ends (a sweep's next job runs in it).
+    restore: put back what `run.lock` held before the claim (a refused start changes nothing)."""
+    root = run_dir.root.resolve()
+    fd = _held.pop(root, None)
+    before = _before.pop(root, b"")
     if fd is not None:
         os.ftruncate(fd, 0)
+        if restore and before:
+            os.pwrite(fd, before, 0)
         os.close(fd)
 
 
