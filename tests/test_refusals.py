@@ -99,8 +99,14 @@ def test_an_accepted_start_writes_the_hydra_record_and_the_log(finished, tmp_pat
 
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     out = start(tmp_path / "run", "model=hf", f"model.name_or_path={tmp_path / 'no_such_model'}")
-    assert out.returncode == 1
-    assert "Traceback" in out.stderr and "refused:" not in out.stderr
+    # Hydra's report of an error it did not expect either: exit status 1, its short traceback
+    # and the hint; the whole traceback with HYDRA_FULL_ERROR=1.
+    assert out.returncode == 1 and "refused:" not in out.stderr
+    assert "Error executing job" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
+    full = start(
+        tmp_path / "run", "model=hf", f"model.name_or_path={tmp_path / 'no_such_model'}", HYDRA_FULL_ERROR="1"
+    )
+    assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
 
 
 @pytest.mark.parametrize(
@@ -166,7 +172,7 @@ def with_leaf(node: dict, key: str, value) -> dict:
 def test_every_node_of_a_group_is_compared_at_restart(group):
     before = redact(OmegaConf.to_container(compose_cfg(["debug=fast"], Path("/run")), resolve=True))
     keys = [k for k, _ in leaves(before[group], f"{group}.")]
-    assert len(keys) > 3
+    assert len(keys) >= 3
     for key, value in leaves(before[group], f"{group}."):
         now = with_leaf(before, key, changed(value))
         if key in MAY_CHANGE or key.startswith("callbacks.self_play.round_overrides"):
