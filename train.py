@@ -67,7 +67,7 @@ def refusal(status: int, *kinds: type[BaseException]):
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible values before anything slow starts."""
     if not math.isfinite(cfg.lam) or cfg.lam <= 0:
-        raise ValueError(f"lam must be a finite number > 0 (the KL strength λ), got {cfg.lam}")
+        raise ValueError(f"lam must be > 0 and finite (the KL strength λ), got {cfg.lam}")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise ValueError(
             f"warmup_ratio must be in [0, 1] (the share of each round's steps spent warming up), "

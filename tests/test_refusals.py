@@ -112,9 +112,9 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lam=nan", "lam must be a finite number > 0"),
-        ("lam=inf", "lam must be a finite number > 0"),
-        ("lam=-1", "lam must be a finite number > 0"),
+        ("lam=nan", "lam must be > 0 and finite"),
+        ("lam=inf", "lam must be > 0 and finite"),
+        ("lam=-1", "lam must be > 0 and finite"),
         ("warmup_ratio=1.5", r"warmup_ratio must be in \[0, 1\]"),
         ("warmup_ratio=-0.1", r"warmup_ratio must be in \[0, 1\]"),
         ("data.batch_size=0", "data.batch_size must be an int >= 1"),

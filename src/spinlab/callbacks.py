@@ -175,8 +175,13 @@ class RoundCheckpoint(L.Callback):
         self.saved_at_epoch_end = True
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        try:
+            if isinstance(exception, SIGTERMException):
+                self.stop(trainer, pl_module)
+        finally:
+            self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
+
+    def stop(self, trainer: L.Trainer, pl_module) -> None:
         if not self.saved_at_epoch_end:
             self.save(trainer, pl_module)
         signum = received_signal() or signal.SIGTERM
