@@ -96,10 +96,13 @@ RESTART_FREE = (
     "run_dir",
     "name",
     "callbacks.progress",  # the progress bar
+    "callbacks.self_play.generator",  # ${generation}, compared there (tests swap in crashing ones)
     "callbacks.checkpoint.dirpath",  # ${run_dir}/checkpoints
     "callbacks.self_play.run_dir",
     "callbacks.self_play.num_samples",  # rows shown in the samples table
 )
+# The callbacks that drive the rounds; the others only observe.
+ROUND_CALLBACKS = ("self_play", "checkpoint")
 # Keys checked as `rounds` and `round_overrides` are, wherever they appear.
 ROUNDS_KEYS = ("rounds", "callbacks.self_play.rounds")
 OVERRIDES_KEYS = ("round_overrides", "callbacks.self_play.round_overrides")
@@ -112,6 +115,8 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def _free(key: str, started: int) -> bool:
+    if key.startswith("callbacks.") and key.split(".")[1] not in ROUND_CALLBACKS:
+        return True  # an observer (progress bar, a callback of your own) may come and go
     if key in ROUNDS_KEYS or any(key == p or key.startswith(p + ".") for p in RESTART_FREE):
         return True
     for prefix in OVERRIDES_KEYS:
