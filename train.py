@@ -8,41 +8,95 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import math
 import os
+import sys
+import traceback
+from contextlib import contextmanager
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from spinlab.callbacks import AtomicCheckpointIO
-from spinlab.config import check_settings, check_targets, redact, round_overrides  # registers the schema
+from spinlab.callbacks import AtomicCheckpointIO, RoundCheckpoint
+from spinlab.config import (  # registers the schema
+    check_settings,
+    check_targets,
+    record_settings,
+    redact,
+    round_overrides,
+)
+from spinlab.data import DataError
 from spinlab.harness import main_columns
 from spinlab.rundir import (
     RunDir,
+    RunDirInUse,
     check_last_checkpoint,
     check_writable,
     claim,
     is_launching_rank,
     release,
     remove_leftovers,
+    write_bytes,
 )
 
 log = logging.getLogger("spinlab")
 
+# Exit statuses (README "Exit statuses"). 1 is an unexpected error, with its traceback.
+EXIT_REFUSED = 2  # the start was refused: a value, a changed setting, the data or the checkpoint
+EXIT_BUSY = 3  # another process holds the run directory
+EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint: run the same command to resume
+
+
+class Stopped(SystemExit):
+    """The run stopped on a signal after saving the checkpoint of its last step."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_STOPPED)
+        self.message = message
+
+
+@contextmanager
+def refusal(status: int, *kinds: type[BaseException]):
+    """Errors of `kinds` raised inside are expected ones: `main` prints their message alone."""
+    try:
+        yield
+    except kinds as err:
+        err.exit_status = status
+        raise
+
 
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible values before anything slow starts."""
-    if cfg.lam <= 0:
-        raise ValueError(f"lam must be > 0 (the KL strength λ), got {cfg.lam}")
+    if not math.isfinite(cfg.lam) or cfg.lam <= 0:
+        raise ValueError(f"lam must be > 0 and finite (the KL strength λ), got {cfg.lam}")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ValueError(
+            f"warmup_ratio must be in [0, 1] (the share of each round's steps spent warming up), "
+            f"got {cfg.warmup_ratio}"
+        )
+    if not isinstance(cfg.data.get("batch_size", 1), int) or cfg.data.get("batch_size", 1) < 1:
+        raise ValueError(
+            f"data.batch_size must be an int >= 1 (pairs per process per step), got {cfg.data.batch_size}"
+        )
     if cfg.rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
     if cfg.epochs_per_round < 1:
         raise ValueError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    num_prompts = cfg.data.get("num_prompts")
+    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
+        raise ValueError(
+            f"data.num_prompts must be an int >= 1 (prompts per round), or null for the whole training "
+            f"split; got {num_prompts}"
+        )
     lengths = cfg.data.get("max_prompt_length"), cfg.data.get("max_length")
     if None not in lengths and lengths[0] >= lengths[1]:
         raise ValueError(
@@ -73,35 +127,49 @@ def preflight(cfg: DictConfig):
     return loaded, datamodule
 
 
-def run(cfg: DictConfig) -> dict:
-    check_config(cfg)
+def run(cfg: DictConfig, accepted=None) -> dict:
+    """Check, then train every round not yet done. `accepted()` is called once the start is
+    accepted, before anything is written to the run directory (main: its .hydra/ and log)."""
+    with refusal(EXIT_REFUSED, ValueError, RuntimeError):
+        check_config(cfg)
     run_dir = RunDir(cfg.run_dir)
-    if is_launching_rank():  # ranks 1.. of a multi-process run belong to rank 0's job
-        claim(run_dir)
-        remove_leftovers(run_dir)
-    ckpt = run_dir.last_checkpoint if run_dir.last_checkpoint.exists() else None
-    if ckpt is not None and cfg.resume == "never":
-        raise FileExistsError(
-            f"{run_dir.root} already holds a run ({ckpt}); choose another run_dir or name, "
-            "or set resume=auto to continue it"
-        )
+    launching = is_launching_rank()  # ranks 1.. of a multi-process run belong to rank 0's job
+    if launching:
+        with refusal(EXIT_BUSY, RunDirInUse), refusal(EXIT_REFUSED, OSError):
+            claim(run_dir)
+    last = run_dir.last_checkpoint
+    ckpt = last if last.exists() or last.is_symlink() else None  # a dangling link is reported below
+    settings = redact(OmegaConf.to_container(cfg, resolve=True))
     done = finished_rounds(run_dir)
     rounds_done = sum(index >= 0 for index in done)  # round -1: the start model's benchmarks
-    check_settings(
-        run_dir, redact(OmegaConf.to_container(cfg, resolve=True)), rounds_done, record=is_launching_rank()
-    )
+    with refusal(EXIT_REFUSED, ValueError, RuntimeError, FileExistsError, OSError):
+        if ckpt is not None and cfg.resume == "never":
+            raise FileExistsError(
+                f"{run_dir.root} already holds a run ({ckpt}); choose another run_dir or name, "
+                "or set resume=auto to continue it"
+            )
+        check_settings(run_dir, settings, rounds_done, record=False)
+        if ckpt is not None and rounds_done < cfg.rounds:
+            check_last_checkpoint(run_dir, rounds_done)
+    if rounds_done < cfg.rounds:
+        with refusal(EXIT_REFUSED, DataError):
+            loaded, datamodule = preflight(cfg)
+        with refusal(EXIT_REFUSED, OSError):
+            check_writable(run_dir.root, need_bytes=0)
+    if accepted is not None:
+        accepted()
+    if launching:
+        remove_leftovers(run_dir)
+        record_settings(run_dir, settings)
     if rounds_done >= cfg.rounds:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
         print_summary(done, run_dir, cfg.objective._target_)
         return done
-    if ckpt is not None:
-        check_last_checkpoint(run_dir, rounds_done)
-    loaded, datamodule = preflight(cfg)
-    check_writable(run_dir.root, need_bytes=0)
     L.seed_everything(cfg.seed, workers=True)
 
     # fp32 weights in the round's HF directory, plus a checkpoint with weights and optimizer state.
-    check_writable(run_dir.root, need_bytes=4 * 4 * sum(p.numel() for p in loaded.model.parameters()))
+    with refusal(EXIT_REFUSED, OSError):
+        check_writable(run_dir.root, need_bytes=4 * 4 * sum(p.numel() for p in loaded.model.parameters()))
     module = instantiate(cfg.module, policy=loaded.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
@@ -117,19 +185,38 @@ def run(cfg: DictConfig) -> dict:
         enable_checkpointing=False,  # RoundCheckpoint writes checkpoints/last.ckpt
     )
     for logger in loggers:
-        logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
+        logger.log_hyperparams(settings)
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except SIGTERMException:
+        saver = next((c for c in callbacks if isinstance(c, RoundCheckpoint)), None)
+        stopped = saver.stopped if saver is not None else None
+        if stopped is None:
+            raise Stopped(
+                "stopped by a signal before a checkpoint was saved; run the same command again"
+            ) from None
+        raise Stopped(
+            f"stopped by {stopped['signal']} after step {stopped['step']} (round "
+            f"{stopped['epoch'] // cfg.epochs_per_round}); its checkpoint is {run_dir.last_checkpoint}. "
+            "Run the same command again to resume from it."
+        ) from None
     except RuntimeError as err:
         if trainer.world_size > 1 and any(
             s in str(err) for s in ("Connection closed", "Connection reset", "timed out", "Timeout")
         ):
+            saved = last.exists()
+            resume = (
+                "The last checkpoint is intact: run the same command again to resume."
+                if saved
+                else "No checkpoint was written yet: run the same command again to start over "
+                "(the synthetic data already generated is reused)."
+            )
             raise RuntimeError(
                 f"process rank {trainer.global_rank} of {trainer.world_size}: another process of this run "
                 "stopped or stopped answering (see its train_ddp_process_<rank>.log in the run directory). "
-                f"The last checkpoint is intact: run the same command again to resume. ({err})"
+                f"{resume} ({err})"
             ) from err
         raise
 
@@ -177,13 +264,77 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
     print(f"run directory: {run_dir.root}")
 
 
+class HeldLog:
+    """Hydra's log file (train.log in the run directory) held back until the start is accepted:
+    a refused start writes no line into the log of the run that owns the directory."""
+
+    def __init__(self):
+        root = logging.getLogger()
+        self.swaps = []
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            memory = logging.handlers.MemoryHandler(10**6, flushLevel=logging.CRITICAL + 1, target=handler)
+            root.removeHandler(handler)
+            root.addHandler(memory)
+            self.swaps.append((memory, handler))
+
+    def accept(self) -> None:
+        root = logging.getLogger()
+        for memory, handler in self.swaps:
+            root.removeHandler(memory)
+            memory.flush()
+            root.addHandler(handler)
+        self.swaps = []
+
+    def drop(self) -> None:
+        root = logging.getLogger()
+        for memory, handler in self.swaps:
+            root.removeHandler(memory)
+            memory.buffer.clear()
+            root.addHandler(handler)
+        self.swaps = []
+
+
+def save_hydra_config(cfg: DictConfig, run_dir: RunDir) -> None:
+    """What Hydra writes to <run_dir>/.hydra/ before the task runs (conf/train.yaml turns that
+    off), written here once the start is accepted."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    out = run_dir.root / ".hydra"
+    write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    write_bytes(out / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}).encode())
+    write_bytes(out / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)).encode())
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    held = HeldLog()
+    run_dir = RunDir(cfg.run_dir)
+
+    def accepted() -> None:
+        held.accept()
+        if is_launching_rank():
+            save_hydra_config(cfg, run_dir)
+
     try:
-        run(cfg)
+        run(cfg, accepted)
+    except Stopped as stop:
+        if is_launching_rank():
+            print(stop.message, file=sys.stderr)
+        raise
+    except Exception as err:
+        status = getattr(err, "exit_status", None)
+        if status is None:
+            raise
+        held.drop()
+        release(run_dir, restore=True)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        print(f"refused: {err}", file=sys.stderr)
+        raise SystemExit(status) from None
     finally:
-        release(RunDir(cfg.run_dir))  # in a multirun, the next jobs run in this process
+        release(run_dir)  # in a multirun, the next jobs run in this process
 
 
 if __name__ == "__main__":

@@ -80,6 +80,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["synthetic.jsonl"]
 
 
+def test_a_checkpoint_write_failing_inside_torch_save_names_the_path(tmp_path, monkeypatch):
+    from spinlab import callbacks
+
+    target = tmp_path / "last.ckpt"
+    callbacks.AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    old = target.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(callbacks.torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"cannot write {target} \(\d+ bytes free there\): \[enforce fail"):
+        callbacks.AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert target.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+
+
 def test_no_secret_reaches_the_run_directory(tmp_path, monkeypatch):
     secrets = {
         "WANDB_API_KEY": "wandb-secret-7781",
@@ -171,4 +189,67 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path
         assert len(rows) == NUM_PROMPTS and len({x["prompt"] for x in rows}) == NUM_PROMPTS
     final = load_file(str(run_dir / "hf" / "round_001" / "model.safetensors"))
     assert final.keys() == load_file(str(uninterrupted / "hf" / "round_001" / "model.safetensors")).keys()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+# -- stop signals (preemption): the step is saved, the status says so, the rerun continues ---------
+
+EXIT_STOPPED = 75
+
+
+def stop_at(command: list[str], run_dir: Path, marker: str, occurrence: int, signum: int, **popen):
+    """Start training, send `signum` when the marker shows up for the n-th time; return the
+    process and its stderr (written to a file, so that a full pipe cannot stall it)."""
+    seen, lines = 0, []
+    err_path = run_dir.parent / f"{run_dir.name}.stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env(), **popen)
+        for line in proc.stdout:
+            lines.append(line)
+            seen += marker in line
+            if seen == occurrence:
+                proc.send_signal(signum)
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=300)
+    assert seen == occurrence, f"marker {marker!r} seen {seen} times:\n{''.join(lines[-20:])}"
+    return proc, "".join(lines), err_path.read_text()
+
+
+def metric_history(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, marker, occurrence",
+    [(signal.SIGTERM, "round 1 step", 2), (signal.SIGUSR1, "round 0 step", 1)],
+    ids=["SIGTERM mid-round-1", "SIGUSR1 mid-round-0"],
+)
+def test_a_stop_signal_saves_the_step_and_the_rerun_matches_an_uninterrupted_run(
+    uninterrupted, tmp_path, signum, marker, occurrence
+):
+    from tests.test_reliability import assert_same_history
+
+    run_dir = tmp_path / "run"
+    proc, _, err = stop_at(train_command(run_dir), run_dir, marker, occurrence, signum)
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    name = signal.Signals(signum).name
+    stop_lines = [line for line in err.splitlines() if line.startswith(f"stopped by {name} after step")]
+    assert len(stop_lines) == 1 and "Run the same command again to resume" in stop_lines[0], err[-2000:]
+    # The checkpoint holds the step the signal arrived in, inside the round, not the round's start.
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    self_play = next(v for k, v in state["callbacks"].items() if "SelfPlayCallback" in k)
+    step = int(stop_lines[0].split("after step ")[1].split()[0])
+    assert state["global_step"] == step and self_play["epoch_batches"] >= 1
+    summary = run_dir / "summary.json"
+    finished = json.loads(summary.read_text()) if summary.exists() else []
+    assert len(finished) == int(marker.split()[1])  # the round the signal arrived in is not finished
+    rerun = subprocess.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_run(uninterrupted, run_dir)  # synthetic data and round weights bit-identical
+    assert_same_history(metric_history(run_dir), metric_history(uninterrupted))  # every row once
     assert not list(run_dir.rglob("*.tmp"))

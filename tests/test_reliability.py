@@ -394,6 +394,55 @@ def test_checkpoint_problems_found_without_loading(tmp_path, finished):
     assert rundir.checkpoint_problem(sharded) == "its .metadata file is missing"
 
 
+def test_a_changed_byte_is_found_by_the_checksum_saved_with_the_checkpoint(tmp_path, finished):
+    import torch.distributed.checkpoint as dcp
+
+    from spinlab.callbacks import AtomicCheckpointIO
+
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "w": torch.arange(4000.0)}, ckpt)
+    first = rundir.sha256_file(ckpt)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.arange(4000.0)}, ckpt)
+    # The newest digest and the one before: a kill between the sidecar's rename and the file's
+    # leaves the previous file, which still matches.
+    assert json.loads(rundir.checksum_sidecar(ckpt).read_text()) == {
+        "sha256": [rundir.sha256_file(ckpt), first]
+    }
+    assert rundir.checkpoint_problem(ckpt) is None
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 1  # inside the tensor data: the zip index and the pickle stay whole
+    ckpt.write_bytes(bytes(data))
+    assert rundir.checkpoint_problem(ckpt) == (
+        "its content does not match the checksum saved with it (sha256): it changed after it was written"
+    )
+    assert rundir.checkpoint_problem(finished / "checkpoints" / "last.ckpt") is None  # a run's own
+
+    sharded = tmp_path / "sharded.ckpt"
+    dcp.save({"w": torch.arange(4000.0)}, checkpoint_id=str(sharded))
+    (sharded / "meta.pt").write_bytes(checkpoint_bytes())
+    files = [p for p in sharded.iterdir() if p.is_file()]
+    (sharded / rundir.CHECKSUMS).write_text(json.dumps({p.name: rundir.sha256_file(p) for p in files}))
+    assert rundir.checkpoint_problem(sharded) is None
+    (shard,) = sharded.glob("*.distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    assert rundir.checkpoint_problem(sharded) == (
+        f"{shard.name} does not match the checksum saved with it (sha256): it changed after it was written"
+    )
+
+
+def test_a_dangling_last_checkpoint_link_is_refused_not_ignored(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").symlink_to("epoch0000-step0000004-0123abcd.ckpt")
+    monkeypatch.setattr(train, "instantiate", no_model)
+    with pytest.raises(
+        RuntimeError, match="it is a link to epoch0000-step0000004-0123abcd.ckpt, which does not"
+    ):
+        train.run(compose_cfg(["debug=fast"], root))
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "sharded, no metadata"])
 def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkeypatch, damage):
     root = tmp_path / "run"

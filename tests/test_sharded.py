@@ -121,14 +121,14 @@ def test_saved_model_holds_full_trained_tensors(runs):
 def test_sharded_checkpoint_is_a_directory_behind_a_link(runs):
     tmp, _ = runs
     last = tmp / "sharded" / "checkpoints" / "last.ckpt"
-    assert last.is_symlink() and last.resolve().name == "epoch0001.ckpt"
+    assert last.is_symlink() and last.resolve().name.startswith("epoch0001-step0000008-")
     assert sorted(p.name for p in last.resolve().iterdir()) == [
         ".metadata",
         "__0_0.distcp",
         "__1_0.distcp",
         "meta.pt",
     ]
-    assert [p.name for p in last.parent.iterdir() if p.name.startswith("epoch")] == ["epoch0001.ckpt"]
+    assert [p for p in last.parent.iterdir() if p.name.startswith("epoch")] == [last.resolve()]
 
 
 def test_bf16_mixed_sharded_rounds_finish_and_load(tmp_path):
@@ -203,3 +203,51 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
     a, b = weights(tmp_path / "extended" / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "signum, marker, whole_group",
+    [(signal.SIGTERM, "round 1 step 5", True), (signal.SIGUSR1, "round 0 step 1", False)],
+    ids=["SIGTERM to every process", "SIGUSR1 to rank 0 alone"],
+)
+def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
+    runs, tmp_path, signum, marker, whole_group
+):
+    tmp, _ = runs
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *SHARDED)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            if whole_group:
+                os.killpg(proc.pid, signum)  # a preempted job: every rank at once
+            else:
+                proc.send_signal(signum)  # the others learn it at the step's end
+            break
+    try:
+        seen += proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(seen)
+    assert proc.returncode == 75, out[-3000:]
+    name = signal.Signals(signum).name
+    assert out.count(f"stopped by {name} after step") == 1, out[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = int(out.split(f"stopped by {name} after step ")[1].split()[0])
+    assert last.is_symlink() and f"-step{step:07d}-" in last.resolve().name
+    assert step % 4  # inside a round (4 steps each), not at its end
+    train(run_dir, *SHARDED)
+    for r in ("round_000", "round_001"):
+        assert (run_dir / "rounds" / r / "synthetic.jsonl").read_bytes() == (
+            tmp / "sharded" / "rounds" / r / "synthetic.jsonl"
+        ).read_bytes()
+        final, reference = weights(run_dir / "hf" / r), weights(tmp / "sharded" / "hf" / r)
+        assert final.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(final[key], reference[key]), (r, key)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == list(range(8))  # every step's row once
+    assert step_losses(run_dir) == step_losses(tmp / "sharded")

@@ -80,11 +80,13 @@ def test_redact_hides_secret_looking_keys():
         "logger": {"wandb": {"api_key": "x", "project": "p"}},
         "hub_token": "y",
         "items": [{"password": "z"}],
+        "generation": {"max_new_tokens": 24},
     }
     assert redact(cfg) == {
         "logger": {"wandb": {"api_key": "<redacted>", "project": "p"}},
         "hub_token": "<redacted>",
         "items": [{"password": "<redacted>"}],
+        "generation": {"max_new_tokens": 24},  # a setting, not a secret: compared at restart
     }
 
 

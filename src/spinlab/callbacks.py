@@ -12,20 +12,27 @@ being made again. Every process takes part in every step (see spinlab.rounds).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.rounds import Round, round_settings, save_policy
-from spinlab.rundir import RunDir, write_json
+from spinlab.rundir import CHECKSUMS, RunDir, record_checksum, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,8 @@ def _check_finite(pl_module) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints streamed to a temporary file in the same directory, fsynced, then
     renamed into place: a kill while saving leaves the previous checkpoint whole, and the
-    checkpoint is never held in memory a second time as bytes."""
+    checkpoint is never held in memory a second time as bytes. Its sha256, computed as it is
+    written, goes to `<name>.sha256` (rundir.checksum_sidecar), checked before a resume."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -49,55 +57,229 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _Hashing(f)
+                torch.save(checkpoint, writer)
                 f.flush()
                 os.fsync(f.fileno())
+            record_checksum(path, writer.digest.hexdigest())
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        except RuntimeError as err:  # torch.save's zip writer: a failed write (full disk), no path
+            tmp.unlink(missing_ok=True)
+            raise write_error(path, err) from err
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
 
+def write_error(path: Path, err: BaseException) -> OSError:
+    """A failed checkpoint write, naming the path and the space left (torch's own message does not)."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return OSError(errno.EIO, f"cannot write {path} ({free}): {err}")
+
+
+# -- stopping on a signal ---------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received: list[int] = []  # the stop signals this process got, in order
+
+
+def _on_signal(signum, frame) -> None:
+    if not _received:
+        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+    _received.append(signum)
+
+
+def stop_agreed(trainer: L.Trainer) -> bool:
+    """Whether any process of the run got a stop signal. Every process calls it at the same point
+    (one collective when there are several), so that all of them stop after the same step; from
+    then on `trainer.received_sigterm` is set, and Lightning's loops raise SIGTERMException after
+    the current step or at the epoch's end."""
+    if trainer.received_sigterm:
+        return True
+    local = bool(_received)
+    agreed = local if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(local, all=False)
+    if agreed:
+        trainer._signal_connector.received_sigterm = True
+    return agreed
+
+
+def received_signal() -> int | None:
+    return _received[0] if _received else None
+
+
+class _Hashing:
+    """A file, written through, with the sha256 of what was written."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class RoundCheckpoint(L.Callback):
-    """Saves `last.ckpt` at every epoch end, after SelfPlayCallback has prepared the next round.
+    """Saves `last.ckpt` at every epoch end, after SelfPlayCallback has prepared the next round, and
+    after the current step when a stop signal (SIGTERM, SIGUSR1) arrives.
 
     Place it after SelfPlayCallback. One file (AtomicCheckpointIO) for unsharded runs; for sharded
     ones (trainer=fsdp, fsdp_cpu) a distributed checkpoint, a directory in which every process
     writes its own shards, written under a new name and then swapped in by renaming a link, so a
     kill while saving leaves the previous checkpoint whole.
+
+    Signals: this callback replaces Lightning's SIGTERM handler, which lets each process stop on its
+    own (and, under Slurm with auto-requeue, saves a checkpoint from inside the handler, mid-step).
+    Here the handler only records the signal; at each optimizer step's end the processes agree on
+    stopping (`stop_agreed`), save the checkpoint of that step, and end with SIGTERMException. Under
+    Slurm with Lightning's SLURMEnvironment(auto_requeue=True) (the default when Lightning detects
+    Slurm), its requeue signal also saves and stops, and rank 0 then requeues the job.
     """
 
     def __init__(self, dirpath: str):
         self.path = Path(dirpath) / "last.ckpt"
+        self.saved_at_epoch_end = False
+        self.stopped: dict | None = None  # after a stop: the signal and the step saved
+        self._previous_handlers: dict = {}
+
+    # -- signals ----------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Lightning installs its own handlers after on_fit_start; ours take their place.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        _received.clear()
+        self.stopped = None
+        signals = set(STOP_SIGNALS)
+        env = trainer._accelerator_connector.cluster_environment
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+            signals.add(env.requeue_signal)
+        for signum in signals:
+            self._previous_handlers[signum] = signal.signal(signum, _on_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        last = loop.batch_progress.is_last_batch
+        # Stop only where the optimizer has stepped: accumulated gradients are not checkpointed.
+        if last or loop.batch_progress.current.processed % trainer.accumulate_grad_batches == 0:
+            stop_agreed(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.saved_at_epoch_end = False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        _check_finite(pl_module)
-        log.info("saving checkpoint %s (epoch %d)", self.path, trainer.current_epoch)
+        self.save(trainer, pl_module)
+        self.saved_at_epoch_end = True
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        try:
+            if isinstance(exception, SIGTERMException):
+                self.stop(trainer, pl_module)
+        finally:
+            self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
+
+    def stop(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.saved_at_epoch_end:
+            self.save(trainer, pl_module)
+        signum = received_signal() or signal.SIGTERM
+        self.stopped = {
+            "signal": signal.Signals(signum).name,
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+        }
+        env = trainer._accelerator_connector.cluster_environment
+        if (
+            isinstance(env, SLURMEnvironment)
+            and env.auto_requeue
+            and signum == env.requeue_signal
+            and trainer.is_global_zero
+        ):
+            requeue()
+
+    # -- saving -----------------------------------------------------------------------------
+    def save(self, trainer: L.Trainer, pl_module) -> None:
+        _check_finite(pl_module)  # a step with a non-finite loss or gradient is never saved
+        log.info(
+            "saving checkpoint %s (epoch %d, step %d)", self.path, trainer.current_epoch, trainer.global_step
+        )
         if getattr(pl_module, "sharded", False):
             self._save_sharded(trainer)
         else:
             trainer.save_checkpoint(self.path, weights_only=False)
-        log.info("checkpoint saved (epoch %d)", trainer.current_epoch)
+        log.info("checkpoint saved (epoch %d, step %d)", trainer.current_epoch, trainer.global_step)
 
     def _save_sharded(self, trainer: L.Trainer) -> None:
-        name = f"epoch{trainer.current_epoch:04d}.ckpt"
+        # A name no earlier save used, so that a save never writes into the directory that
+        # last.ckpt (or a link the user moved it to) still names.
+        name = trainer.strategy.broadcast(
+            f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}-{uuid.uuid4().hex[:8]}.ckpt"
+        )
         target = self.path.with_name(name)
-        trainer.save_checkpoint(target, weights_only=False)
+        try:
+            trainer.save_checkpoint(target, weights_only=False)
+        except (OSError, RuntimeError) as err:
+            raise write_error(target, err) from err
         trainer.strategy.barrier("sharded checkpoint")
+        sums = self._checksums(trainer, target)
         if trainer.is_global_zero:
-            previous = self.path.resolve() if self.path.is_symlink() else None
+            write_json(target / CHECKSUMS, sums)
             link = self.path.with_name(f".{self.path.name}.link.tmp")
             link.unlink(missing_ok=True)
             link.symlink_to(name)
             os.replace(link, self.path)  # atomic: last.ckpt names either the old or the new directory
-            if previous is not None and previous != target.resolve() and previous.exists():
-                import shutil
-
-                shutil.rmtree(previous)
+            remove_unlinked_checkpoints(self.path.parent)
         trainer.strategy.barrier("checkpoint link")
+
+    @staticmethod
+    def _checksums(trainer: L.Trainer, target: Path) -> dict:
+        """sha256 of every file of a sharded checkpoint, each process hashing its share of them."""
+        import torch.distributed as dist
+
+        files = sorted(p.name for p in target.iterdir() if p.is_file())
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = {n: sha256_file(target / n) for n in files[rank::world]}
+        if world == 1 or not dist.is_initialized():
+            return mine
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        return {k: v for share in shares for k, v in share.items()}
+
+
+def remove_unlinked_checkpoints(directory: Path) -> None:
+    """Delete the sharded checkpoint directories that no link in `directory` names: the ones
+    replaced by a newer save, or left half-written by a kill. A link moved aside by hand
+    (`last.ckpt.damaged`) keeps its directory."""
+    named = {p.resolve() for p in directory.iterdir() if p.is_symlink()}
+    for p in directory.iterdir():
+        if p.is_dir() and not p.is_symlink() and p.name.endswith(".ckpt") and p.resolve() not in named:
+            shutil.rmtree(p)
+
+
+def requeue() -> None:
+    """Put this Slurm job back in the queue, as Lightning's auto-requeue does."""
+    import subprocess
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("not requeued: SLURM_JOB_ID is not set")
+        return
+    result = subprocess.run(["scontrol", "requeue", job], check=False)
+    if result.returncode == 0:
+        log.info("requeued Slurm job %s", job)
+    else:
+        log.warning("requeueing Slurm job %s failed (scontrol exit status %d)", job, result.returncode)
 
 
 class SelfPlayCallback(L.Callback):
@@ -141,6 +323,7 @@ class SelfPlayCallback(L.Callback):
         self.evaluator = evaluator
         # Checkpointed state: where the run is, and each round once it has started.
         self.completed_epochs = 0
+        self.epoch_batches = 0  # batches of the current epoch trained (a checkpoint after a step)
         self.started: dict[int, Round] = {}
         self.summaries: dict[int, dict] = {}
         self._round_started = 0.0
@@ -149,12 +332,14 @@ class SelfPlayCallback(L.Callback):
     def state_dict(self) -> dict:
         return {
             "completed_epochs": self.completed_epochs,
+            "epoch_batches": self.epoch_batches,
             "rounds": {i: r.as_dict() for i, r in self.started.items()},
             "summaries": self.summaries,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.completed_epochs = state["completed_epochs"]
+        self.epoch_batches = state.get("epoch_batches", 0)
         self.started = {int(k): Round(**v) for k, v in state["rounds"].items()}
         self.summaries = {int(k): v for k, v in state["summaries"].items()}
 
@@ -180,15 +365,23 @@ class SelfPlayCallback(L.Callback):
         index = self.completed_epochs // self.epochs_per_round
         if index < self.rounds and self._current != index:
             self.start_round(trainer, pl_module, index)
+            # Resumed from a checkpoint saved after a step: the epoch goes on after that step.
+            trainer.datamodule.skip_batches = self.epoch_batches
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.epoch_batches += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         _check_finite(pl_module)  # before the round's policy is saved, evaluated or generates
         self.completed_epochs += 1
+        self.epoch_batches = 0
         if self.completed_epochs % self.epochs_per_round:
             return
         index = self.completed_epochs // self.epochs_per_round - 1
         self.finish_round(trainer, pl_module, index)
-        if index + 1 < self.rounds:
+        # After a stop signal the next round is not prepared: the checkpoint saved now holds the
+        # finished round, and the rerun prepares the next one as it would at any resume.
+        if index + 1 < self.rounds and not stop_agreed(trainer):
             self.start_round(trainer, pl_module, index + 1)
 
     # -- a round ----------------------------------------------------------------------------

@@ -86,16 +86,46 @@ def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
     return dict(sorted(typed.items()))
 
 
-# Settings a restart may change (dotted prefixes): where the run goes and what it reports. The
-# callbacks take the settings they act on from top-level keys by interpolation (`${lam}`), and
-# those are compared where they are set (and wherever else they are interpolated).
-RESTART_FREE = ("resume", "logger", "callbacks", "run_name", "run_dir", "name")
+# Settings a restart may change (dotted prefixes): where the run goes and what it reports. Every
+# other key is compared, the nodes the top-level keys reach by interpolation included
+# (`callbacks.self_play.lam` is `${lam}`), so that a setting changed through either path is refused.
+RESTART_FREE = (
+    "resume",
+    "logger",
+    "run_name",
+    "run_dir",
+    "name",
+    "callbacks.progress",  # the progress bar
+    "callbacks.self_play.generator",  # ${generation}, compared there (tests swap in crashing ones)
+    "callbacks.checkpoint.dirpath",  # ${run_dir}/checkpoints
+    "callbacks.self_play.run_dir",
+    "callbacks.self_play.num_samples",  # rows shown in the samples table
+)
+# The callbacks that drive the rounds; the others only observe.
+ROUND_CALLBACKS = ("self_play", "checkpoint")
+# Keys checked as `rounds` and `round_overrides` are, wherever they appear.
+ROUNDS_KEYS = ("rounds", "callbacks.self_play.rounds")
+OVERRIDES_KEYS = ("round_overrides", "callbacks.self_play.round_overrides")
 
 
 def _flat(node, prefix: str = "") -> dict:
     if isinstance(node, dict) and node:
         return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
+
+
+def _free(key: str, started: int) -> bool:
+    if key.startswith("callbacks.") and key.split(".")[1] not in ROUND_CALLBACKS:
+        return True  # an observer (progress bar, a callback of your own) may come and go
+    if key in ROUNDS_KEYS or any(key == p or key.startswith(p + ".") for p in RESTART_FREE):
+        return True
+    for prefix in OVERRIDES_KEYS:
+        if key == prefix:
+            return True  # `round_overrides` alone is an empty {} on one side; its entries are compared
+        if key.startswith(prefix + "."):
+            round_key = key[len(prefix) + 1 :].split(".")[0]
+            return round_key.isdigit() and int(round_key) >= started
+    return False
 
 
 def check_restart(before: dict, now: dict, finished: int, started: int) -> list[str]:
@@ -109,16 +139,11 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
     if now["rounds"] < finished:
         raise ValueError(f"rounds={now['rounds']}, but this run has already finished {finished} rounds")
     old, new = _flat(before), _flat(now)
-    warnings, refused = [], []
+    warnings, refused = [], {}
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        parts = key.split(".")
-        if a == b or key == "rounds" or any(key == p or key.startswith(p + ".") for p in RESTART_FREE):
-            continue
-        if parts[0] == "round_overrides" and (
-            len(parts) == 1 or (parts[1].isdigit() and int(parts[1]) >= started)
-        ):
-            continue  # `round_overrides` alone is an empty {} on one side; its entries are compared
+        if a == b or _free(key, started) or REDACTED in (a, b):
+            continue  # a redacted value cannot be compared (older runs redacted `max_new_tokens`)
         if key in ("trainer.devices", "trainer.num_nodes"):
             warnings.append(
                 f"{key} changed from {a} to {b} since the run was started: the global batch changes with the "
@@ -126,11 +151,33 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
                 "old count. Allowed, but not verified to match an unchanged run"
             )
             continue
-        refused.append(f"{key}: {a!r} when the run was started, {b!r} now")
-    if refused:
+        refused[key] = (a, b)
+
+    # A change set in one place shows again wherever it is interpolated (`lam` in `module.lam` and
+    # `callbacks.self_play.lam`, `generation.seed` in `callbacks.self_play.generator.seed`): name
+    # it once, where it was set.
+    def repeated(key: str) -> bool:
+        return any(
+            other != key
+            and refused[other] == refused[key]
+            and (
+                key.endswith("." + other)
+                or (
+                    key.startswith("callbacks.")
+                    and not other.startswith("callbacks.")
+                    and key.split(".")[-1] == other.split(".")[-1]
+                )
+            )
+            for other in refused
+        )
+
+    lines = [
+        f"{k}: {a!r} when the run was started, {b!r} now" for k, (a, b) in refused.items() if not repeated(k)
+    ]
+    if lines:
         raise ValueError(
             "this run directory holds a run started with other settings, which a restart cannot honour:\n  "
-            + "\n  ".join(refused)
+            + "\n  ".join(lines)
             + "\nRun with the settings it was started with, or start a new run (another run directory). "
             "A restart may change: rounds (not below the rounds finished), the round_overrides of rounds "
             f"not yet started (from round {started} on), trainer.devices, and {', '.join(RESTART_FREE)}."
@@ -142,25 +189,35 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
 
 def check_settings(run_dir: RunDir, now: dict, finished: int, record: bool) -> None:
     """Hold a restart to the settings its run directory was started with (`check_restart`), then
-    (`record`: on rank 0) store `now` as the run's settings in `run_config.yaml`.
+    (`record`) store `now` as the run's settings (`record_settings`).
 
     A directory where nothing was made yet (no checkpoint, round or summary) may start afresh.
     """
-    began = any(p.exists() for p in (run_dir.last_checkpoint, run_dir.summary, run_dir.root / "rounds"))
+    last = run_dir.last_checkpoint
+    began = last.is_symlink() or any(p.exists() for p in (last, run_dir.summary, run_dir.root / "rounds"))
     if began and run_dir.run_config.exists():
         before = OmegaConf.to_container(OmegaConf.load(run_dir.run_config))
         check_restart(before, now, finished, finished + (finished < before["rounds"]))
     if record:
-        write_bytes(run_dir.run_config, OmegaConf.to_yaml(now).encode())
+        record_settings(run_dir, now)
 
 
-SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
+def record_settings(run_dir: RunDir, now: dict) -> None:
+    """`now` as the run's settings in `run_config.yaml` (on rank 0, once the start is accepted)."""
+    write_bytes(run_dir.run_config, OmegaConf.to_yaml(now).encode())
+
+
+# `token` only at a key's end (`hub_token`): `max_new_tokens` is a setting, compared at restart.
+SECRET = re.compile(r"(api[_-]?key|token$|secret|password|credential)", re.IGNORECASE)
+
+
+REDACTED = "<redacted>"
 
 
 def redact(node):
     """The config without values under secret-looking keys, for dumps and loggers."""
     if isinstance(node, dict):
-        return {k: "<redacted>" if SECRET.search(str(k)) else redact(v) for k, v in node.items()}
+        return {k: REDACTED if SECRET.search(str(k)) else redact(v) for k, v in node.items()}
     if isinstance(node, list):
         return [redact(v) for v in node]
     return node

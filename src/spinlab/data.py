@@ -234,6 +234,21 @@ def batch_tokens(batch: dict) -> int:
     return int((batch["sequence_ids"] >= 0).sum())
 
 
+class Remaining:
+    """The indices of an epoch after its first `skip`: a run resumed from a checkpoint saved after
+    a step goes on with the next batch. Its length stays the whole epoch's, so that Lightning, which
+    counts the batches already done in the checkpoint, ends the epoch where an uninterrupted one ends."""
+
+    def __init__(self, indices: list[int], skip: int):
+        self.indices, self.skip = indices, skip
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices[self.skip :])
+
+
 class SelfPlayDataModule(L.LightningDataModule):
     """Rows of every split, validated and measured at start; this round's pairs; their batches.
 
@@ -290,6 +305,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.rows: dict[str, list[dict]] = {}
         self.skipped: dict[str, int] = {}
         self.before_train_loader = None
+        self.skip_batches = 0  # set on a resume after a step: the next train loader starts after them
         self.pairs: list[dict] = []
         self.encoded: list[dict] = []
 
@@ -346,10 +362,9 @@ class SelfPlayDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.load_split("train"):
             where = getattr(self.source, "paths", {}).get("train") or f"{type(self.source).__name__}[train]"
-            raise DataError(
-                f"{where}: the training split has no usable rows ({self.skipped['train']} bad rows "
-                "skipped, data.bad_rows=skip)"
-            )
+            skipped = self.skipped["train"]
+            why = f"{skipped} bad rows skipped, data.bad_rows=skip" if skipped else "it holds none"
+            raise DataError(f"{where}: the training split has no usable rows ({why})")
 
     def _lengths(self, row: dict) -> tuple[int, int]:
         """(prompt, prompt + real response + EOS) in tokens, the prompt with the chat template."""
@@ -590,6 +605,8 @@ class SelfPlayDataModule(L.LightningDataModule):
             order = torch.randperm(len(encoded), generator=generator).tolist()
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             sampler = global_batch_shard(order, self.batch_size, rank, world)
+            sampler = Remaining(sampler, self.skip_batches * self.batch_size)
+            self.skip_batches = 0
         else:
             sampler = SequentialSampler(encoded)
         return DataLoader(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -179,6 +180,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 # -- one job per run directory ----------------------------------------------------------------
 
 _held: dict[Path, int] = {}  # run directory -> file descriptor holding its lock, in this process
+_before: dict[Path, bytes] = {}  # run directory -> what its run.lock held before this process took it
 
 
 def is_launching_rank() -> bool:
@@ -211,8 +213,12 @@ def _alive(pid) -> bool:
     return True
 
 
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory."""
+
+
 def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RuntimeError:
-    return RuntimeError(
+    return RunDirInUse(
         f"{run_dir.root} is in use by another run ({_describe(holder)}){hint}; two processes on one "
         "run directory would overwrite each other's files. Wait for it to end or stop it, or choose "
         "another run directory."
@@ -253,6 +259,7 @@ def claim(run_dir: RunDir) -> None:
             os.close(fd)
             raise _in_use(run_dir, holder, "") from None
         log.warning("%s cannot be locked here (%s); a start on another host would not be stopped", path, err)
+    before = os.pread(fd, 1 << 16, 0)
     previous = _holder(path)
     if previous.get("pid") is not None:
         log.warning("taking over %s, left by a run that has ended (%s)", path, _describe(previous))
@@ -265,13 +272,19 @@ def claim(run_dir: RunDir) -> None:
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     os.fsync(fd)
     _held[root] = fd
+    _before[root] = before
 
 
-def release(run_dir: RunDir) -> None:
-    """Give the run directory up before this process ends (a sweep's next job runs in it)."""
-    fd = _held.pop(run_dir.root.resolve(), None)
+def release(run_dir: RunDir, restore: bool = False) -> None:
+    """Give the run directory up before this process ends (a sweep's next job runs in it).
+    restore: put back what `run.lock` held before the claim (a refused start changes nothing)."""
+    root = run_dir.root.resolve()
+    fd = _held.pop(root, None)
+    before = _before.pop(root, b"")
     if fd is not None:
         os.ftruncate(fd, 0)
+        if restore and before:
+            os.pwrite(fd, before, 0)
         os.close(fd)
 
 
@@ -307,6 +320,13 @@ def checkpoint_problem(path: Path) -> str | None:
     torch.distributed.checkpoint shards plus Lightning's `meta.pt`) needs its `.metadata`, every
     shard that names, as long as the byte ranges listed there, and a whole `meta.pt`.
     """
+    if path.is_symlink() and not path.exists():
+        return f"it is a link to {os.readlink(path)}, which does not exist (deleted or moved)"
+    problem = _structure_problem(path)
+    return problem if problem is not None else _checksum_problem(path)
+
+
+def _structure_problem(path: Path) -> str | None:
     if not path.is_dir():
         return _archive_problem(path)
     from torch.distributed.checkpoint import FileSystemReader
@@ -325,6 +345,53 @@ def checkpoint_problem(path: Path) -> str | None:
         return "its meta.pt (Lightning's loop and callback state) is missing"
     problem = _archive_problem(path / "meta.pt")
     return f"meta.pt: {problem}" if problem else None
+
+
+# -- checksums written with every checkpoint ---------------------------------------------------
+
+CHECKSUMS = "checksums.json"  # in a sharded checkpoint directory: sha256 of each of its files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_sidecar(path: Path) -> Path:
+    """The sha256 of a checkpoint file: `<name>.sha256`, a JSON list of the newest file's digest
+    and the one before, written before the file is renamed into place, so that the file on disk
+    matches one of them whenever a kill falls between the two renames."""
+    return path.with_name(path.name + ".sha256")
+
+
+def record_checksum(path: Path, digest: str) -> None:
+    sidecar = checksum_sidecar(path)
+    try:
+        before = json.loads(sidecar.read_text()).get("sha256", [])[:1]
+    except (OSError, ValueError, AttributeError):
+        before = []
+    write_json(sidecar, {"sha256": [digest, *before]})
+
+
+def _checksum_problem(path: Path) -> str | None:
+    changed = "does not match the checksum saved with it (sha256): it changed after it was written"
+    if path.is_dir():
+        listed = path / CHECKSUMS
+        if not listed.is_file():
+            return None  # saved by a version that wrote none
+        for name, digest in json.loads(listed.read_text()).items():
+            if sha256_file(path / name) != digest:
+                return f"{name} {changed}"
+        return None
+    sidecar = checksum_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    if sha256_file(path) not in json.loads(sidecar.read_text()).get("sha256", []):
+        return f"its content {changed}"
+    return None
 
 
 def _archive_problem(path: Path) -> str | None:
@@ -349,8 +416,9 @@ def check_last_checkpoint(run_dir: RunDir, finished_rounds: int) -> None:
     if problem is None:
         return
     redo = (
-        f"move it away (`mv {path} {path}.damaged`) and run the same command again: training starts "
-        "over from round 0 and reuses the synthetic data and opponent log-probs already on disk"
+        f"move it away (`mv {path} {path}.damaged`; a link keeps the directory it names) and run the "
+        "same command again: training starts over from round 0 and reuses the synthetic data and "
+        "opponent log-probs already on disk"
     )
     if finished_rounds:
         last = run_dir.hf(finished_rounds - 1)

@@ -1,0 +1,193 @@
+"""Refused starts: one message on the refused process's own stderr, a documented exit status, and
+nothing changed in the run directory; every setting that changes training is compared at restart,
+whichever config path sets it."""
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import train
+from spinlab.config import check_restart, redact
+from tests.conftest import ROOT, compose_cfg
+from tests.test_e2e import NUM_PROMPTS, run
+from tests.test_reliability import subprocess_env
+
+COMMAND = ["debug=fast", f"data.num_prompts={NUM_PROMPTS}"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished two-round run, with the record a command-line start leaves (.hydra/, train.log)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    run(tmp, "run")
+    root = tmp / "run"
+    (root / ".hydra").mkdir()
+    (root / ".hydra" / "config.yaml").write_text("lam: 0.1\nloss:\n  _target_: spinlab.losses.logistic\n")
+    (root / ".hydra" / "overrides.yaml").write_text("- debug=fast\n")
+    (root / "train.log").write_text("[spinlab][INFO] - round 1 done\n")
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def start(run_dir: Path, *overrides: str, **env) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "train.py"), *COMMAND, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**subprocess_env(), **env}, cwd=ROOT
+    )
+
+
+def test_a_changed_setting_is_refused_with_status_2_one_message_and_nothing_changed(finished, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(finished, root)
+    before = snapshot(root)
+    out = start(root, "rounds=3", "lam=0.5", "loss=hinge")
+    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.stderr.startswith("refused: this run directory holds a run started with other settings")
+    assert "lam: 0.1 when the run was started, 0.5 now" in out.stderr
+    assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
+    assert snapshot(root) == before  # no .hydra/ rewrite, no line in train.log, no run_config.yaml
+
+
+def test_hydra_full_error_keeps_the_traceback_of_a_refusal(finished, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(finished, root)
+    out = start(root, "callbacks.self_play.lam=0.5", HYDRA_FULL_ERROR="1")
+    assert out.returncode == train.EXIT_REFUSED
+    assert "Traceback (most recent call last)" in out.stderr
+    assert "callbacks.self_play.lam: 0.1 when the run was started, 0.5 now" in out.stderr
+
+
+def test_a_busy_run_directory_is_refused_with_status_3_and_nothing_changed(finished, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(finished, root)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from spinlab.rundir import RunDir, claim; "
+         "claim(RunDir(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(root)],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(root)
+        out = start(root, "rounds=3")
+        assert out.returncode == train.EXIT_BUSY, out.stderr[-3000:]
+        assert out.stderr.startswith(f"refused: {root} is in use by another run (host ")
+        assert f"PID {holder.pid}" in out.stderr and "Traceback" not in out.stderr
+        assert snapshot(root) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_accepted_start_writes_the_hydra_record_and_the_log(finished, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(finished, root)
+    out = start(root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert OmegaConf.load(root / ".hydra" / "config.yaml").lam == 0.1
+    assert "debug=fast" in OmegaConf.load(root / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(root / ".hydra" / "hydra.yaml").hydra.run.dir == str(root)
+    assert "all 2 rounds of" in (root / "train.log").read_text()
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path):
+    out = start(tmp_path / "run", "model=hf", f"model.name_or_path={tmp_path / 'no_such_model'}")
+    # Hydra's report of an error it did not expect either: exit status 1, its short traceback
+    # and the hint; the whole traceback with HYDRA_FULL_ERROR=1.
+    assert out.returncode == 1 and "refused:" not in out.stderr
+    assert "Error executing job" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
+    full = start(
+        tmp_path / "run", "model=hf", f"model.name_or_path={tmp_path / 'no_such_model'}", HYDRA_FULL_ERROR="1"
+    )
+    assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lam=nan", "lam must be > 0 and finite"),
+        ("lam=inf", "lam must be > 0 and finite"),
+        ("lam=-1", "lam must be > 0 and finite"),
+        ("warmup_ratio=1.5", r"warmup_ratio must be in \[0, 1\]"),
+        ("warmup_ratio=-0.1", r"warmup_ratio must be in \[0, 1\]"),
+        ("data.batch_size=0", "data.batch_size must be an int >= 1"),
+        ("data.num_prompts=0", "data.num_prompts must be an int >= 1"),
+    ],
+)
+def test_impossible_values_are_refused_at_start(override, message):
+    with pytest.raises(ValueError, match=message):
+        train.check_config(compose_cfg(["debug=fast", override]))
+
+
+# -- every setting that changes training is compared, whichever path sets it -------------------
+
+# Keys under these nodes that a restart may change: where files go, what is shown, and the keys
+# checked as `rounds` and `round_overrides` are.
+MAY_CHANGE = {
+    "callbacks.progress.refresh_rate",
+    "callbacks.progress._target_",
+    "callbacks.checkpoint.dirpath",
+    "callbacks.self_play.run_dir",
+    "callbacks.self_play.num_samples",
+    "callbacks.self_play.rounds",
+}
+
+
+def leaves(node, prefix=""):
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "_changed"
+    return 7  # None, {} or []
+
+
+def with_leaf(node: dict, key: str, value) -> dict:
+    node = OmegaConf.to_container(OmegaConf.create(node))
+    *path, last = key.split(".")
+    target = node
+    for part in path:
+        target = target[part]
+    target[last] = value
+    return node
+
+
+@pytest.mark.parametrize("group", ["callbacks", "module", "objective", "generation", "data"])
+def test_every_node_of_a_group_is_compared_at_restart(group):
+    before = redact(OmegaConf.to_container(compose_cfg(["debug=fast"], Path("/run")), resolve=True))
+    keys = [k for k, _ in leaves(before[group], f"{group}.")]
+    assert len(keys) >= 3
+    for key, value in leaves(before[group], f"{group}."):
+        now = with_leaf(before, key, changed(value))
+        if key in MAY_CHANGE or key.startswith(
+            ("callbacks.self_play.round_overrides", "callbacks.self_play.generator")
+        ):
+            check_restart(before, now, finished=1, started=2)
+            continue
+        with pytest.raises(ValueError, match=rf"\n  {key}: "):
+            check_restart(before, now, finished=1, started=2)
+
+
+def test_a_top_level_change_is_named_once_where_it_was_set():
+    before = redact(OmegaConf.to_container(compose_cfg(["debug=fast"], Path("/run")), resolve=True))
+    now = redact(OmegaConf.to_container(compose_cfg(["debug=fast", "lam=0.5"], Path("/run")), resolve=True))
+    with pytest.raises(ValueError) as err:
+        check_restart(before, now, finished=1, started=2)
+    assert "\n  lam: 0.1 when the run was started, 0.5 now" in str(err.value)
+    assert "callbacks.self_play.lam" not in str(err.value)
