@@ -172,7 +172,12 @@ class RoundCheckpoint(L.Callback):
         loop = trainer.fit_loop.epoch_loop
         last = loop.batch_progress.is_last_batch
         # Stop only where the optimizer has stepped: accumulated gradients are not checkpointed.
-        if last or loop.batch_progress.current.processed % trainer.accumulate_grad_batches == 0:
+        # Several processes agree through a collective, which waits for the device: once per
+        # logging window, as the module reads its metrics, not after every step.
+        every = trainer.accumulate_grad_batches * (
+            1 if trainer.world_size == 1 else trainer.log_every_n_steps
+        )
+        if last or loop.batch_progress.current.processed % every == 0:
             stop_agreed(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
