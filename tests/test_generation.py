@@ -139,7 +139,11 @@ def test_bad_settings_fail_at_construction():
         ContinuousBatchingGenerator(max_memory_percent=60)
 
 
-@pytest.mark.parametrize("backend", sorted(p.stem for p in (CONF / "generation").glob("*.yaml")))
+# generation=vllm needs its own interpreter and a model whose heads vLLM's CPU build takes:
+# tests/test_vllm.py composes, instantiates and generates with it.
+@pytest.mark.parametrize(
+    "backend", sorted(p.stem for p in (CONF / "generation").glob("*.yaml") if p.stem != "vllm")
+)
 def test_every_generation_config_composes_and_generates(backend):
     cfg = compose_cfg([f"generation={backend}", "seed=7", "generation.max_new_tokens=5"])
     gen = instantiate(cfg.generation)
