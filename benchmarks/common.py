@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Random-init Llama shapes, written out so that no hub access is needed.
 SHAPES: dict[str, dict] = {
-    # CPU shape of anchors.md: hidden 256, 4 layers, SmolLM2's 49,152-token vocabulary and
+    # The CPU shape: hidden 256, 4 layers, SmolLM2's 49,152-token vocabulary and
     # head size 64 with grouped-query attention, tied embeddings: 15.7M parameters.
     "cpu-small": dict(
         vocab_size=49152,

@@ -321,7 +321,7 @@ def run_peer(args) -> dict:
 def make_dataset(datasets, rows: dict):
     try:
         return datasets.Dataset.from_dict(rows)
-    except Exception:  # pyarrow/dill trouble on some machines (anchors.md): go through a file
+    except Exception:  # pyarrow/dill trouble on some machines: go through a file
         import json
 
         path = Path(tempfile.mkdtemp(prefix="trl-bench-data-")) / "pairs.jsonl"

@@ -159,3 +159,49 @@ def test_empty_directory_is_a_clear_error(tmp_path, capsys):
     assert f"no run directories (a summary.json next to .hydra/config.yaml) under {tmp_path}" in (
         capsys.readouterr().err
     )
+
+
+# A core install: finding matplotlib or pandas fails as it does when they are not installed.
+BLOCK_ANALYSIS = (
+    "import sys\n"
+    "class NoAnalysis:\n"
+    "    def __init__(self, finder):\n"
+    "        self.finder = finder\n"
+    "    def __getattr__(self, name):\n"
+    "        return getattr(self.finder, name)\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('matplotlib', 'pandas'):\n"
+    "            return None\n"
+    "        return self.finder.find_spec(name, path, target)\n"
+    "    def find_distributions(self, *args, **kwargs):\n"
+    "        found = getattr(self.finder, 'find_distributions', lambda *a, **k: [])(*args, **kwargs)\n"
+    "        return [d for d in found if d.metadata['Name'].lower() not in ('matplotlib', 'pandas')]\n"
+    "sys.meta_path[:] = [NoAnalysis(f) for f in sys.meta_path]\n"
+)
+
+
+def test_a_core_install_trains_and_the_report_names_the_extra(tmp_path):
+    """Without the analysis extra (matplotlib, pandas blocked) a run trains; a report says what to install."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}  # this checkout's spinlab
+    run = (
+        BLOCK_ANALYSIS
+        + "import runpy; sys.argv = ['train.py', 'debug=fast', 'data.num_prompts=8', 'rounds=1', "
+        f"'hydra.run.dir={tmp_path / 'run'}']; runpy.run_path('train.py', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", run], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+    report_code = BLOCK_ANALYSIS + f"from spinlab import report; report.write_report({str(tmp_path)!r})"
+    done = subprocess.run(
+        [sys.executable, "-c", report_code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert 'pip install -e ".[analysis]"' in done.stderr

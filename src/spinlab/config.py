@@ -259,7 +259,7 @@ def check_targets(cfg) -> None:
     Runs on the composed config before anything is instantiated, so `+data.batch_sise=3` fails at
     start instead of after the model has loaded.
     """
-    from hydra._internal.utils import _locate
+    from hydra.utils import get_object
 
     def walk(node, path: str) -> None:
         if isinstance(node, list):
@@ -271,7 +271,7 @@ def check_targets(cfg) -> None:
         target = node.get("_target_")
         if isinstance(target, str):
             try:
-                params = accepted_keys(_locate(target))
+                params = accepted_keys(get_object(target))
             except (ImportError, ValueError, TypeError):
                 params = None  # not importable or no signature: instantiate reports it
             if params is not None:

@@ -1,7 +1,7 @@
 """Sequence log-probabilities of responses under a causal language model (torch only).
 
 log p(y|x) is the sum of the response tokens' log-probs: prompt and padding are masked,
-the closing EOS token is counted (design.md §1). The SPIN margin compares sums, not means,
+the closing EOS token is counted, since the model must learn where a response ends. The SPIN margin compares sums, not means,
 so a per-token average here would change the objective.
 """
 

@@ -15,12 +15,13 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,17 @@ DEFAULT_METRICS = ("loss", "margin", "accuracy")
 EVAL_PREFIXES = ("eval/", "val/", "bench/")
 # Overrides that name the cell or the seed, or only say where the run goes: not part of the variant.
 NOT_VARIANT = {"loss", "lam", "seed", "resume", "name", "run_dir", "run_name"}
+
+
+def _pandas():
+    """pandas, imported when a report is made: a core install (no `analysis` extra) still trains."""
+    try:
+        import pandas
+    except ImportError as err:
+        raise ImportError(
+            f'a sweep report needs pandas and matplotlib: pip install -e ".[analysis]" ({err})'
+        ) from err
+    return pandas
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -91,7 +103,7 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
             rows.append({**ident, "round": int(values.pop("round")), **values})
     if not rows:
         raise ValueError(f"the {len(runs)} run directories under {sweep_dir} have no finished round yet")
-    return pd.DataFrame(rows)
+    return _pandas().DataFrame(rows)
 
 
 def metric_names(df: pd.DataFrame) -> list[str]:
@@ -156,6 +168,8 @@ def plot_metric(table: pd.DataFrame, metric: str, ax) -> None:
     ax.set_title(f"{metric}: mean ± std over seeds")
     ax.set_xlabel("round (-1: the start model)" if (table["round"] < 0).any() else "round")
     ax.set_ylabel(metric)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -169,6 +183,13 @@ def write_report(
     sweep_dir: str | Path, out: str | Path | None = None, metrics: Sequence[str] | None = None
 ) -> Path:
     """report.md (table + plots), report.csv (the table at full precision) and one PNG per metric."""
+    _pandas()
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            f'a sweep report needs pandas and matplotlib: pip install -e ".[analysis]" ({err})'
+        ) from err
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out is not None else sweep_dir
     df = collect(sweep_dir)
@@ -235,7 +256,11 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             path = write_report(sweep_dir)
-        except (FileNotFoundError, ValueError) as err:  # e.g. every run of the sweep failed
+        except (
+            FileNotFoundError,
+            ValueError,
+            ImportError,
+        ) as err:  # e.g. every run failed, or no analysis extra
             log.warning("no sweep report for %s: %s", sweep_dir, err)
             return
         log.info("sweep report: %s", path)
