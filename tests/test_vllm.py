@@ -359,3 +359,16 @@ def test_the_vllm_config_composes_and_instantiates():
     assert gen.vllm_origin.endswith("vllm/__init__.py")
     assert gen.engine_kwargs["gpu_memory_utilization"] == 0.5 and gen.engine_kwargs["skip_tokenizer_init"]
     assert gen.dtype is None and gen.max_model_len is None  # the policy's dtype; measured per phase
+
+
+@pytest.mark.slow
+def test_a_model_vllm_cannot_run_is_named_with_generation_hf_as_the_way_out(tmp_path):
+    # Heads of 16 (model=tiny's default): vLLM's CPU attention takes 32 and up.
+    loaded = eos_model()
+    assert loaded.model.config.head_dim < 32
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    prompts = encode(loaded.tokenizer, PROMPTS)
+    with cpu_permitting(), pytest.raises(RuntimeError) as err:
+        collect(engine(batch_size=4, max_new_tokens=4), loaded, prompts, weights=tmp_path)
+    assert "generation=hf" in str(err.value)
