@@ -172,6 +172,8 @@ def count_new(tokens: list[int], eos: int) -> int:
 def run_plain(args) -> dict:
     import torch
 
+    from spinlab.generation import left_pad
+
     model, tokenizer, prompts = load(args)
     result = {
         "side": "transformers generate (dynamic cache)",
@@ -182,11 +184,7 @@ def run_plain(args) -> dict:
     @torch.no_grad()
     def generate(batch: list[list[int]], seed: int) -> int:
         width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(batch, width, pad)
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=input_ids.to(args.device),
@@ -271,6 +269,8 @@ def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: 
     """
     import torch
 
+    from spinlab.generation import left_pad
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     greedy = generator.greedy()
     if greedy.batch_size == "auto":
@@ -284,11 +284,7 @@ def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: 
     with torch.no_grad():
         greedy._run(model, prompts, greedy.batches(prompts), keep, config, 0, False, 0)
         width = max(map(len, prompts))
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(prompts, width, pad)
         device = next(model.parameters()).device
         out = model.generate(
             input_ids=input_ids.to(device),

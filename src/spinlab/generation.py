@@ -38,6 +38,17 @@ Rows = list[dict]
 log = logging.getLogger(__name__)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, width] token ids and attention mask with each prompt at the right end (decoding
+    appends on the right, so every row's next token lands in the same column)."""
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 class Generator:
     """Sampling settings, the batch plan and the bookkeeping every backend shares.
 
@@ -212,12 +223,7 @@ class HFGenerator(Generator):
         for batch, keep in calls:
             width = max(len(prompt_ids[i]) for i in batch)
             width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-            input_ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):
-                ids = prompt_ids[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids) :] = 1
+            input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], width, config.pad_token_id)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(hash((self.seed, round_index, batch[0])) % 2**63)
                 out = model.generate(
@@ -561,11 +567,7 @@ class _StaticDecoder:
         else:
             self.cache.reset()
         device = self.device
-        input_ids = torch.full((rows, width), self.pad, dtype=torch.long)
-        mask = torch.zeros(rows, width, dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
+        input_ids, mask = left_pad(prompts, width, self.pad)
         input_ids, mask = input_ids.to(device), mask.to(device)
         self.attend.zero_()
         self.attend[:, :width] = mask.bool()
