@@ -225,13 +225,15 @@ def global_batch_shard(order: list[int], batch_size: int, rank: int, world: int)
     ]
 
 
-def batch_tokens(batch: dict) -> int:
-    """Tokens of a collated batch that are not padding (padded or packed rows)."""
+def batch_tokens(batch: dict, wait: bool = True) -> int | torch.Tensor:
+    """Tokens of a collated batch that are not padding (padded or packed rows): collate's count
+    when it made one, else counted from the batch's tensors. wait=False leaves such a count as a
+    tensor, so that nothing waits for the device that holds it."""
     if "tokens" in batch:
         return int(batch["tokens"])
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int((batch["sequence_ids"] >= 0).sum())
+    mask = batch["attention_mask"] if "attention_mask" in batch else batch["sequence_ids"] >= 0
+    count = mask.sum()
+    return int(count) if wait else count
 
 
 class Remaining:

@@ -121,16 +121,6 @@ def apply_liger_kernels(model: nn.Module) -> None:
     )
 
 
-def _host_tokens(batch: dict) -> int | torch.Tensor:
-    """The batch's count of non-padding tokens: collate's number on the host, else counted on the
-    device (a tensor, so that nothing waits for it)."""
-    if "tokens" in batch:
-        return batch["tokens"]
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
-    return (batch["sequence_ids"] >= 0).sum()
-
-
 class ResponseScorer(nn.Module):
     """Summed response log-prob of every sequence of a collated batch (padded [rows, T] or packed).
 
@@ -495,7 +485,7 @@ class PolicyModule(L.LightningModule):
         }
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        tokens = batch_tokens(batch) if self.sync_every_step else _host_tokens(batch)
+        tokens = batch_tokens(batch, wait=self.sync_every_step)
         if self.sync_every_step:
             seconds = time.perf_counter() - self._batch_started
             self.tokens.update(float(tokens))
