@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -188,6 +189,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         logger.log_hyperparams(settings)
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
+    explain_child_deaths(trainer, last)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     except SIGTERMException:
@@ -206,24 +208,42 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         if trainer.world_size > 1 and any(
             s in str(err) for s in ("Connection closed", "Connection reset", "timed out", "Timeout")
         ):
-            saved = last.exists()
-            resume = (
-                "The last checkpoint is intact: run the same command again to resume."
-                if saved
-                else "No checkpoint was written yet: run the same command again to start over "
-                "(the synthetic data already generated is reused)."
-            )
-            raise RuntimeError(
-                f"process rank {trainer.global_rank} of {trainer.world_size}: another process of this run "
-                "stopped or stopped answering (see its train_ddp_process_<rank>.log in the run directory). "
-                f"{resume} ({err})"
-            ) from err
+            raise RuntimeError(peer_stopped(trainer, last, str(err))) from err
         raise
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:
         print_summary(summary, run_dir, cfg.objective._target_)
     return summary
+
+
+def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
+    resume = (
+        "The last checkpoint is intact: run the same command again to resume."
+        if last.exists()
+        else "No checkpoint was written yet: run the same command again to start over "
+        "(the synthetic data already generated is reused)."
+    )
+    return (
+        f"process rank {trainer.global_rank} of {trainer.world_size}: another process of this run "
+        "stopped or stopped answering (see its train_ddp_process_<rank>.log in the run directory). "
+        f"{resume} ({detail})"
+    )
+
+
+def explain_child_deaths(trainer: L.Trainer, last: Path) -> None:
+    """Lightning's launcher watches the processes it started and, when one dies, SIGKILLs every
+    process of the run, often before a collective in flight on rank 0 can fail and be explained.
+    Its log record is the last moment rank 0 runs, so the explanation is printed from there."""
+
+    def explain(record: logging.LogRecord) -> bool:
+        if "terminated with code" in record.getMessage():
+            print(peer_stopped(trainer, last, record.getMessage()), file=sys.stderr, flush=True)
+        return True
+
+    observer = logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script")
+    observer.setLevel(logging.INFO)
+    observer.addFilter(explain)
 
 
 def finished_rounds(run_dir: RunDir) -> dict:

@@ -519,3 +519,22 @@ def test_a_start_that_made_nothing_may_change_its_settings(tmp_path):
     (root / "rounds").mkdir()  # now something was made with lam=0.5
     with pytest.raises(ValueError, match="lam: 0.5 when the run was started, 0.1 now"):
         check_settings(rundir.RunDir(root), settings(first), finished=0, record=True)
+
+
+def test_a_dead_child_process_is_explained_before_lightning_kills_rank_0(tmp_path, capsys):
+    """Lightning's launcher SIGKILLs the whole run within 5 s of a child's death, often before
+    rank 0's collective fails: its log record is where rank 0 says what happened and what to do."""
+    from types import SimpleNamespace
+
+    observer = logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script")
+    filters = list(observer.filters)
+    try:
+        train.explain_child_deaths(SimpleNamespace(global_rank=0, world_size=2), tmp_path / "last.ckpt")
+        observer.info("[rank: 1] Child process with PID 4242 terminated with code -9. Forcefully ...")
+        observer.info("an unrelated record")
+    finally:
+        observer.filters[:] = filters
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("process rank 0 of 2: another process of this run stopped")
+    assert "No checkpoint was written yet" in err[0] and "PID 4242 terminated with code -9" in err[0]
