@@ -40,9 +40,9 @@ $(VLLM_VENV)/.installed:
 test: setup $(VLLM_VENV)/.installed
 	SPINLAB_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
+# The pre-commit hooks (ruff check, ruff format, nbstripout) in their own pinned environments.
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 format: setup
 	$(VENV)/bin/ruff format .
