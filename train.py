@@ -189,7 +189,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         logger.log_hyperparams(settings)
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
-    explain_child_deaths(trainer, last)
+    explaining = explain_child_deaths(trainer, last)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     except SIGTERMException:
@@ -210,6 +210,8 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         ):
             raise RuntimeError(peer_stopped(trainer, last, str(err))) from err
         raise
+    finally:
+        logging.getLogger(LAUNCHER_LOG).removeFilter(explaining)
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:
@@ -231,7 +233,10 @@ def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
     )
 
 
-def explain_child_deaths(trainer: L.Trainer, last: Path) -> None:
+LAUNCHER_LOG = "lightning.fabric.strategies.launchers.subprocess_script"
+
+
+def explain_child_deaths(trainer: L.Trainer, last: Path):
     """Lightning's launcher watches the processes it started and, when one dies, SIGKILLs every
     process of the run, often before a collective in flight on rank 0 can fail and be explained.
     Its log record is the last moment rank 0 runs, so the explanation is printed from there."""
@@ -241,9 +246,10 @@ def explain_child_deaths(trainer: L.Trainer, last: Path) -> None:
             print(peer_stopped(trainer, last, record.getMessage()), file=sys.stderr, flush=True)
         return True
 
-    observer = logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script")
+    observer = logging.getLogger(LAUNCHER_LOG)
     observer.setLevel(logging.INFO)
     observer.addFilter(explain)
+    return explain  # removed again once the fit ends
 
 
 def finished_rounds(run_dir: RunDir) -> dict:
