@@ -105,3 +105,37 @@ class RecordPairs(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         RecordPairs.seen[pl_module.round_index] = list(trainer.datamodule.pairs)
+
+
+def sequence_tokens(tokenizer, prompt: str, response: str) -> int:
+    """Tokens of prompt (chat template) + response + EOS, counted here with the tokenizer."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(prompt_ids) + len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
+
+
+def first_batch(cfg, epoch: int) -> list[int]:
+    """The row indices of an epoch's first training batch in one process: the data module's
+    documented shuffle, a permutation seeded by the data seed and the epoch."""
+    import torch
+
+    generator = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)
+    return torch.randperm(cfg.data.num_prompts, generator=generator).tolist()[: cfg.data.batch_size]
+
+
+def step_losses(root) -> dict[int, list[float]]:
+    """The per-step `train/loss` rows of a run's csv/metrics.csv, by round, in step order."""
+    import csv
+
+    with open(root / "csv" / "metrics.csv") as f:
+        steps = sorted(
+            (int(r["step"]), int(float(r["round"])), float(r["train/loss"]))
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
+        )
+    out: dict[int, list[float]] = {}
+    for _, index, loss in steps:
+        out.setdefault(index, []).append(loss)
+    return out

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,11 +104,20 @@ def test_impossible_lengths_rejected():
 
 
 def test_shuffle_is_seeded_per_epoch(tokenizer):
-    dm = SelfPlayDataModule(source=None, tokenizer=tokenizer, batch_size=1, seed=3)
-    dm.set_pairs([{"prompt": str(i), "real": "r", "synthetic": "s"} for i in range(20)])
-    first = [int(b["index"]) for b in dm.train_dataloader()]
-    again = [int(b["index"]) for b in dm.train_dataloader()]
-    assert first == again and sorted(first) == list(range(20)) and first != list(range(20))
+    def epoch_order(seed: int, epoch: int) -> list[int]:
+        # A new data module each time: nothing carries over from an earlier loader.
+        dm = SelfPlayDataModule(source=None, tokenizer=tokenizer, batch_size=1, seed=seed)
+        dm.trainer = SimpleNamespace(current_epoch=epoch, global_rank=0, world_size=1)
+        dm.set_pairs([{"prompt": str(i), "real": "r", "synthetic": "s"} for i in range(20)])
+        return [int(b["index"]) for b in dm.train_dataloader()]
+
+    first = epoch_order(seed=3, epoch=0)
+    assert sorted(first) == list(range(20)) and first != list(range(20))
+    # A resumed run rebuilds the loader: the same seed and epoch give the same order ...
+    assert epoch_order(seed=3, epoch=0) == first
+    # ... and each epoch, and each seed, has its own.
+    assert epoch_order(seed=3, epoch=1) != first
+    assert epoch_order(seed=4, epoch=0) != first
 
 
 def test_global_batches_are_split_across_processes():

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -151,9 +153,18 @@ def test_every_generation_config_composes_and_generates(backend):
     assert gen.seed == 7 and gen.do_sample and gen.temperature == 1.0 and gen.top_k == 0
     loaded = tiny_model(seed=0)
     out = []
+    started = time.perf_counter()
     stats = gen.generate(loaded.model, loaded.tokenizer, encoded(loaded.tokenizer), out.extend)
+    elapsed = time.perf_counter() - started
     assert sorted(r["index"] for r in out) == list(range(len(PROMPTS)))
-    assert stats["backend"] == backend and stats["new_tokens"] > 0 and stats["tokens_per_s"] > 0
+    assert stats["backend"] == backend and stats["responses"] == len(PROMPTS)
+    # A response cut at max_new_tokens has all 5 tokens; a finished one fewer, plus its EOS.
+    for r in out:
+        assert r["tokens"] + r["finished"] <= 5 and (r["finished"] or r["tokens"] == 5), r
+    assert stats["new_tokens"] == sum(r["tokens"] + r["finished"] for r in out)
+    assert stats["truncated"] == sum(not r["finished"] for r in out)
+    assert 0 < stats["seconds"] <= elapsed
+    assert stats["tokens_per_s"] == pytest.approx(stats["new_tokens"] / stats["seconds"], rel=1e-9)
 
 
 def test_a_mistyped_generation_key_fails_at_instantiation():

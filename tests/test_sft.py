@@ -15,6 +15,7 @@ from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
 from spinlab.module import SFTModule, SPINModule
 from tests.conftest import compose_cfg
+from tests.helpers import first_batch, response_logp, sequence_tokens, step_losses
 
 PAIRS = [
     {"prompt": "2 + 3?", "real": "2 + 3 = 5. The answer is 5."},
@@ -99,8 +100,26 @@ def test_sft_rounds_train_on_real_responses_and_generate_nothing(sft_run):
         assert (root / "hf" / f"round_{r:03d}" / "model.safetensors").exists()
         s = summary[r]
         assert s["pairs"] == cfg.data.num_prompts and s["skipped_batches"] == 0
-        assert "margin" not in s and s["loss"] > 0 and s["logp_real"] < 0
-        assert s["train_tokens"] > 0 and "eval/heldout_logp_real" in s and "eval/task_accuracy" in s
+        assert "margin" not in s and s["logp_real"] < 0
+        assert "eval/heldout_logp_real" in s and "eval/task_accuracy" in s
+    # Each round trains once on every prompt with its real response: prompt + response + EOS.
+    loaded = tiny_model(seed=cfg.seed)
+    tok = loaded.tokenizer
+    dm = instantiate(cfg.data, tokenizer=tok, max_positions=loaded.max_positions)
+    rows = dm.load_split("train")
+    assert len(rows) == cfg.data.num_prompts
+    tokens = sum(sequence_tokens(tok, row["prompt"], row["response"]) for row in rows)
+    assert summary[0]["train_tokens"] == summary[1]["train_tokens"] == tokens
+    # A round's loss is the mean of its steps' losses (equal batches, one scalar loss per step).
+    losses = step_losses(root)
+    for r in (0, 1):
+        assert summary[r]["loss"] == pytest.approx(sum(losses[r]) / len(losses[r]), rel=1e-6)
+    # Round 0's first step is the initial model on the epoch's first batch: the token-mean NLL
+    # of the batch's real responses (and EOS), from the logits in the test.
+    batch = [rows[i] for i in first_batch(cfg, epoch=0)]
+    nll = -sum(response_logp(loaded.model, tok, row["prompt"], row["response"]) for row in batch)
+    count = sum(len(tok(row["response"], add_special_tokens=False)["input_ids"]) + 1 for row in batch)
+    assert losses[0][0] == pytest.approx(nll / count, rel=1e-5)
     assert summary[1]["loss"] < summary[0]["loss"]  # it learns
     first = load_file(str(root / "hf" / "round_000" / "model.safetensors"))
     second = load_file(str(root / "hf" / "round_001" / "model.safetensors"))
@@ -118,7 +137,9 @@ def test_sft_and_spin_rounds_see_the_same_tokens_of_real_data(sft_run, tmp_path)
         json.loads(x) for x in (tmp_path / "spin/rounds/round_000/synthetic.jsonl").read_text().splitlines()
     ]
     assert len(synthetic) == cfg.data.num_prompts
-    assert spin_summary[0]["train_tokens"] > sft_summary[0]["train_tokens"]
+    tok = tiny_model(seed=cfg.seed).tokenizer
+    extra = sum(sequence_tokens(tok, row["prompt"], row["synthetic"]) for row in synthetic)
+    assert spin_summary[0]["train_tokens"] == sft_summary[0]["train_tokens"] + extra
 
 
 def test_resumed_sft_run_changes_nothing(sft_run):

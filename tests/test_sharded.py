@@ -137,7 +137,17 @@ def test_bf16_mixed_sharded_rounds_finish_and_load(tmp_path):
     losses = step_losses(tmp_path / "bf16")
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "hf" / "round_001")
-    assert next(model.parameters()).dtype == torch.float32  # fp32 master weights are what is saved
+    loaded = dict(model.named_parameters())
+    initial = dict(tiny_model(seed=0).model.named_parameters())
+    assert loaded.keys() == initial.keys()
+    for name, tensor in loaded.items():
+        assert tensor.dtype == torch.float32, name  # fp32 master weights are what is saved
+        assert tensor.shape == initial[name].shape, name  # whole tensors, not one process's shard
+        assert torch.isfinite(tensor).all(), name
+        assert not torch.equal(tensor, initial[name]), name  # every tensor trained
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize(

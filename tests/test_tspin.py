@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 import train
 from spinlab import losses
 from spinlab.data import SelfPlayDataModule
-from spinlab.models import tiny_model
+from spinlab.models import pretrained, tiny_model
 from spinlab.module import SFTModule, SPINModule
 from spinlab.objectives import SFT, SPIN, TSPIN
 from spinlab.rounds import RealPairs, Round, SyntheticPairs, TripletPairs
 from spinlab.rundir import RunDir
 from tests.conftest import CONF, compose_cfg
-from tests.helpers import Crash, RecordPairs, response_logp
+from tests.helpers import Crash, RecordPairs, first_batch, response_logp, step_losses
 
 NUM_PROMPTS = 16
 TRIPLETS = [
@@ -168,14 +168,39 @@ def test_two_tspin_rounds_train_on_the_same_proto_responses(tspin_run):
     # Nothing is cached: T-SPIN uses no opponent log-probs.
     assert not list(root.rglob("opponent_logps.pt"))
     assert sorted(summary) == [0, 1]
-    for s in summary.values():
-        assert math.isfinite(s["loss"]) and s["loss"] > 0
     # Round 0: synthetic and proto are the same responses, so the historical margin is exactly 0.
     assert summary[0]["margin_history"] == 0.0 and summary[1]["margin_history"] != 0.0
     with open(root / "csv" / "metrics.csv") as f:
         header = next(csv.reader(f))
     for name in ("train/loss", "train/margin", "train/margin_history", "train/logp_proto"):
         assert name in header, name
+
+
+def test_tspin_first_step_of_each_round_matches_a_hand_computation(tspin_run):
+    """A round's first step scores its first batch with the policy the round starts from (θ_0,
+    then the policy saved after round 0): ℓ(α[log p(y) − log p(y')]) + β·ℓ(α[log p(y') − log p(y0)]),
+    ℓ logistic written out as log(1 + exp(−t)), β = 0 in round 0."""
+    root, summary, cfg, _ = tspin_run
+    proto = [p["proto"] for p in rows(root / "rounds" / "proto.jsonl")]
+    losses = step_losses(root)
+    alpha = cfg.objective.alpha
+    for index, model, beta in (
+        (0, tiny_model(seed=cfg.seed), cfg.objective.beta_first_round),
+        (1, pretrained(str(root / "hf" / "round_000")), cfg.objective.beta),
+    ):
+        pairs = rows(root / "rounds" / f"round_{index:03d}" / "synthetic.jsonl")
+        expected = []
+        for i in first_batch(cfg, epoch=index):
+            real, synthetic, old = (
+                response_logp(model.model, model.tokenizer, pairs[i]["prompt"], y)
+                for y in (pairs[i]["real"], pairs[i]["synthetic"], proto[i])
+            )
+            current = math.log1p(math.exp(-alpha * (real - synthetic)))
+            history = math.log1p(math.exp(-alpha * (synthetic - old)))
+            expected.append(current + beta * history)
+        assert losses[index][0] == pytest.approx(sum(expected) / len(expected), rel=1e-4), index
+        # The round's loss: the mean of its pairs' losses, here of its equal batches' losses.
+        assert summary[index]["loss"] == pytest.approx(sum(losses[index]) / len(losses[index]), rel=1e-6)
 
 
 def test_tspin_rounds_move_the_policy(tspin_run):

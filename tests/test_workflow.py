@@ -1,6 +1,7 @@
 """W&B logging, per-round evaluation and the MT-Bench export."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,14 +11,15 @@ from spinlab.data import SelfPlayDataModule
 from spinlab.evaluation import RoundEvaluator, mtbench_questions
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import SPINModule
+from spinlab.rounds import SingleProcess
 from spinlab.rundir import RunDir
-from spinlab.tasks.arithmetic import is_correct
+from spinlab.tasks.arithmetic import ArithmeticTask
 from tests.helpers import response_logp
 from tests.test_e2e import reference, rows, run  # noqa: F401  (the module-scoped reference run)
 
 
 def test_heldout_evaluation_matches_a_hand_computation(reference):  # noqa: F811
-    root, summary, cfg = reference
+    root, _, cfg = reference
     rd = root / "rounds" / "round_000"
     pairs = rows(rd / "heldout.jsonl")
     assert len(pairs) == cfg.eval.heldout_pairs
@@ -42,15 +44,65 @@ def test_heldout_evaluation_matches_a_hand_computation(reference):  # noqa: F811
     assert results["eval/heldout_margin"] == pytest.approx(float(margin.mean()), rel=1e-4)
     assert results["eval/heldout_accuracy"] == pytest.approx(float((margin > 0).double().mean()))
     assert results["eval/heldout_logp_real"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-4)
-    assert summary[0]["eval/heldout_margin"] == results["eval/heldout_margin"]
 
 
-def test_task_accuracy_is_the_share_of_correct_answers(reference):  # noqa: F811
+def final_number(response: str) -> str | None:
+    """The number after the last "the answer is", the grading the task's prompts ask for."""
+    found = re.findall(r"the answer is\s*(-?\d+)", response, re.IGNORECASE)
+    return found[-1] if found else None
+
+
+def test_task_answers_of_a_run_are_graded_and_counted(reference):  # noqa: F811
     root, summary, cfg = reference
-    graded = rows(root / "rounds" / "round_001" / "task_answers.jsonl")
-    assert len(graded) == cfg.eval.task_prompts
-    assert all(g["correct"] == is_correct(g["response"], g["answer"]) for g in graded)
-    assert summary[1]["eval/task_accuracy"] == pytest.approx(sum(g["correct"] for g in graded) / len(graded))
+    for index in (0, 1):
+        graded = rows(root / "rounds" / f"round_{index:03d}" / "task_answers.jsonl")
+        assert len(graded) == cfg.eval.task_prompts
+        # The tiny random model writes no "The answer is": graded here, none is correct.
+        assert [g["correct"] for g in graded] == [final_number(g["response"]) == g["answer"] for g in graded]
+        share = sum(final_number(g["response"]) == g["answer"] for g in graded) / len(graded)
+        assert summary[index]["eval/task_accuracy"] == pytest.approx(share)
+
+
+class Answering:
+    """A generation backend that gives prompt i the response `responses[i]`."""
+
+    loads_weights = False
+
+    def __init__(self, responses: list[str]):
+        self.responses = responses
+
+    def greedy(self, max_new_tokens=None, batch_size=None):
+        return self
+
+    def generate(self, model, tokenizer, prompt_ids, on_batch, **kwargs):
+        on_batch(
+            [
+                {"index": i, "synthetic": r, "tokens": 1, "finished": True}
+                for i, r in enumerate(self.responses)
+            ]
+        )
+        return {"new_tokens": len(self.responses), "responses": len(self.responses), "seconds": 1.0}
+
+
+def test_task_accuracy_is_the_share_of_correct_answers(tmp_path):
+    loaded = tiny_model()
+    dm = SelfPlayDataModule(ArithmeticTask(n_train=8, n_validation=5, n_test=0), loaded.tokenizer)
+    answers = [r["answer"] for r in dm.load_split("validation")]
+    responses = [
+        f"Adding them up. The answer is {answers[0]}.",
+        f"The answer is {int(answers[1]) + 1}.",
+        "",
+        f"The answer is {int(answers[3]) + 1}, no: the answer is {answers[3]}",
+        f"The answer is {answers[4]}0",
+    ]
+    evaluator = RoundEvaluator(heldout_pairs=0, task_prompts=5)
+    evaluator.generator = Answering(responses)
+    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    results = evaluator._task(0, SingleProcess(), module, dm, RunDir(tmp_path / "run"))
+    graded = rows(tmp_path / "run" / "rounds" / "round_000" / "task_answers.jsonl")
+    assert [g["response"] for g in graded] == responses
+    assert [g["correct"] for g in graded] == [True, False, False, True, False]
+    assert results["eval/task_accuracy"] == pytest.approx(2 / 5)
 
 
 def test_evaluation_can_be_switched_off(tmp_path):
