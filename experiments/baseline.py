@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 import spinlab.config  # noqa: F401  (registers the schema and the run-directory resolver)
-from spinlab.rounds import SingleProcess
+from spinlab.collective import SingleProcess
 from spinlab.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

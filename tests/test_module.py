@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from spinlab import losses
+from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
 from spinlab.module import SPINModule, warmup_linear_decay
-from spinlab.rounds import Round, score_pairs
+from spinlab.rounds import Round
 from tests.helpers import response_logp
 
 PAIRS = [
