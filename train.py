@@ -33,7 +33,6 @@ from spinlab.config import (  # registers the schema
     redact,
     round_overrides,
 )
-from spinlab.data import DataError
 from spinlab.harness import main_columns
 from spinlab.rundir import (
     RunDir,
@@ -46,6 +45,7 @@ from spinlab.rundir import (
     remove_leftovers,
     write_bytes,
 )
+from spinlab.sources import DataError
 
 log = logging.getLogger("spinlab")
 

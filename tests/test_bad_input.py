@@ -11,8 +11,9 @@ from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spinlab.data import DataError, LocalFileSource, SelfPlayDataModule, validate_rows
+from spinlab.data import SelfPlayDataModule
 from spinlab.models import char_tokenizer
+from spinlab.sources import DataError, LocalFileSource, validate_rows
 from tests.conftest import CONF, compose_cfg
 
 TOKENIZER = char_tokenizer()

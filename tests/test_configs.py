@@ -9,9 +9,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spinlab.callbacks import SelfPlayCallback
-from spinlab.data import DataError, SelfPlayDataModule
+from spinlab.data import SelfPlayDataModule
 from spinlab.module import SPINModule
 from spinlab.rounds import round_settings
+from spinlab.sources import DataError
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
