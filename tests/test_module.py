@@ -130,8 +130,6 @@ def test_begin_round_copies_policy_into_opponent_only_when_fresh():
 
 def test_invalid_settings_are_rejected():
     loaded = tiny_model()
-    with pytest.raises(ValueError, match="lam"):
-        SPINModule(loaded.model, losses.logistic, torch.optim.SGD, lam=0.0)
     with pytest.raises(ValueError, match="opponent"):
         SPINModule(loaded.model, losses.logistic, torch.optim.SGD, opponent="ema")
 

@@ -303,14 +303,6 @@ class SelfPlayCallback(L.Callback):
         num_samples: int = 3,
         evaluator=None,
     ):
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        if epochs_per_round < 1:
-            raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
-        if mix_previous_rounds < 0:
-            raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
         self.run_dir = RunDir(run_dir)
         self.generator = generator
         self.pairs = pairs

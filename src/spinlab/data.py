@@ -83,7 +83,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_prompt_length: int | None = None,
         max_new_tokens: int = 0,
         num_prompts: int | None = None,
-        mix_previous_rounds: int = 0,
         system_prompt: str | None = None,
         chat_template: str | None = None,
         bad_rows: str = "error",
@@ -99,8 +98,6 @@ class SelfPlayDataModule(L.LightningDataModule):
                 f"data.max_prompt_length ({max_prompt_length}) must be below data.max_length "
                 f"({max_length}): the response needs room"
             )
-        if mix_previous_rounds < 0:
-            raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
         self.source = source
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -108,7 +105,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.max_prompt_length = max_prompt_length
         self.max_new_tokens = max_new_tokens
         self.num_prompts = num_prompts
-        self.mix_previous_rounds = mix_previous_rounds
         self.system_prompt = system_prompt
         self.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
         self.bad_rows = bad_rows
