@@ -85,7 +85,7 @@ class SyntheticPairs:
             return read_jsonl(final)
         dm = trainer.datamodule
         rows = dm.load_split("train")
-        # Batches are seeded by their content, so the result does not depend on the process count.
+        # With hf, static or vllm the rows do not depend on how many processes share the work.
         out = generate_rows(
             trainer,
             module,
@@ -142,8 +142,9 @@ class TripletPairs(SyntheticPairs):
 
     Round 0's opponent is θ_0, so round 0's synthetic responses are samples of θ_0: they become
     the proto-synthetic responses, written once to `rounds/proto.jsonl` and read back from there
-    in every later round and on resume. Generating them again would give the same text, because
-    generation is seeded by each batch's content.
+    in every later round and on resume. Generating them again would give the same text with
+    generation=hf, static or vllm, whose random numbers depend only on the seed, the round and
+    the prompts' indices, but not with continuous.
     """
 
     kinds = ("real", "synthetic", "proto")
