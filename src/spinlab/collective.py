@@ -67,14 +67,14 @@ def all_gather_objects(obj, world: int) -> list:
 
 
 @torch.no_grad()
-def score_pairs(trainer, module, dm, encoded: list[dict], desc: str, scorer=None) -> torch.Tensor:
-    """[N, 2] summed log-probs (real, synthetic) of every encoded pair under `scorer` (the policy's
-    by default), on every process; pairs are spread evenly and the result is gathered once.
+def score_pairs(trainer, module, dm, encoded: list[dict], desc: str) -> torch.Tensor:
+    """[N, 2] summed log-probs (real, synthetic) of every encoded pair under the policy, on every
+    process; pairs are spread evenly and the result is gathered once.
     trainer=None scores in this process alone (outside a fit)."""
     from tqdm.auto import tqdm
 
     trainer = trainer or SingleProcess()
-    scorer = module.scorer if scorer is None else scorer
+    scorer = module.scorer
     rank, world = trainer.global_rank, trainer.world_size
     mine = even_shard(len(encoded), dm.batch_size, rank, world)
     loader = DataLoader([encoded[i] for i in mine], batch_size=dm.batch_size, collate_fn=dm.collate)

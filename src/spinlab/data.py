@@ -312,11 +312,12 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.pairs = list(pairs)
         self.encoded = self.encode_pairs(self.pairs)
 
-    def set_opponent_logps(self, logps: torch.Tensor, encoded: list[dict] | None = None) -> None:
-        encoded = self.encoded if encoded is None else encoded
-        if logps.shape != (len(encoded), 2):
-            raise ValueError(f"opponent log-probs of shape {tuple(logps.shape)} for {len(encoded)} pairs")
-        for item in encoded:
+    def set_opponent_logps(self, logps: torch.Tensor) -> None:
+        if logps.shape != (len(self.encoded), 2):
+            raise ValueError(
+                f"opponent log-probs of shape {tuple(logps.shape)} for {len(self.encoded)} pairs"
+            )
+        for item in self.encoded:
             item["opponent_logps"] = logps[item["index"]]
 
     def steps_per_epoch(self, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
@@ -434,6 +435,6 @@ class SelfPlayDataModule(L.LightningDataModule):
             self.before_train_loader()
         return self._loader(self.encoded, shuffle=True)
 
-    def scoring_dataloader(self, encoded: list[dict] | None = None) -> DataLoader:
-        """Pairs in order (this round's, or the given encoded ones), for scoring them."""
-        return self._loader(self.encoded if encoded is None else encoded, shuffle=False)
+    def scoring_dataloader(self) -> DataLoader:
+        """This round's pairs in order, for scoring them."""
+        return self._loader(self.encoded, shuffle=False)
