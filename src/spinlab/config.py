@@ -2,7 +2,8 @@
 wrongly typed value when the config is composed, wherever it comes from (command line,
 experiment preset, your own YAML). The groups (model, data, ...) are checked by `check_targets`
 before anything is built: a key that the `_target_` does not take fails at start, naming the
-group, the class and the key. `round_overrides` is checked and typed at start
+group, the class and the key (except the keys another part reads, READ_ELSEWHERE, which
+`own_keys` leaves out when the group is built). `round_overrides` is checked and typed at start
 (`round_overrides`), and a restarted run's settings against those it was started with
 (`check_restart`).
 """
