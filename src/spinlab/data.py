@@ -93,11 +93,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_positions: int | None = None,
     ):
         super().__init__()
-        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-            raise ValueError(
-                f"data.max_prompt_length ({max_prompt_length}) must be below data.max_length "
-                f"({max_length}): the response needs room"
-            )
         self.source = source
         self.tokenizer = tokenizer
         self.batch_size = batch_size
