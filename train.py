@@ -29,11 +29,11 @@ from spinlab.callbacks import AtomicCheckpointIO, RoundCheckpoint
 from spinlab.config import (  # registers the schema
     check_settings,
     check_targets,
+    own_keys,
     record_settings,
     redact,
     round_overrides,
 )
-from spinlab.data import DataError
 from spinlab.harness import main_columns
 from spinlab.rundir import (
     RunDir,
@@ -46,6 +46,7 @@ from spinlab.rundir import (
     remove_leftovers,
     write_bytes,
 )
+from spinlab.sources import DataError
 
 log = logging.getLogger("spinlab")
 
@@ -90,6 +91,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
     if cfg.epochs_per_round < 1:
         raise ValueError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
+    mix = cfg.data.get("mix_previous_rounds", 0)
+    if not isinstance(mix, int) or mix < 0:
+        raise ValueError(f"data.mix_previous_rounds must be an int >= 0, got {mix}")
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
     num_prompts = cfg.data.get("num_prompts")
@@ -121,7 +125,9 @@ def check_config(cfg: DictConfig) -> None:
 def preflight(cfg: DictConfig):
     """The tokenizer, then every data split read, validated and measured, before any weights load."""
     loaded = instantiate(cfg.model)  # the weights load on first use of loaded.model
-    datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer, max_positions=loaded.max_positions)
+    datamodule = instantiate(
+        own_keys(cfg, "data"), tokenizer=loaded.tokenizer, max_positions=loaded.max_positions
+    )
     datamodule.load_rows()
     if (cfg.get("eval") or {}).get("tasks"):  # the benchmarks' tasks and data, before the weights
         instantiate(cfg.eval).check()

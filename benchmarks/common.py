@@ -414,7 +414,7 @@ def autocast(device: str):
 
 def cache_opponent(module, dm, device: str) -> None:
     """The cached opponent: every pair's log-probs once, with the starting weights."""
-    from spinlab.rounds import score_pairs
+    from spinlab.collective import score_pairs
 
     with autocast(device):
         dm.set_opponent_logps(score_pairs(None, module, dm, dm.encoded, desc="opponent"))

@@ -16,7 +16,7 @@ checkpointing set the same way.
 - Ours (`ours`, the headline): spinlab.module.SPINModule(opponent="cached") trained by
   Trainer.fit as train.py sets it up (conf/trainer/, the module's hooks, the round's LR schedule,
   the CSV logger, RoundCheckpoint with AtomicCheckpointIO); the data module holds the same pairs
-  and the opponent's log-probs, computed once beforehand with spinlab.rounds.score_pairs, timed
+  and the opponent's log-probs, computed once beforehand with spinlab.collective.score_pairs, timed
   separately and amortised over the epoch.
 - Ours, bare loop (`ours_bare_loop`): the same module's loss_and_metrics in a hand-written loop
   outside Lightning, for what the Trainer and the hooks cost.
@@ -346,10 +346,10 @@ def build_ours(args, side: str, variant: str = "default"):
     with the cached opponent's log-probs set (computed once, timed)."""
     import torch
 
+    from spinlab.collective import score_pairs
     from spinlab.data import SelfPlayDataModule
     from spinlab.losses import logistic
     from spinlab.module import SPINModule
-    from spinlab.rounds import score_pairs
 
     class GivenPairs(SelfPlayDataModule):
         def setup(self, stage=None) -> None:  # the pairs are given as token ids, there is nothing to read

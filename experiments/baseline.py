@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-import spinlab.config  # noqa: F401  (registers the schema and the run-directory resolver)
-from spinlab.rounds import SingleProcess
+from spinlab.collective import SingleProcess
+from spinlab.config import own_keys  # importing it registers the schema and the run-directory resolver
 from spinlab.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def main(overrides: list[str], out: Path | None = None) -> dict:
     with open_dict(cfg):
         cfg.run_dir = str(out)
     loaded = instantiate(cfg.model)
-    dm = instantiate(cfg.data, tokenizer=loaded.tokenizer)
+    dm = instantiate(own_keys(cfg, "data"), tokenizer=loaded.tokenizer)
     dm.setup()
     module = instantiate(cfg.module, policy=loaded.model)
     evaluator, generator = instantiate(cfg.eval), instantiate(cfg.generation)

@@ -11,8 +11,10 @@ from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spinlab.data import DataError, LocalFileSource, SelfPlayDataModule, validate_rows
+from spinlab.config import own_keys
+from spinlab.data import SelfPlayDataModule
 from spinlab.models import char_tokenizer
+from spinlab.sources import DataError, LocalFileSource, validate_rows
 from tests.conftest import CONF, compose_cfg
 
 TOKENIZER = char_tokenizer()
@@ -141,7 +143,7 @@ def test_wrongly_typed_value_fails_at_compose(override):
 def test_mistyped_group_key_fails_at_instantiate_naming_it():
     cfg = compose_cfg(["debug=fast", "+data.batch_sise=3"])
     with pytest.raises(InstantiationException, match="batch_sise"):
-        instantiate(cfg.data, tokenizer=TOKENIZER)
+        instantiate(own_keys(cfg, "data"), tokenizer=TOKENIZER)
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spinlab.callbacks import SelfPlayCallback
-from spinlab.data import DataError, SelfPlayDataModule
+from spinlab.config import own_keys
+from spinlab.data import SelfPlayDataModule
 from spinlab.module import SPINModule
 from spinlab.rounds import round_settings
+from spinlab.sources import DataError
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -112,12 +114,12 @@ def test_data_configs(data, tmp_path):
     if data == "ultrachat":  # the paper's limits: over the tiny model's 512 positions
         assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
         with pytest.raises(DataError, match="max_length=1024 is over the model's position limit of 512"):
-            instantiate(cfg.data, tokenizer=tokenizer).setup()
-        dm = instantiate(cfg.data, tokenizer=tokenizer, max_positions=4096)
+            instantiate(own_keys(cfg, "data"), tokenizer=tokenizer).setup()
+        dm = instantiate(own_keys(cfg, "data"), tokenizer=tokenizer, max_positions=4096)
         with pytest.raises(RuntimeError, match="ultrachat_200k.*hub"):
             dm.setup()
         return
-    dm = instantiate(cfg.data, tokenizer=tokenizer)
+    dm = instantiate(own_keys(cfg, "data"), tokenizer=tokenizer)
     assert isinstance(dm, SelfPlayDataModule)
     assert dm.max_new_tokens == cfg.generation.max_new_tokens
     dm.setup()  # the limits are measured for the character-level tokenizer: nothing to tune

@@ -4,9 +4,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spinlab.data import DataError, LocalFileSource, SelfPlayDataModule, validate_rows
+from spinlab.data import SelfPlayDataModule
 from spinlab.logprobs import IGNORE_INDEX
 from spinlab.models import tiny_model
+from spinlab.sources import DataError, LocalFileSource, validate_rows
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 import train
+from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import SPINModule
-from spinlab.rounds import score_pairs
 from tests.conftest import compose_cfg
 from tests.helpers import Crash
 

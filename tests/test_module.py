@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from spinlab import losses
+from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
 from spinlab.module import SPINModule, warmup_linear_decay
-from spinlab.rounds import Round, score_pairs
+from spinlab.rounds import Round
 from tests.helpers import response_logp
 
 PAIRS = [
@@ -129,8 +130,6 @@ def test_begin_round_copies_policy_into_opponent_only_when_fresh():
 
 def test_invalid_settings_are_rejected():
     loaded = tiny_model()
-    with pytest.raises(ValueError, match="lam"):
-        SPINModule(loaded.model, losses.logistic, torch.optim.SGD, lam=0.0)
     with pytest.raises(ValueError, match="opponent"):
         SPINModule(loaded.model, losses.logistic, torch.optim.SGD, opponent="ema")
 

@@ -119,6 +119,9 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
         ("warmup_ratio=-0.1", r"warmup_ratio must be in \[0, 1\]"),
         ("data.batch_size=0", "data.batch_size must be an int >= 1"),
         ("data.num_prompts=0", "data.num_prompts must be an int >= 1"),
+        ("data.mix_previous_rounds=-1", "data.mix_previous_rounds must be an int >= 0"),
+        ("data.mix_previous_rounds=1.5", "data.mix_previous_rounds must be an int >= 0"),
+        ("epochs_per_round=0", "epochs_per_round must be >= 1"),
     ],
 )
 def test_impossible_values_are_refused_at_start(override, message):

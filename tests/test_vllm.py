@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
+from spinlab.collective import generate_rows, policy_weights
 from spinlab.generation import HFGenerator
 from spinlab.models import tiny_model
-from spinlab.rounds import generate_rows, policy_weights
 from spinlab.rundir import RunDir
 from spinlab.vllm_backend import VLLMGenerator
 from tests.conftest import ROOT, compose_cfg

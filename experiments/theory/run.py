@@ -22,6 +22,7 @@ from family import family_section
 
 from spinlab import losses
 from spinlab import theory as th
+from spinlab.objectives import SPIN
 
 PROMPTS, RESPONSES, SEED, ROUNDS = 8, 6, 0, 10
 LAMS = (0.1, 0.5, 1.0, 2.0)
@@ -76,7 +77,7 @@ def main() -> None:
 
     closed = by_lam(th.closed_form_rounds(p0_all, data_all, lam, ROUNDS))
     runs = {
-        (regime, name): by_lam(th.run_rounds(p0_all, data_all, lam, fn, ROUNDS, **cfg))
+        (regime, name): by_lam(th.objective_rounds(p0_all, data_all, SPIN(fn), lam, ROUNDS, **cfg))
         for regime, cfg in REGIMES.items()
         for name, fn in LOSSES.items()
     }

@@ -7,7 +7,7 @@ synthetic response per prompt; SFT: the real responses; T-SPIN: SPIN's pairs plu
 proto-synthetic responses of round 0) and, where the method caches them, the
 opponent's log-probs. At a round's end it saves the policy as a Hugging Face directory and runs the
 evaluation. Everything a round produces goes to disk first, and is read back on resume instead of
-being made again. Every process takes part in every step (see spinlab.rounds).
+being made again. Every process takes part in every step (see spinlab.collective).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spinlab.collective import save_policy
 from spinlab.config import round_overrides as typed_round_overrides
-from spinlab.rounds import Round, round_settings, save_policy
+from spinlab.rounds import Round, round_settings
 from spinlab.rundir import CHECKSUMS, RunDir, record_checksum, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -302,14 +303,6 @@ class SelfPlayCallback(L.Callback):
         num_samples: int = 3,
         evaluator=None,
     ):
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        if epochs_per_round < 1:
-            raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
-        if mix_previous_rounds < 0:
-            raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
         self.run_dir = RunDir(run_dir)
         self.generator = generator
         self.pairs = pairs

@@ -2,13 +2,15 @@
 wrongly typed value when the config is composed, wherever it comes from (command line,
 experiment preset, your own YAML). The groups (model, data, ...) are checked by `check_targets`
 before anything is built: a key that the `_target_` does not take fails at start, naming the
-group, the class and the key. `round_overrides` is checked and typed at start
+group, the class and the key (except the keys another part reads, READ_ELSEWHERE, which
+`own_keys` leaves out when the group is built). `round_overrides` is checked and typed at start
 (`round_overrides`), and a restarted run's settings against those it was started with
 (`check_restart`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import logging
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, OmegaConf, open_dict
 
 from spinlab.rundir import RunDir, write_bytes
 
@@ -236,6 +238,19 @@ def dirname(overrides: str, limit: int = 140) -> str:
 
 # Keys Hydra reads itself, not passed to the target.
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+# Keys kept in a group beside the settings they go with, but read by another part through an
+# interpolation, not passed to the group's target: how many earlier rounds' pairs a round trains
+# on is SelfPlayCallback's (`mix_previous_rounds: ${data.mix_previous_rounds}`).
+READ_ELSEWHERE = {"data": ("mix_previous_rounds",)}
+
+
+def own_keys(cfg, group: str):
+    """`cfg[group]` to instantiate: without the keys READ_ELSEWHERE, interpolations intact."""
+    node = copy.copy(cfg[group])
+    with open_dict(node):
+        for key in READ_ELSEWHERE.get(group, ()):
+            node.pop(key, None)
+    return node
 
 
 def accepted_keys(target) -> set[str] | None:
@@ -276,7 +291,8 @@ def check_targets(cfg) -> None:
                 params = None  # not importable or no signature: instantiate reports it
             if params is not None:
                 names = params
-                unknown = sorted(k for k in node if k not in names and k not in HYDRA_KEYS)
+                ignored = HYDRA_KEYS | set(READ_ELSEWHERE.get(path, ()))
+                unknown = sorted(k for k in node if k not in names and k not in ignored)
                 if unknown:
                     raise ValueError(
                         f"{path}: {target} takes no key {unknown[0]!r} ({path}.{unknown[0]}); "

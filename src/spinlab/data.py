@@ -1,19 +1,16 @@
-"""Prompts, real responses and self-play pairs.
+"""Rows made into training batches.
 
-A *source* turns a file, a hub data set or a built-in task into rows
-`{"prompt": str, "response": str, ...}` (any extra keys travel along as metadata).
-`SelfPlayDataModule` validates them, holds this round's pairs (prompt, real, synthetic),
-and batches them for training: the real and the synthetic sequence of a pair share the
-prompt's tokens, and each sequence is scored on its response tokens only.
+`SelfPlayDataModule` reads every split from its source (spinlab.sources) and validates it,
+measures the token limits, holds this round's pairs (prompt, real, synthetic) and batches them
+for training: the real and the synthetic sequence of a pair share the prompt's tokens, and each
+sequence is scored on its response tokens only.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,192 +18,9 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from spinlab.logprobs import IGNORE_INDEX, target_positions
 from spinlab.models import CHATML_TEMPLATE, position_limit
-from spinlab.rundir import read_jsonl
+from spinlab.sources import SPLITS, DataError, validate_rows
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "validation", "test")
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the row and the field."""
-
-
-class _Invalid(str):
-    """A record that could not be parsed; validate_rows reports or skips it."""
-
-
-def _line_problem(n: int, err: ValueError) -> _Invalid:
-    if isinstance(err, UnicodeDecodeError):
-        return _Invalid(
-            f"line {n} is not UTF-8 text (byte {err.object[err.start]:#04x} at column {err.start + 1}); "
-            "save the file as UTF-8"
-        )
-    return _Invalid(f"line {n} is not valid JSON ({err.msg}, column {err.colno})")
-
-
-def _load_file(path: str, split: str = "train") -> list:
-    """Records of a JSON, JSONL, Parquet or CSV file; a JSONL line that cannot be read is kept as
-    an _Invalid record naming its line, so that bad_rows=skip can drop it."""
-    key = f"data.source.{split}"
-    file = Path(path)
-    if file.is_dir():
-        raise DataError(f"{path}: is a directory, not a file; set {key} to a data file inside it")
-    if not file.is_file():
-        raise DataError(f"{path}: file not found (set {key} to an existing file)")
-    suffix = file.suffix.lower()
-    if suffix not in FILE_FORMATS:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(FILE_FORMATS)}")
-    if file.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty ({key}); it needs one row per example")
-    if suffix == ".jsonl":
-        records = read_jsonl(file, invalid=_line_problem)
-        if not records:
-            raise DataError(f"{path}: the file holds only blank lines ({key}); it needs one row per example")
-        return records
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train"))
-    except Exception as err:  # datasets wraps parse errors in several types of its own
-        cause = err
-        while cause.__cause__ is not None and not isinstance(cause, UnicodeDecodeError):
-            cause = cause.__cause__
-        detail = "it is not UTF-8 text; save it as UTF-8" if isinstance(cause, UnicodeDecodeError) else ""
-        raise DataError(
-            f"{path}: cannot be read as {FILE_FORMATS[suffix]} ({type(err).__name__}: {err}) {detail}".rstrip()
-        ) from err
-
-
-def _to_rows(records, origin: str, prompt_field: str, response_field: str | None, messages_field):
-    rows = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            problem = rec if isinstance(rec, _Invalid) else f"is a {type(rec).__name__}, not an object"
-            rows.append({"_origin": (origin, i + 1), "_problem": problem})
-            continue
-        row = dict(rec)
-        if messages_field is not None:
-            prompt, response = _first_exchange(row.get(messages_field))
-        else:
-            prompt, response = row.get(prompt_field), row.get(response_field)
-        row.pop(prompt_field, None)
-        row.pop(response_field, None)
-        row.pop(messages_field, None)
-        rows.append({"prompt": prompt, "response": response, **row, "_origin": (origin, i + 1)})
-    return rows
-
-
-def _first_exchange(messages):
-    """First user turn and the assistant turn answering it (UltraChat's layout)."""
-    if not isinstance(messages, list):
-        return None, None
-    for a, b in itertools.pairwise(messages):
-        roles = (a.get("role"), b.get("role")) if isinstance(a, dict) and isinstance(b, dict) else ()
-        if roles == ("user", "assistant"):
-            return a.get("content"), b.get("content")
-    return None, None
-
-
-class LocalFileSource:
-    """JSON, JSONL, Parquet or CSV files, one per split, read with `datasets`."""
-
-    def __init__(
-        self,
-        train: str,
-        validation: str | None = None,
-        test: str | None = None,
-        prompt_field: str = "prompt",
-        response_field: str = "response",
-        messages_field: str | None = None,
-    ):
-        self.paths = {"train": train, "validation": validation, "test": test}
-        self.fields = (prompt_field, response_field, messages_field)
-
-    def load(self, split: str) -> list[dict]:
-        path = self.paths.get(split)
-        if path is None:
-            return []
-        return _to_rows(_load_file(path, split), path, *self.fields)
-
-
-class HubSource:
-    """A Hugging Face hub data set (UltraChat200k by default); needs the network or a cache."""
-
-    def __init__(
-        self,
-        name: str,
-        splits: dict | None = None,
-        prompt_field: str = "prompt",
-        response_field: str | None = None,
-        messages_field: str | None = "messages",
-    ):
-        self.name = name
-        self.splits = dict(splits or {"train": "train"})
-        self.fields = (prompt_field, response_field, messages_field)
-
-    def load(self, split: str) -> list[dict]:
-        if split not in self.splits:
-            return []
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(self.name, split=self.splits[split])
-        except (ConnectionError, OSError) as err:
-            raise RuntimeError(
-                f"cannot load data set {self.name!r} split {self.splits[split]!r} from the hub: "
-                "it is not cached and the hub is unreachable (HF_HUB_OFFLINE=1?). Download it on a "
-                "machine with network access or use data=local with a file."
-            ) from err
-        return _to_rows(ds, f"{self.name}[{self.splits[split]}]", *self.fields)
-
-
-def validate_rows(
-    rows: list[dict], bad_rows: str = "error", check=None, origin: str = "<rows>", limit: int | None = None
-) -> tuple[list[dict], int]:
-    """Keep rows with a non-empty string prompt and response and an unseen prompt.
-
-    `check(row)` may name a further problem (a string) or return None. With bad_rows="error"
-    the first bad row raises a DataError naming file, row (1-based; in JSON Lines files, the
-    n-th non-blank line) and field; with "skip" bad rows are dropped and counted. With `limit`,
-    reading stops once that many rows are kept.
-    """
-    if bad_rows not in ("error", "skip"):
-        raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
-    kept, seen, skipped = [], set(), 0
-    for position, row in enumerate(rows):
-        if limit is not None and len(kept) >= limit:
-            break
-        where, index = row.pop("_origin", (origin, position + 1))
-        problem = row.pop("_problem", None)
-        for field in () if problem else ("prompt", "response"):
-            value = row.get(field)
-            if value is None:
-                problem = f"field {field!r} is missing"
-            elif not isinstance(value, str):
-                problem = f"field {field!r} must be a string, got {type(value).__name__}"
-            elif not value.strip():
-                problem = f"field {field!r} is empty"
-            if problem:
-                break
-        if problem is None and row["prompt"] in seen:
-            problem = "field 'prompt' duplicates an earlier row"
-        if problem is None and check is not None:
-            problem = check(row)
-        if problem:
-            if bad_rows == "error":
-                raise DataError(
-                    f"{where}: row {index}: {problem}. Fix the row, or set data.bad_rows=skip "
-                    "to drop such rows (they are counted in the log)."
-                )
-            skipped += 1
-            continue
-        seen.add(row["prompt"])
-        kept.append(row)
-    if skipped:
-        log.warning("skipped %d bad rows (data.bad_rows=skip)", skipped)
-    return kept, skipped
 
 
 def global_batch_shard(order: list[int], batch_size: int, rank: int, world: int) -> list[int]:
@@ -269,7 +83,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_prompt_length: int | None = None,
         max_new_tokens: int = 0,
         num_prompts: int | None = None,
-        mix_previous_rounds: int = 0,
         system_prompt: str | None = None,
         chat_template: str | None = None,
         bad_rows: str = "error",
@@ -280,13 +93,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_positions: int | None = None,
     ):
         super().__init__()
-        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-            raise ValueError(
-                f"data.max_prompt_length ({max_prompt_length}) must be below data.max_length "
-                f"({max_length}): the response needs room"
-            )
-        if mix_previous_rounds < 0:
-            raise ValueError(f"data.mix_previous_rounds must be >= 0, got {mix_previous_rounds}")
         self.source = source
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -294,7 +100,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.max_prompt_length = max_prompt_length
         self.max_new_tokens = max_new_tokens
         self.num_prompts = num_prompts
-        self.mix_previous_rounds = mix_previous_rounds
         self.system_prompt = system_prompt
         self.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
         self.bad_rows = bad_rows
@@ -502,11 +307,12 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.pairs = list(pairs)
         self.encoded = self.encode_pairs(self.pairs)
 
-    def set_opponent_logps(self, logps: torch.Tensor, encoded: list[dict] | None = None) -> None:
-        encoded = self.encoded if encoded is None else encoded
-        if logps.shape != (len(encoded), 2):
-            raise ValueError(f"opponent log-probs of shape {tuple(logps.shape)} for {len(encoded)} pairs")
-        for item in encoded:
+    def set_opponent_logps(self, logps: torch.Tensor) -> None:
+        if logps.shape != (len(self.encoded), 2):
+            raise ValueError(
+                f"opponent log-probs of shape {tuple(logps.shape)} for {len(self.encoded)} pairs"
+            )
+        for item in self.encoded:
             item["opponent_logps"] = logps[item["index"]]
 
     def steps_per_epoch(self, accumulate_grad_batches: int = 1, world_size: int = 1) -> int:
@@ -624,6 +430,6 @@ class SelfPlayDataModule(L.LightningDataModule):
             self.before_train_loader()
         return self._loader(self.encoded, shuffle=True)
 
-    def scoring_dataloader(self, encoded: list[dict] | None = None) -> DataLoader:
-        """Pairs in order (this round's, or the given encoded ones), for scoring them."""
-        return self._loader(self.encoded if encoded is None else encoded, shuffle=False)
+    def scoring_dataloader(self) -> DataLoader:
+        """This round's pairs in order, for scoring them."""
+        return self._loader(self.encoded, shuffle=False)

@@ -5,7 +5,7 @@ lm-evaluation-harness benchmarks (spinlab.harness) on the start model and after 
 responses for held-out prompts and caches their opponent log-probs. `evaluate` runs at the
 round's end with the trained policy (θ_t+1). Results go to rounds/round_XXX/eval.json and
 are read back on resume instead of being recomputed. Both run on every process: generation and
-scoring are spread over them (spinlab.rounds), files are written by rank 0. The benchmarks run
+scoring are spread over them (spinlab.collective), files are written by rank 0. The benchmarks run
 whole on every process, on the policy's weights gathered once (one set of numbers, rank 0's).
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from spinlab.collective import SingleProcess, generate_rows, policy_weights, score_pairs
 from spinlab.generation import HFGenerator
-from spinlab.rounds import SingleProcess, generate_rows, policy_weights, score_pairs
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger(__name__)

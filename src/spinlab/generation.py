@@ -13,8 +13,10 @@ length and cut into fixed batches: the plan that shards the work over ranks.
 - `ContinuousBatchingGenerator` (`generation=continuous`): transformers' continuous-batching
   engine (`generate_batch`'s manager: paged KV cache, requests scheduled as others finish).
 
-`hf` seeds each batch by its content and `static` draws each prompt's random numbers from
-(seed, round, prompt index, step), so a batch regenerated after a crash yields the same text. The continuous engine schedules requests itself: after a crash the finished responses
+`hf` seeds each batch from (seed, round, index of the batch's first prompt) and `static` draws
+each prompt's random numbers from (seed, round, prompt index, step); the plan does not depend on
+the number of processes, so a batch regenerated after a crash, or on another process, yields the
+same text. The continuous engine schedules requests itself: after a crash the finished responses
 stay on disk and only the missing prompts are generated, with other draws than an uninterrupted
 run would have made.
 """

@@ -235,8 +235,6 @@ class PolicyModule(L.LightningModule):
         # Sharded runs: decode on the full weights gathered once (fast; needs the whole model's
         # memory on every device), or on the shards with every process stepping in lockstep.
         self.gather_for_generation = gather_for_generation
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
         self.on_nonfinite = on_nonfinite

@@ -2,13 +2,15 @@
 
 P prompts with K possible responses each; p_data[x] is a known distribution over the K responses
 and the policy is a table of logits θ[x, k], pθ(·|x) = softmax(θ[x]). One round t has the frozen
-opponent p_t and minimises the population SPIN loss (arXiv 2401.01335, Eq. 4.7)
+opponent p_t and minimises an objective of spinlab.objectives averaged exactly over the responses
+(`objective_loss`); for SPIN (`SPIN(ℓ)`, ℓ from `spinlab.losses`) that is the population SPIN loss
+(arXiv 2401.01335, Eq. 4.7)
 
     L(θ) = E_x Σ_y Σ_y' p_data(y|x) p_t(y'|x) ℓ(λ[log pθ(y|x) − log p_t(y|x)] − λ[log pθ(y'|x) − log p_t(y'|x)])
 
-summed over all K×K pairs (no sampling), ℓ from `spinlab.losses`. E_x is taken as a sum over
-prompts: each prompt's logits then see the same gradient however many prompts there are, so a
-table of several λ (one per prompt, shape [P, 1]) trains as if each ran alone.
+summed over all K×K pairs (no sampling). E_x is taken as a sum over prompts: each prompt's logits
+then see the same gradient however many prompts there are, so a table of several λ (one per
+prompt, shape [P, 1]) trains as if each ran alone.
 
 Since log pθ(y|x) − log pθ(y'|x) = θ[x,y] − θ[x,y'], the margin is linear in θ: L is convex in θ
 for every convex ℓ, and adding a constant to θ[x] changes neither L nor pθ.
@@ -31,7 +33,6 @@ import torch
 
 from spinlab.objectives import Objective
 
-Loss = Callable[[torch.Tensor], torch.Tensor]
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -59,41 +60,6 @@ def closed_form_rounds(
     for _ in range(rounds):
         ps.append(closed_form_update(ps[-1], p_data, lam))
     return ps
-
-
-def population_loss(
-    theta: torch.Tensor, p_t: torch.Tensor, p_data: torch.Tensor, lam: float | torch.Tensor, loss_fn: Loss
-) -> torch.Tensor:
-    """L(θ) above: summed over prompts, exact expectation over real y ~ p_data, synthetic y' ~ p_t."""
-    lam = torch.as_tensor(lam, dtype=theta.dtype).reshape(-1, 1, 1)
-    log_p_t = torch.log_softmax(_log(p_t), dim=-1)
-    logratio = torch.log_softmax(theta, dim=-1) - log_p_t  # [P, K]
-    # margin[x, y, y'] = λ·logratio(y) − λ·logratio(y'), as the framework builds it (module.py).
-    margin = lam * logratio[:, :, None] - lam * logratio[:, None, :]
-    weight = p_data[:, :, None] * log_p_t.exp()[:, None, :]
-    return (weight * loss_fn(margin)).sum()
-
-
-def spin_round(
-    p_t: torch.Tensor,
-    p_data: torch.Tensor,
-    lam: float | torch.Tensor,
-    loss_fn: Loss,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-) -> torch.Tensor:
-    """One SPIN round: the policy starts at θ_t = log p_t and takes `steps` full-batch steps on L.
-
-    The learning rate decays linearly to 0 over the round (as in the paper's schedule, no
-    warm-up): with a constant rate Adam keeps hovering about lr away from the minimum. Returns
-    p_t+1 = softmax(θ). Observed: Adam, lr 0.5, 400 steps puts a logistic round within 2e-9 (in
-    probability) of `closed_form_update` for λ in {0.1, 0.5, 1, 2} (tests/test_theory.py).
-    """
-    theta = _minimise(
-        p_t, lambda theta: population_loss(theta, p_t, p_data, lam, loss_fn), steps, lr, optimizer
-    )
-    return torch.softmax(theta, dim=-1)
 
 
 def _minimise(
@@ -134,25 +100,6 @@ def _minimise(
     return theta.detach()
 
 
-def run_rounds(
-    p0: torch.Tensor,
-    p_data: torch.Tensor,
-    lam: float | torch.Tensor,
-    loss_fn: Loss,
-    rounds: int,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-) -> list[torch.Tensor]:
-    """[p_0, p_1, ..., p_rounds]: each round's trained policy is the next round's opponent."""
-    ps = [p0]
-    for _ in range(rounds):
-        ps.append(spin_round(ps[-1], p_data, lam, loss_fn, steps, lr, optimizer))
-    return ps
-
-
-# The family of objectives (spinlab.objectives) on the same tabular model.
-#
 # A round provides, per prompt, one response of each kind the objective names. Each kind is drawn
 # from its own distribution: "real" from p_data, "synthetic" from the opponent p_t, "proto" from the
 # initial policy p_0 (T-SPIN). The population loss is the objective's per-example loss averaged
@@ -171,8 +118,8 @@ def objective_loss(
     p_opponent: torch.Tensor,
     lam: float | torch.Tensor,
 ) -> torch.Tensor:
-    """Σ_x Σ_(y_1..y_n) Π_j sources[kind_j](y_j|x) · loss_objective(y_1..y_n): summed over prompts (as in
-    `population_loss`), exact over the K^n combinations of one response per kind.
+    """Σ_x Σ_(y_1..y_n) Π_j sources[kind_j](y_j|x) · loss_objective(y_1..y_n): summed over prompts,
+    exact over the K^n combinations of one response per kind.
 
     The objective is called on one combination at a time (torch.func.vmap over all of them), so its
     own `loss` (a batch mean) is that combination's loss. Each response counts as one token
@@ -211,7 +158,11 @@ def objective_round(
     lr: float,
     optimizer: str = "adam",
 ) -> torch.Tensor:
-    """One round of `objective` against the frozen opponent p_t, the policy starting at θ_t = log p_t."""
+    """One round of `objective` against the frozen opponent p_t, the policy starting at θ_t = log p_t.
+
+    With Adam or SGD the learning rate decays linearly to 0 over the round (the paper's schedule,
+    no warm-up): at a constant rate Adam keeps hovering about lr away from the minimum.
+    """
     theta = _minimise(
         p_t, lambda theta: objective_loss(theta, objective, sources, p_t, lam), steps, lr, optimizer
     )

@@ -83,7 +83,7 @@ class VLLMGenerator(Generator):
     """
 
     backend = "vllm"
-    loads_weights = True  # spinlab.rounds.generate_rows hands it a directory and gathers nothing
+    loads_weights = True  # spinlab.collective.generate_rows hands it a directory and gathers nothing
 
     def __init__(
         self,
@@ -148,7 +148,7 @@ class VLLMGenerator(Generator):
         if weights is None:
             raise ValueError(
                 "generation=vllm loads the opponent from a directory: call it through "
-                "spinlab.rounds.generate_rows, or pass weights=<Hugging Face directory>"
+                "spinlab.collective.generate_rows, or pass weights=<Hugging Face directory>"
             )
         phase = copy.copy(self)
         phase._weights = Path(weights)
