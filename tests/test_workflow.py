@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
+from spinlab import losses
 from spinlab.config import redact
 from spinlab.data import SelfPlayDataModule
 from spinlab.evaluation import RoundEvaluator, mtbench_questions
 from spinlab.models import pretrained, tiny_model
-from spinlab.module import SPINModule
+from spinlab.module import PolicyModule
+from spinlab.objectives import SPIN
 from spinlab.rundir import RunDir
 from spinlab.tasks.arithmetic import is_correct
 from tests.helpers import response_logp
@@ -64,7 +66,7 @@ def test_mtbench_answers_in_fastchat_format(tmp_path):
     assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
     loaded = tiny_model()
     dm = SelfPlayDataModule(None, loaded.tokenizer)
-    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    module = PolicyModule(policy=loaded.model, objective=SPIN(losses.logistic))
     evaluator = RoundEvaluator(mtbench=True, mtbench_questions=3, mtbench_max_new_tokens=4, batch_size=2)
     run_dir = RunDir(tmp_path / "run")
     assert evaluator._mtbench(2, None, module, dm, run_dir) == {"eval/mtbench_answers": 3}
