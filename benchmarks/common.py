@@ -421,7 +421,7 @@ def cache_opponent(module, dm, device: str) -> None:
 
 
 def spin_steps(module, dm, device: str):
-    """One optimizer step of SPINModule per batch of `dm`, in order (both sides of a lever see
+    """One optimizer step of PolicyModule per batch of `dm`, in order (both sides of a lever see
     the same batches); yields (batch, loss, time at the step's end)."""
     import torch
 

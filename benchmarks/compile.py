@@ -34,15 +34,19 @@ def run_side(args) -> dict:
 
     from spinlab.data import SelfPlayDataModule
     from spinlab.losses import logistic
-    from spinlab.module import SPINModule
+    from spinlab.module import PolicyModule
+    from spinlab.objectives import SPIN
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = common.build_model(args.shape, args.seed, args.device)
     if args.child == "compiled":
         model.model.forward = torch.compile(model.model.forward, dynamic=True)
-    module = SPINModule(
-        model, loss=logistic, optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7), opponent="cached"
+    module = PolicyModule(
+        policy=model,
+        objective=SPIN(logistic),
+        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
+        opponent="cached",
     ).to(args.device)
     dm = SelfPlayDataModule(
         source=None,

@@ -54,13 +54,17 @@ def run_side(args) -> dict:
 
     from spinlab.data import SelfPlayDataModule, batch_tokens
     from spinlab.losses import logistic
-    from spinlab.module import SPINModule
+    from spinlab.module import PolicyModule
+    from spinlab.objectives import SPIN
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = common.build_model(args.shape, args.seed, args.device)
-    module = SPINModule(
-        model, loss=logistic, optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7), opponent="cached"
+    module = PolicyModule(
+        policy=model,
+        objective=SPIN(logistic),
+        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
+        opponent="cached",
     ).to(args.device)
     longest = args.prompt_len + args.response_len
     dm = SelfPlayDataModule(

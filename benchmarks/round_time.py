@@ -133,7 +133,7 @@ def child(args) -> None:
     if evaluation is not None:
         phases.wrap(evaluation.RoundEvaluator, "prepare", "evaluation")
         phases.wrap(evaluation.RoundEvaluator, "evaluate", "evaluation")
-    phases.wrap_batches(module.SPINModule)
+    phases.wrap_batches(module.PolicyModule)
 
     overrides = [
         "debug=fast",

@@ -13,7 +13,7 @@ checkpointing set the same way.
 - Peer: TRL's DPOTrainer with chosen = real, rejected = synthetic, loss_type sigmoid,
   beta = lam, run twice: with the reference model in memory, and with
   precompute_ref_log_probs=True (its precompute time is reported, amortised over the epoch).
-- Ours (`ours`, the headline): spinlab.module.SPINModule(opponent="cached") trained by
+- Ours (`ours`, the headline): spinlab.module.PolicyModule(opponent="cached") trained by
   Trainer.fit as train.py sets it up (conf/trainer/, the module's hooks, the round's LR schedule,
   the CSV logger, RoundCheckpoint with AtomicCheckpointIO); the data module holds the same pairs
   and the opponent's log-probs, computed once beforehand with spinlab.collective.score_pairs, timed
@@ -81,7 +81,7 @@ def parse_args(argv=None):
         default="default",
         help="our settings to measure: names from VARIANTS joined by '+' to combine, ',' between "
         "variants run one after the other in one subprocess, ';' between subprocesses "
-        "(e.g. 'default,sync,chunk256;compile;liger'). 'default' is conf/module/spin.yaml as is",
+        "(e.g. 'default,sync,chunk256;compile;liger'). 'default' is conf/module/default.yaml as is",
     )
     p.add_argument(
         "--chunk-size",
@@ -127,7 +127,7 @@ def parse_args(argv=None):
     return args
 
 
-# Our settings measured against each other and the peer: module keywords over conf/module/spin.yaml,
+# Our settings measured against each other and the peer: module keywords over conf/module/default.yaml,
 # and `trainer` (the conf/trainer/ file, GPU name; the CPU one is its _cpu twin).
 VARIANTS = {
     "default": {},
@@ -153,7 +153,7 @@ def variant_settings(name: str) -> dict:
 
 
 def module_defaults() -> dict:
-    """The module settings a user gets from conf/module/spin.yaml (its plain values; the
+    """The module settings a user gets from conf/module/default.yaml (its plain values; the
     interpolated ones -- objective, optimizer, lam, schedule -- the benchmark sets itself)."""
     from omegaconf import OmegaConf
 
@@ -342,14 +342,15 @@ def check_same_tokens(example: dict, pair: dict) -> None:
 
 # -- ours: spinlab ------------------------------------------------------------------------------
 def build_ours(args, side: str, variant: str = "default"):
-    """The same model, pairs, SPINModule and SelfPlayDataModule for both of our measurements,
+    """The same model, pairs, PolicyModule and SelfPlayDataModule for both of our measurements,
     with the cached opponent's log-probs set (computed once, timed)."""
     import torch
 
     from spinlab.collective import score_pairs
     from spinlab.data import SelfPlayDataModule
     from spinlab.losses import logistic
-    from spinlab.module import SPINModule
+    from spinlab.module import PolicyModule
+    from spinlab.objectives import SPIN
 
     class GivenPairs(SelfPlayDataModule):
         def setup(self, stage=None) -> None:  # the pairs are given as token ids, there is nothing to read
@@ -372,9 +373,9 @@ def build_ours(args, side: str, variant: str = "default"):
     pairs = common.random_pairs(
         args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
     )
-    module = SPINModule(
-        model,
-        loss=logistic,
+    module = PolicyModule(
+        policy=model,
+        objective=SPIN(logistic),
         optimizer=functools.partial(torch.optim.RMSprop, lr=args.lr),
         lam=args.lam,
         opponent="cached",
@@ -403,11 +404,11 @@ def build_ours(args, side: str, variant: str = "default"):
 
 
 def run_ours_bare(args) -> dict:
-    """SPINModule's objective in a hand-written loop outside Lightning: the floor of our cost."""
+    """PolicyModule's objective in a hand-written loop outside Lightning: the floor of our cost."""
     import torch
 
     module, datamodule, probe, result, precompute_s = build_ours(
-        args, "spinlab SPINModule (opponent=cached), hand-written loop", args.variants
+        args, "spinlab PolicyModule (opponent=cached), hand-written loop", args.variants
     )
     optimizer = module.configure_optimizers()["optimizer"]
     clock = common.StepTimes(args.device, args.warmup, args.warmup + args.steps)
@@ -447,7 +448,7 @@ def run_ours_variants(args) -> dict:
 
 def run_ours_fit(args, variant: str = "default") -> dict:
     """What `python train.py` runs for a round's training: Trainer.fit with the trainer config of
-    conf/trainer/, SPINModule's own hooks (training_step, on_before_optimizer_step, logging),
+    conf/trainer/, PolicyModule's own hooks (training_step, on_before_optimizer_step, logging),
     the round's LR schedule, the CSV logger, RoundCheckpoint at the epoch end and
     AtomicCheckpointIO. Generation and SelfPlayCallback are left out: the pairs and the opponent's
     log-probs are given, as TRL is given them."""
@@ -461,7 +462,7 @@ def run_ours_fit(args, variant: str = "default") -> dict:
     from spinlab.rounds import Round
 
     module, datamodule, probe, result, precompute_s = build_ours(
-        args, "spinlab SPINModule (opponent=cached), Trainer.fit as train.py", variant
+        args, "spinlab PolicyModule (opponent=cached), Trainer.fit as train.py", variant
     )
     steps = args.warmup + args.steps
     module.begin_round(
@@ -470,6 +471,7 @@ def run_ours_fit(args, variant: str = "default") -> dict:
             lam=args.lam,
             lr=args.lr,
             mix_previous_rounds=0,
+            start_step=0,
             total_steps=steps,
             pairs=len(datamodule.encoded),
         ),
@@ -660,7 +662,7 @@ def main(argv=None) -> None:
             "ours_full_logits": bool(ours.get("lm_head_module_calls_in_training"))
             if "error" not in ours
             else None,
-            # ours: Trainer.fit as train.py runs it with conf/module/spin.yaml's settings.
+            # ours: Trainer.fit as train.py runs it with conf/module/default.yaml's settings.
             **ratios(ours, best, ""),
             **(ratios(bare, best, "bare_loop_") if bare else {}),
             # every variant against the peer's best: tokens/s ratio, peak-memory ratio, MFU

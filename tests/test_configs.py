@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from spinlab.callbacks import SelfPlayCallback
 from spinlab.config import own_keys
 from spinlab.data import SelfPlayDataModule
-from spinlab.module import SPINModule
+from spinlab.module import PolicyModule
 from spinlab.rounds import round_settings
 from spinlab.sources import DataError
 from tests.conftest import CONF, compose_cfg
@@ -173,7 +173,7 @@ def test_callbacks_and_module_configs(tmp_path):
     assert callbacks["self_play"].rounds == cfg.rounds
     assert callbacks["checkpoint"].path == tmp_path / "checkpoints" / "last.ckpt"
     module = instantiate(cfg.module, policy=instantiate(cfg.model).model)
-    assert isinstance(module, SPINModule) and module.lam == cfg.lam and module.opponent is None
+    assert isinstance(module, PolicyModule) and module.lam == cfg.lam and module.opponent is None
 
 
 def test_cli_example_values():

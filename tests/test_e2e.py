@@ -10,10 +10,12 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 import train
+from spinlab import losses
 from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import pretrained, tiny_model
-from spinlab.module import SPINModule
+from spinlab.module import PolicyModule
+from spinlab.objectives import SPIN
 from tests.conftest import compose_cfg
 from tests.helpers import Crash
 
@@ -155,12 +157,12 @@ def test_next_opponent_is_the_previous_final_policy(reference):
         max_prompt_length=cfg.data.max_prompt_length,
     )
     dm.set_pairs(rows(root / "rounds" / "round_001" / "synthetic.jsonl"))
-    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    module = PolicyModule(policy=loaded.model, objective=SPIN(losses.logistic))
     expected = score_pairs(None, module, dm, dm.encoded, "score")
     cached = torch.load(root / "rounds" / "round_001" / "opponent_logps.pt", weights_only=True)
     torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-4)
     # ... and not those of the initial model: the opponent really changed between rounds.
-    initial = SPINModule(tiny_model(seed=cfg.seed).model, loss=None, optimizer=None)
+    initial = PolicyModule(policy=tiny_model(seed=cfg.seed).model, objective=SPIN(losses.logistic))
     assert not torch.allclose(cached, score_pairs(None, initial, dm, dm.encoded, "score"), atol=1e-2)
 
 

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from spinlab.config import dirname
 from spinlab.models import tiny_model
-from spinlab.module import SFTModule, SPINModule
+from spinlab.module import PolicyModule
+from spinlab.objectives import SFT, SPIN
 from tests.conftest import compose_cfg
 
 
@@ -17,7 +18,7 @@ def test_weak_sft_preset_builds_an_sft_run_from_scratch():
     cfg = compose_cfg(["experiment=weak_sft", "seed=2"])
     loaded = instantiate(cfg.model)
     module = instantiate(cfg.module, policy=loaded.model)
-    assert isinstance(module, SFTModule)
+    assert isinstance(module.objective, SFT)
     assert loaded.model.config.hidden_size == 128 and loaded.model.config.num_hidden_layers == 4
     params = sum(p.numel() for p in loaded.model.parameters())
     assert 0.5e6 < params < 1.5e6
@@ -36,14 +37,14 @@ def load_from_saved_start(cfg, path, seed):
     return loaded
 
 
-@pytest.mark.parametrize("arm", [[], ["data.mix_previous_rounds=1"], ["module=sft"]])
+@pytest.mark.parametrize("arm", [[], ["data.mix_previous_rounds=1"], ["objective=sft"]])
 def test_spin_vs_sft_arms_start_from_the_weak_model_of_their_seed(arm, tmp_path):
     cfg = compose_cfg(["experiment=spin_vs_sft", "seed=1", *arm])
     OmegaConf.resolve(cfg)
     assert cfg.model.name_or_path == "outputs/weak_sft/experiment=weak_sft,seed=1/hf/round_000"
     loaded = load_from_saved_start(cfg, tmp_path / "weak", seed=5)
     module = instantiate(cfg.module, policy=loaded.model)
-    assert isinstance(module, SFTModule if arm == ["module=sft"] else SPINModule)
+    assert isinstance(module.objective, SFT if arm == ["objective=sft"] else SPIN)
     # Both arms: 4 rounds of one epoch over the same prompts with the same optimizer.
     assert (cfg.rounds, cfg.epochs_per_round, cfg.optimizer.lr) == (4, 1, 5e-4)
 
@@ -62,7 +63,7 @@ def test_converged_sft_preset_trains_the_weak_model_architecture_round_by_round(
     cfg = compose_cfg(["experiment=converged_sft"])
     loaded = instantiate(cfg.model)
     module = instantiate(cfg.module, policy=loaded.model)
-    assert isinstance(module, SFTModule)
+    assert isinstance(module.objective, SFT)
     assert (loaded.model.config.hidden_size, loaded.model.config.num_hidden_layers) == (128, 4)
     # Each round is evaluated on validation, where the plateau is read; the test split stays unseen.
     assert (cfg.rounds, cfg.epochs_per_round, cfg.eval.split) == (20, 2, "validation")
@@ -83,7 +84,7 @@ def test_self_play_family_methods_share_the_start_and_differ_only_in_the_objecti
     assert cfg.model.name_or_path == "experiments/self_play_family/runs/start"
     loaded = load_from_saved_start(cfg, tmp_path / "start", seed=3)
     module = instantiate(cfg.module, policy=loaded.model)
-    assert isinstance(module, SPINModule)
+    assert isinstance(module, PolicyModule)
     assert type(module.objective).__name__ == objective_cls
     assert type(instantiate(cfg.pairs)).__name__ == pairs_cls
     assert (cfg.rounds, cfg.epochs_per_round, cfg.eval.split, cfg.data.num_prompts) == (3, 1, "test", None)

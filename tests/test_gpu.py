@@ -64,7 +64,8 @@ def test_liger_kernels_and_compiled_layers_keep_the_loss():
     import functools
 
     from spinlab import losses
-    from spinlab.module import SPINModule
+    from spinlab.module import PolicyModule
+    from spinlab.objectives import SPIN
 
     loaded = tiny_model(seed=0)
     torch.manual_seed(0)
@@ -90,10 +91,10 @@ def test_liger_kernels_and_compiled_layers_keep_the_loss():
     except ImportError:
         pass
     for name, kwargs in settings.items():
-        module = SPINModule(
-            copy.deepcopy(loaded.model),
-            losses.logistic,
-            functools.partial(torch.optim.SGD, lr=0.0),
+        module = PolicyModule(
+            policy=copy.deepcopy(loaded.model),
+            objective=SPIN(losses.logistic),
+            optimizer=functools.partial(torch.optim.SGD, lr=0.0),
             lam=0.5,
             **kwargs,
         ).cuda()

@@ -8,7 +8,8 @@ from spinlab import losses
 from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
-from spinlab.module import SPINModule, warmup_linear_decay
+from spinlab.module import PolicyModule, warmup_linear_decay
+from spinlab.objectives import SPIN
 from spinlab.rounds import Round
 from tests.helpers import response_logp
 
@@ -21,9 +22,9 @@ PAIRS = [
 
 def make(opponent: str, seed: int = 0):
     loaded = tiny_model(seed=seed)
-    module = SPINModule(
-        loaded.model,
-        loss=losses.logistic,
+    module = PolicyModule(
+        policy=loaded.model,
+        objective=SPIN(losses.logistic),
         optimizer=functools.partial(torch.optim.RMSprop, lr=1e-3),
         lam=0.5,
         opponent=opponent,
@@ -120,9 +121,13 @@ def test_begin_round_copies_policy_into_opponent_only_when_fresh():
     module, _ = make("model")
     with torch.no_grad():
         next(module.policy.parameters()).add_(1.0)
-    module.begin_round(Round(1, lam=0.2, lr=1e-3, mix_previous_rounds=0, total_steps=4, pairs=3), fresh=False)
+    module.begin_round(
+        Round(1, lam=0.2, lr=1e-3, mix_previous_rounds=0, start_step=0, total_steps=4, pairs=3), fresh=False
+    )
     assert not torch.equal(next(module.policy.parameters()), next(module.opponent.parameters()))
-    module.begin_round(Round(1, lam=0.2, lr=1e-3, mix_previous_rounds=0, total_steps=4, pairs=3), fresh=True)
+    module.begin_round(
+        Round(1, lam=0.2, lr=1e-3, mix_previous_rounds=0, start_step=0, total_steps=4, pairs=3), fresh=True
+    )
     for p, q in zip(module.policy.parameters(), module.opponent.parameters(), strict=True):
         assert torch.equal(p, q)
     assert module.lam == 0.2
@@ -131,7 +136,9 @@ def test_begin_round_copies_policy_into_opponent_only_when_fresh():
 def test_invalid_settings_are_rejected():
     loaded = tiny_model()
     with pytest.raises(ValueError, match="opponent"):
-        SPINModule(loaded.model, losses.logistic, torch.optim.SGD, opponent="ema")
+        PolicyModule(
+            policy=loaded.model, objective=SPIN(losses.logistic), optimizer=torch.optim.SGD, opponent="ema"
+        )
 
 
 def test_warmup_linear_decay_numbers():
@@ -185,7 +192,12 @@ def test_chunk_size_auto_is_256_on_cpu_and_bad_sizes_are_refused(monkeypatch):
     assert seen == [256, 256]
     for bad in (0, -4, "big", 2.5):
         with pytest.raises(ValueError, match="logprob_chunk_size"):
-            SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, logprob_chunk_size=bad)
+            PolicyModule(
+                policy=tiny_model().model,
+                objective=SPIN(losses.logistic),
+                optimizer=torch.optim.SGD,
+                logprob_chunk_size=bad,
+            )
 
 
 @pytest.mark.slow
@@ -236,7 +248,12 @@ def test_compile_layers_auto_stays_eager_on_cpu(monkeypatch):
     module.configure_model()
     assert calls == [module.policy]
     with pytest.raises(ValueError, match="compile_layers"):
-        SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, compile_layers="yes")
+        PolicyModule(
+            policy=tiny_model().model,
+            objective=SPIN(losses.logistic),
+            optimizer=torch.optim.SGD,
+            compile_layers="yes",
+        )
 
 
 def test_liger_kernels_are_applied_to_the_policy_or_refused_with_the_install_command(monkeypatch):
@@ -246,14 +263,24 @@ def test_liger_kernels_are_applied_to_the_policy_or_refused_with_the_install_com
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not importable, as on a CPU machine
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[liger\]'"):
-        SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, liger_kernels=True)
+        PolicyModule(
+            policy=tiny_model().model,
+            objective=SPIN(losses.logistic),
+            optimizer=torch.optim.SGD,
+            liger_kernels=True,
+        )
 
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")
     fake.apply_liger_kernel_to_llama = lambda **kw: calls.append(kw)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    module = SPINModule(tiny_model().model, losses.logistic, torch.optim.SGD, liger_kernels=True)
+    module = PolicyModule(
+        policy=tiny_model().model,
+        objective=SPIN(losses.logistic),
+        optimizer=torch.optim.SGD,
+        liger_kernels=True,
+    )
     assert calls == [
         {
             "rope": True,
@@ -267,4 +294,6 @@ def test_liger_kernels_are_applied_to_the_policy_or_refused_with_the_install_com
     other = tiny_model().model
     other.config.model_type = "unheard_of"
     with pytest.raises(ValueError, match="no kernels for model type 'unheard_of'"):
-        SPINModule(other, losses.logistic, torch.optim.SGD, liger_kernels=True)
+        PolicyModule(
+            policy=other, objective=SPIN(losses.logistic), optimizer=torch.optim.SGD, liger_kernels=True
+        )

@@ -10,7 +10,8 @@ from spinlab import losses
 from spinlab.data import SelfPlayDataModule
 from spinlab.logprobs import IGNORE_INDEX
 from spinlab.models import tiny_model
-from spinlab.module import SFTModule, SPINModule
+from spinlab.module import PolicyModule
+from spinlab.objectives import SFT, SPIN
 
 PAIRS = [
     {"prompt": "2 + 3?", "real": "2 + 3 = 5. The answer is 5.", "synthetic": "It is 7"},
@@ -52,33 +53,35 @@ def test_packed_rows_hold_every_token_once_without_padding_between():
         assert torch.equal(b["labels"][row, cols], a["labels"][seq, :length])
 
 
-def make(cls, **kwargs):
+def make(objective, **kwargs):
     policy = tiny_model(seed=3).model
     with torch.no_grad():  # away from the opponent, so that margins are not all zero
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     opt = functools.partial(torch.optim.SGD, lr=0.1)
-    if cls is SPINModule:
-        return SPINModule(policy, losses.logistic, opt, lam=0.5, opponent="model", **kwargs)
-    return SFTModule(policy, opt, **kwargs)
+    if objective is SPIN:
+        return PolicyModule(
+            policy=policy, objective=SPIN(losses.logistic), optimizer=opt, lam=0.5, opponent="model", **kwargs
+        )
+    return PolicyModule(policy=policy, objective=SFT(), optimizer=opt, **kwargs)
 
 
-@pytest.mark.parametrize("cls", [SPINModule, SFTModule])
+@pytest.mark.parametrize("objective", [SPIN, SFT])
 @pytest.mark.parametrize("chunk", [None, 16])
 @pytest.mark.parametrize("pack_length", [None, 120])  # everything in one row; several rows
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(cls, chunk, pack_length):
-    pairs = PAIRS if cls is SPINModule else [{k: v for k, v in p.items() if k != "synthetic"} for p in PAIRS]
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(objective, chunk, pack_length):
+    pairs = PAIRS if objective is SPIN else [{k: v for k, v in p.items() if k != "synthetic"} for p in PAIRS]
     padded_dm, packed_dm = datamodules(pack_length, pairs)
-    module = make(cls, logprob_chunk_size=chunk)
+    module = make(objective, logprob_chunk_size=chunk)
     with torch.no_grad():  # the opponent is the unperturbed model: a real comparison, not 0 == 0
-        if cls is SPINModule:
+        if objective is SPIN:
             module.opponent.load_state_dict(tiny_model(seed=3).model.state_dict())
     twin = copy.deepcopy(module)
     out_padded = module.loss_and_metrics(first_batch(padded_dm))
     out_packed = twin.loss_and_metrics(first_batch(packed_dm))
     for key in out_padded:
         torch.testing.assert_close(out_packed[key], out_padded[key], rtol=1e-5, atol=1e-4)
-    if cls is SPINModule:
+    if objective is SPIN:
         assert out_padded["margin"].abs().min() > 1e-3
     out_padded["loss"].backward()
     out_packed["loss"].backward()

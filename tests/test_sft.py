@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import train
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
-from spinlab.module import SFTModule, SPINModule
+from spinlab.module import PolicyModule
+from spinlab.objectives import SFT
 from tests.conftest import compose_cfg
 from tests.helpers import first_batch, response_logp, sequence_tokens, step_losses
 
@@ -25,7 +26,9 @@ PAIRS = [
 
 def make_sft():
     loaded = tiny_model(seed=0)
-    module = SFTModule(loaded.model, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    module = PolicyModule(
+        policy=loaded.model, objective=SFT(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2)
+    )
     dm = SelfPlayDataModule(source=None, tokenizer=loaded.tokenizer, max_length=96, max_prompt_length=48)
     dm.set_pairs(PAIRS)
     return module, dm, loaded.tokenizer
@@ -76,18 +79,19 @@ def test_sft_steps_raise_the_real_responses_likelihood():
     assert float(module.loss_and_metrics(batch)["loss"].detach()) < before - 0.5
 
 
-def test_module_configs_build_spin_and_sft():
+def test_one_module_config_builds_spin_and_sft():
     policy = tiny_model().model
     spin = instantiate(compose_cfg(["model=tiny"]).module, policy=policy)
-    sft = instantiate(compose_cfg(["model=tiny", "module=sft"]).module, policy=policy)
-    assert isinstance(spin, SPINModule) and spin.objective.kinds == ("real", "synthetic")
-    assert isinstance(sft, SFTModule) and sft.objective.metric_names == ("loss", "logp_real")
+    sft = instantiate(compose_cfg(["model=tiny", "objective=sft"]).module, policy=policy)
+    assert type(spin) is type(sft) is PolicyModule
+    assert spin.objective.kinds == ("real", "synthetic")
+    assert isinstance(sft.objective, SFT) and sft.objective.metric_names == ("loss", "logp_real")
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft") / "run"
-    cfg = compose_cfg(["debug=fast", "module=sft", "optimizer=adamw", "optimizer.lr=3e-3"], root)
+    cfg = compose_cfg(["debug=fast", "objective=sft", "optimizer=adamw", "optimizer.lr=3e-3"], root)
     return root, train.run(cfg), cfg
 
 

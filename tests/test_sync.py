@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from spinlab import losses
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
-from spinlab.module import SPINModule
+from spinlab.module import PolicyModule
+from spinlab.objectives import SPIN
 
 LOG_EVERY = 4
 STEPS = 8
@@ -153,9 +154,9 @@ def fit_and_count(
 ) -> dict[int, list[str]]:
     torch.manual_seed(0)
     loaded = tiny_model(seed=0)
-    module = SPINModule(
-        loaded.model,
-        loss=losses.logistic,
+    module = PolicyModule(
+        policy=loaded.model,
+        objective=SPIN(losses.logistic),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         opponent="model",  # scores every batch: its forward is counted too
         sync_every_step=sync_every_step,

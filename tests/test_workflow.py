@@ -6,12 +6,14 @@ import re
 import pytest
 import torch
 
+from spinlab import losses
+from spinlab.collective import SingleProcess
 from spinlab.config import redact
 from spinlab.data import SelfPlayDataModule
 from spinlab.evaluation import RoundEvaluator, mtbench_questions
 from spinlab.models import pretrained, tiny_model
-from spinlab.module import SPINModule
-from spinlab.rounds import SingleProcess
+from spinlab.module import PolicyModule
+from spinlab.objectives import SPIN
 from spinlab.rundir import RunDir
 from spinlab.tasks.arithmetic import ArithmeticTask
 from tests.helpers import response_logp
@@ -97,7 +99,7 @@ def test_task_accuracy_is_the_share_of_correct_answers(tmp_path):
     ]
     evaluator = RoundEvaluator(heldout_pairs=0, task_prompts=5)
     evaluator.generator = Answering(responses)
-    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    module = PolicyModule(policy=loaded.model, objective=SPIN(losses.logistic))
     results = evaluator._task(0, SingleProcess(), module, dm, RunDir(tmp_path / "run"))
     graded = rows(tmp_path / "run" / "rounds" / "round_000" / "task_answers.jsonl")
     assert [g["response"] for g in graded] == responses
@@ -116,7 +118,7 @@ def test_mtbench_answers_in_fastchat_format(tmp_path):
     assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
     loaded = tiny_model()
     dm = SelfPlayDataModule(None, loaded.tokenizer)
-    module = SPINModule(loaded.model, loss=None, optimizer=None)
+    module = PolicyModule(policy=loaded.model, objective=SPIN(losses.logistic))
     evaluator = RoundEvaluator(mtbench=True, mtbench_questions=3, mtbench_max_new_tokens=4, batch_size=2)
     run_dir = RunDir(tmp_path / "run")
     assert evaluator._mtbench(2, None, module, dm, run_dir) == {"eval/mtbench_answers": 3}

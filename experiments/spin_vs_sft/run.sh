@@ -20,7 +20,7 @@ for seed in 0 1 2; do $PY train.py experiment=weak_sft seed=$seed; done
 # 2. Learning-rate selection (validation split, seed 0, round 0): the SPIN and SFT grids.
 $PY train.py -m experiment=spin_vs_sft name=lrsel rounds=1 eval.split=validation \
   optimizer.lr=2e-6,1e-5,5e-5,5e-4 hydra.sweep.dir=experiments/spin_vs_sft/runs/lrsel
-$PY train.py -m experiment=spin_vs_sft name=lrsel rounds=1 eval.split=validation module=sft \
+$PY train.py -m experiment=spin_vs_sft name=lrsel rounds=1 eval.split=validation objective=sft \
   optimizer.lr=5e-5,2e-4,1e-3 hydra.sweep.dir=experiments/spin_vs_sft/runs/lrsel
 
 # 3. The arms, on the test split. One thread per stream: two small processes share 2 cores best.
@@ -32,8 +32,8 @@ arm() { # <sweep subdir> <overrides...>
 }
 (
   arm spin optimizer.lr=$SPIN_LR
-  arm sft module=sft optimizer.lr=$SFT_LR
-  arm sft_2x module=sft epochs_per_round=2 optimizer.lr=$SFT_LR
+  arm sft objective=sft optimizer.lr=$SFT_LR
+  arm sft_2x objective=sft epochs_per_round=2 optimizer.lr=$SFT_LR
 ) &
 (
   arm spin_mix optimizer.lr=$SPIN_LR data.mix_previous_rounds=1

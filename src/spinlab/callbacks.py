@@ -129,7 +129,7 @@ class _Hashing:
 
 
 class RoundCheckpoint(L.Callback):
-    """Saves `last.ckpt` at every epoch end, after SelfPlayCallback has prepared the next round, and
+    """Saves `last.ckpt` at every epoch end, after SelfPlayCallback has finished a round there, and
     after the current step when a stop signal (SIGTERM, SIGUSR1) arrives.
 
     Place it after SelfPlayCallback. One file (AtomicCheckpointIO) for unsharded runs; for sharded
@@ -319,9 +319,9 @@ class SelfPlayCallback(L.Callback):
                 )
             evaluator = None
         self.evaluator = evaluator
-        # Checkpointed state: where the run is, and each round once it has started.
-        self.completed_epochs = 0
-        self.epoch_batches = 0  # batches of the current epoch trained (a checkpoint after a step)
+        # Checkpointed state: the batches of the current epoch already trained (a checkpoint
+        # saved after a step), each round once it has started, and each finished round's summary.
+        self.epoch_batches = 0
         self.started: dict[int, Round] = {}
         self.summaries: dict[int, dict] = {}
         self._round_started = 0.0
@@ -329,19 +329,27 @@ class SelfPlayCallback(L.Callback):
 
     def state_dict(self) -> dict:
         return {
-            "completed_epochs": self.completed_epochs,
             "epoch_batches": self.epoch_batches,
             "rounds": {i: r.as_dict() for i, r in self.started.items()},
             "summaries": self.summaries,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.completed_epochs = state["completed_epochs"]
         self.epoch_batches = state.get("epoch_batches", 0)
         self.started = {int(k): Round(**v) for k, v in state["rounds"].items()}
         self.summaries = {int(k): v for k, v in state["summaries"].items()}
 
     # -- hooks ------------------------------------------------------------------------------
+    # A round's life, in the order the hooks run:
+    #   on_train_dataloader  at the round's first epoch (or the epoch a resume lands in): start_round
+    #                        plans the Round, builds its pairs (generation) and hands them to the
+    #                        data module; a resumed round reads everything back from disk.
+    #   training steps       (RoundCheckpoint saves after a step when a stop signal arrives)
+    #   on_train_epoch_end   at the round's last epoch: finish_round saves the policy as a
+    #                        Hugging Face directory, evaluates it and writes summary.json; then
+    #                        RoundCheckpoint (placed after this callback) saves last.ckpt.
+    # So the checkpoint at a round's end holds the finished round, and the next round's generation
+    # starts after it: a kill while generating resumes from the finished round.
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         objective = getattr(pl_module, "objective", None)
         provided = tuple(getattr(self.pairs, "kinds", ()))
@@ -353,34 +361,34 @@ class SelfPlayCallback(L.Callback):
                 "pairs=real: real; pairs=triplets: real, synthetic, proto), or leave `pairs` unset so "
                 "that the objective picks it"
             )
-        # The first round of this process starts when the fit loop first asks for the training
-        # data: by then every strategy has restored the weights, the callbacks' state and the loop
-        # counters (sharded strategies restore only after on_fit_start).
-        trainer.datamodule.before_train_loader = lambda: self.resume_round(trainer, pl_module)
         self._current = None
 
-    def resume_round(self, trainer: L.Trainer, pl_module) -> None:
-        index = self.completed_epochs // self.epochs_per_round
-        if index < self.rounds and self._current != index:
-            self.start_round(trainer, pl_module, index)
-            # Resumed from a checkpoint saved after a step: the epoch goes on after that step.
-            trainer.datamodule.skip_batches = self.epoch_batches
+    @staticmethod
+    def epochs_trained(trainer: L.Trainer) -> int:
+        """Epochs whose training steps are all done: Lightning's count, which rises before the
+        epoch-end hooks and is restored from a checkpoint saved at an epoch's end or after a step."""
+        return trainer.fit_loop.epoch_progress.total.processed
+
+    def on_train_dataloader(self, trainer: L.Trainer, pl_module) -> None:
+        """Called by SelfPlayDataModule.train_dataloader at each epoch's start."""
+        index = self.epochs_trained(trainer) // self.epochs_per_round
+        if index >= self.rounds or self._current == index:
+            return
+        if self._current is not None and stop_agreed(trainer):
+            raise SIGTERMException  # a stop signal between rounds: the finished round is saved
+        self.start_round(trainer, pl_module, index)
+        # Resumed from a checkpoint saved after a step: the epoch goes on after that step.
+        trainer.datamodule.skip_batches = self.epoch_batches
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.epoch_batches += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         _check_finite(pl_module)  # before the round's policy is saved, evaluated or generates
-        self.completed_epochs += 1
         self.epoch_batches = 0
-        if self.completed_epochs % self.epochs_per_round:
-            return
-        index = self.completed_epochs // self.epochs_per_round - 1
-        self.finish_round(trainer, pl_module, index)
-        # After a stop signal the next round is not prepared: the checkpoint saved now holds the
-        # finished round, and the rerun prepares the next one as it would at any resume.
-        if index + 1 < self.rounds and not stop_agreed(trainer):
-            self.start_round(trainer, pl_module, index + 1)
+        epochs = self.epochs_trained(trainer)
+        if epochs % self.epochs_per_round == 0:
+            self.finish_round(trainer, pl_module, epochs // self.epochs_per_round - 1)
 
     # -- a round ----------------------------------------------------------------------------
     def start_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
@@ -394,6 +402,7 @@ class SelfPlayCallback(L.Callback):
             lam=float(settings["lam"]),
             lr=float(settings["lr"]),
             mix_previous_rounds=int(settings["mix_previous_rounds"]),
+            start_step=trainer.global_step,
             total_steps=0,
             pairs=0,
         )

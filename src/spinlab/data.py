@@ -111,7 +111,6 @@ class SelfPlayDataModule(L.LightningDataModule):
         self._check_pack_length()
         self.rows: dict[str, list[dict]] = {}
         self.skipped: dict[str, int] = {}
-        self.before_train_loader = None
         self.skip_batches = 0  # set on a resume after a step: the next train loader starts after them
         self.pairs: list[dict] = []
         self.encoded: list[dict] = []
@@ -426,8 +425,14 @@ class SelfPlayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.before_train_loader is not None:  # SelfPlayCallback starts the round it resumes into
-            self.before_train_loader()
+        # Lightning asks for the loader at every epoch's start, once it has restored the weights,
+        # the callbacks' state and the loop counters (sharded strategies restore after
+        # on_fit_start): the moment a round starts. Callbacks that define `on_train_dataloader`
+        # (SelfPlayCallback) are called first, so the loader serves the round's rows.
+        if self.trainer is not None:
+            for callback in self.trainer.callbacks:
+                if hasattr(callback, "on_train_dataloader"):
+                    callback.on_train_dataloader(self.trainer, self.trainer.lightning_module)
         return self._loader(self.encoded, shuffle=True)
 
     def scoring_dataloader(self) -> DataLoader:

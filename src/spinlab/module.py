@@ -1,16 +1,15 @@
-"""SPINModule: the policy (θ_t+1, trained) against the opponent (θ_t, frozen), under a self-play
-objective (spinlab.objectives, the config group `objective`: SPIN by default, or T-SPIN).
+"""PolicyModule: the policy (θ_t+1, trained) under the run's objective (spinlab.objectives, the
+config group `objective`: SPIN by default, T-SPIN, or SFT), against the opponent (θ_t, frozen)
+where the objective uses one.
 
 The policy lives inside a ResponseScorer, the one module through which every log-prob of a run is
-computed, and which FSDP2 shards layer by layer under trainer=fsdp / fsdp_cpu. The opponent enters the loss only through its log-probs of each pair's real and synthetic
-response, and only for objectives that use it (SPIN; T-SPIN has no reference). With `opponent="cached"` (the default) they are computed once at the round's start
-from the policy's weights at that moment (exact, because the opponent is frozen for the whole
-round) and arrive in the batch; with `opponent="model"` a frozen copy of the policy scores
-every batch. Both give the same loss.
-
-SFTModule trains the same policy on the real responses alone (token-mean negative
-log-likelihood): the weak starting model and the continued-SFT control of a SPIN study run
-through the same rounds, schedule, checkpoints and evaluation as SPIN does.
+computed, and which FSDP2 shards layer by layer under trainer=fsdp / fsdp_cpu. The opponent enters
+the loss only through its log-probs of each pair's real and synthetic response, and only for
+objectives that use it (SPIN; T-SPIN has no reference, SFT trains on the real responses alone).
+With `opponent="cached"` (the default) they are computed once at the round's start from the
+policy's weights at that moment (exact, because the opponent is frozen for the whole round) and
+arrive in the batch; with `opponent="model"` a frozen copy of the policy scores every batch. Both
+give the same loss.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from spinlab.data import batch_tokens
 from spinlab.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
-from spinlab.objectives import SFT, SPIN, Objective
+from spinlab.objectives import Objective
 from spinlab.rounds import Round
 
 log = logging.getLogger(__name__)
@@ -186,8 +185,8 @@ def shard(scorer: ResponseScorer, mesh, mp_policy) -> None:
 
 class RoundSchedule(torch.optim.lr_scheduler.LRScheduler):
     """Each round's learning rate: linear warm-up over warmup_ratio of its steps, then linear decay
-    to 0, peaking at the round's lr. Steps with the optimizer; `refresh` re-reads the round once it
-    is known (at each epoch start, after a resume has restored the step count)."""
+    to 0, peaking at the round's lr. Steps with the optimizer; `refresh` re-reads the round at each
+    epoch start, where a new round may have begun."""
 
     def __init__(self, optimizer, module: PolicyModule):
         self.module = module
@@ -195,7 +194,7 @@ class RoundSchedule(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:
         rnd = self.module.round
-        if rnd is None or rnd.start_step is None:
+        if rnd is None:
             return [group["lr"] for group in self.optimizer.param_groups]
         factor = warmup_linear_decay(
             self.last_epoch - rnd.start_step, rnd.total_steps, self.module.warmup_ratio
@@ -212,15 +211,17 @@ class RoundSchedule(torch.optim.lr_scheduler.LRScheduler):
 
 
 class PolicyModule(L.LightningModule):
-    """What SPIN and SFT share: the policy, its optimizer and per-round schedule, response
-    log-probs, sharding, non-finite handling and the per-round metric means. The objective
-    (spinlab.objectives) turns per-kind log-probs into the loss and the metrics."""
+    """The policy, its optimizer and per-round schedule, response log-probs, the opponent,
+    sharding, non-finite handling and the per-round metric means. The objective turns per-kind
+    log-probs (and the opponent's, when it uses them) into the loss and the metrics."""
 
     def __init__(
         self,
+        *,
         policy: nn.Module,
         objective: Objective,
-        optimizer: Callable,
+        optimizer: Callable | None = None,
+        opponent: str = "cached",
         lam: float = 0.1,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
@@ -231,6 +232,13 @@ class PolicyModule(L.LightningModule):
         liger_kernels: bool = False,
         sync_every_step: bool = False,
     ):
+        if opponent not in OPPONENT_MODES:
+            raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
+        if opponent == "model" and not objective.needs_opponent:
+            raise ValueError(
+                f"opponent=model keeps a frozen copy of the policy, but {type(objective).__name__} uses "
+                "no opponent log-probs: leave opponent=cached (nothing is cached for it)"
+            )
         super().__init__()
         # Sharded runs: decode on the full weights gathered once (fast; needs the whole model's
         # memory on every device), or on the shards with every process stepping in lockstep.
@@ -271,6 +279,9 @@ class PolicyModule(L.LightningModule):
         self._first_bad: dict[str, torch.Tensor] = {}
         self._unchecked = False  # steps ran since the host last read the finiteness record
         self._reset_window()
+        self.opponent_scorer = None
+        if opponent == "model":
+            self.opponent_scorer = copy.deepcopy(self.scorer).requires_grad_(False).eval()
 
     @property
     def policy(self) -> nn.Module:
@@ -293,8 +304,18 @@ class PolicyModule(L.LightningModule):
     def _round_metrics(self) -> list:
         return [*self.means.values(), self.skipped, self.tokens]
 
+    @property
+    def opponent(self) -> nn.Module | None:
+        return None if self.opponent_scorer is None else self.opponent_scorer.model
+
     def scorers(self) -> list[ResponseScorer]:
-        return [self.scorer]
+        return [self.scorer] + ([self.opponent_scorer] if self.opponent_scorer is not None else [])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.opponent_scorer is not None:
+            self.opponent_scorer.eval()  # frozen for the round: no dropout, ever
+        return self
 
     # -- sharding ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -368,6 +389,8 @@ class PolicyModule(L.LightningModule):
         if fresh:
             for metric in self._round_metrics():
                 metric.reset()
+            if self.opponent_scorer is not None:  # the opponent of a round is the policy at its start
+                self.opponent_scorer.load_state_dict(self.scorer.state_dict())
 
     def round_means(self) -> dict[str, float]:
         means = {k: float(m.compute()) for k, m in self.means.items() if m.update_called}
@@ -407,10 +430,7 @@ class PolicyModule(L.LightningModule):
         self._unchecked = False
 
     def on_train_epoch_start(self) -> None:
-        # Here the step count is restored (also after a resume), so the round's schedule is exact.
-        if self.round is not None and self.round.start_step is None:
-            self.round.start_step = self.global_step
-        self.lr_schedulers().refresh()
+        self.lr_schedulers().refresh()  # the round (and its lr) may have changed since the last step
         self._reset_window()  # a logging window never spans two epochs (or two rounds)
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -427,7 +447,18 @@ class PolicyModule(L.LightningModule):
         self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
 
     def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.round_objective(self.policy_logps(batch), None, self.lam)
+        """The objective on one batch (SPIN: Eq. 4.7); per-pair tensors and the loss."""
+        policy = self.policy_logps(batch)
+        if not self.objective.needs_opponent:
+            return self.round_objective(policy, None, self.lam)
+        if self.opponent_scorer is not None:
+            with torch.no_grad():
+                real, synthetic = self.opponent_scorer(batch).chunk(2)
+        elif "opponent_logps" in batch:
+            real, synthetic = batch["opponent_logps"].to(policy["real"].dtype).unbind(-1)
+        else:
+            raise RuntimeError("opponent='cached' but the batch carries no opponent log-probs")
+        return self.round_objective(policy, {"real": real, "synthetic": synthetic}, self.lam)
 
     def training_step(self, batch, batch_idx):
         out = self.loss_and_metrics(batch)
@@ -618,90 +649,3 @@ class PolicyModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": RoundSchedule(optimizer, self), "interval": "step"},
         }
-
-
-class SPINModule(PolicyModule):
-    """The self-play module: the policy under `objective` (default SPIN with ℓ = `loss`) against
-    the opponent, whose log-probs arrive cached in the batch or come from a frozen copy
-    (`opponent="model"`) when the objective uses them (`needs_opponent`). Other settings are
-    PolicyModule's."""
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        optimizer: Callable | None = None,
-        opponent: str = "cached",
-        objective: Objective | None = None,
-        **settings,
-    ):
-        if opponent not in OPPONENT_MODES:
-            raise ValueError(f"opponent={opponent!r} is not one of {OPPONENT_MODES}")
-        if objective is None:
-            objective = SPIN(loss)
-        elif loss is not None:
-            raise ValueError("give the module either `loss` (SPIN) or `objective`, not both")
-        if opponent == "model" and not objective.needs_opponent:
-            raise ValueError(
-                f"opponent=model keeps a frozen copy of the policy, but {type(objective).__name__} uses "
-                "no opponent log-probs: leave opponent=cached (nothing is cached for it)"
-            )
-        super().__init__(policy, objective, optimizer, **settings)
-        self.opponent_scorer = None
-        if opponent == "model":
-            self.opponent_scorer = copy.deepcopy(self.scorer).requires_grad_(False).eval()
-
-    @property
-    def opponent(self) -> nn.Module | None:
-        return None if self.opponent_scorer is None else self.opponent_scorer.model
-
-    def scorers(self) -> list[ResponseScorer]:
-        return [self.scorer] + ([self.opponent_scorer] if self.opponent_scorer is not None else [])
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.opponent_scorer is not None:
-            self.opponent_scorer.eval()  # frozen for the round: no dropout, ever
-        return self
-
-    def begin_round(self, rnd: Round, fresh: bool) -> None:
-        super().begin_round(rnd, fresh)
-        if fresh and self.opponent_scorer is not None:
-            self.opponent_scorer.load_state_dict(self.scorer.state_dict())
-
-    def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The objective on one batch (SPIN: Eq. 4.7); per-pair tensors and the loss."""
-        policy = self.policy_logps(batch)
-        if not self.objective.needs_opponent:
-            return self.round_objective(policy, None, self.lam)
-        if self.opponent_scorer is not None:
-            with torch.no_grad():
-                real, synthetic = self.opponent_scorer(batch).chunk(2)
-        elif "opponent_logps" in batch:
-            real, synthetic = batch["opponent_logps"].to(policy["real"].dtype).unbind(-1)
-        else:
-            raise RuntimeError("opponent='cached' but the batch carries no opponent log-probs")
-        return self.round_objective(policy, {"real": real, "synthetic": synthetic}, self.lam)
-
-
-class SFTModule(PolicyModule):
-    """Supervised fine-tuning on the real responses: the weak starting model and the control.
-
-    The loss is the mean negative log-likelihood per response token (prompt masked, EOS
-    counted), the usual SFT objective. `lam` only scales the held-out SPIN margin that the
-    evaluator reports, so SFT and SPIN runs are compared on the same numbers.
-    """
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        optimizer: Callable | None = None,
-        objective: Objective | None = None,
-        **settings,
-    ):
-        if objective is not None and not isinstance(objective, SFT):
-            raise ValueError(
-                f"module=sft trains the SFT objective, not {type(objective).__name__}: "
-                "choose the method with objective=... alone (module=spin, the default)"
-            )
-        super().__init__(policy, objective or SFT(), optimizer, **settings)

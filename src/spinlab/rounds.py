@@ -20,15 +20,16 @@ from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_js
 
 @dataclass
 class Round:
-    """A round's settings and schedule, fixed when it starts (start_step at its first epoch)."""
+    """A round's settings and schedule, fixed by SelfPlayCallback when the round starts, at the
+    global step `start_step`, and checkpointed with it."""
 
     index: int
     lam: float
     lr: float
     mix_previous_rounds: int
+    start_step: int
     total_steps: int
     pairs: int
-    start_step: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
