@@ -46,7 +46,8 @@ def main() -> None:
     touched: dict[str, set[str]] = defaultdict(set)
 
     def profile(frame, event, arg):
-        if event == "call":
+        # A class body run while its module is imported is not a call a reader follows.
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_name != "<module>":
             name = ours(frame.f_code.co_filename)
             if name is not None:
                 touched[name].add(frame.f_code.co_qualname)
