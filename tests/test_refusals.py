@@ -122,11 +122,15 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
         ("data.mix_previous_rounds=-1", "data.mix_previous_rounds must be an int >= 0"),
         ("data.mix_previous_rounds=1.5", "data.mix_previous_rounds must be an int >= 0"),
         ("epochs_per_round=0", "epochs_per_round must be >= 1"),
+        (
+            "data.max_prompt_length=64 data.max_length=64",
+            r"data.max_prompt_length \(64\) must be below data.max_length \(64\)",
+        ),
     ],
 )
 def test_impossible_values_are_refused_at_start(override, message):
     with pytest.raises(ValueError, match=message):
-        train.check_config(compose_cfg(["debug=fast", override]))
+        train.check_config(compose_cfg(["debug=fast", *override.split()]))
 
 
 # -- every setting that changes training is compared, whichever path sets it -------------------

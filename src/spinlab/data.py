@@ -430,7 +430,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         # on_fit_start): the moment a round starts. Callbacks that define `on_train_dataloader`
         # (SelfPlayCallback) are called first, so the loader serves the round's rows.
         if self.trainer is not None:
-            for callback in self.trainer.callbacks:
+            for callback in getattr(self.trainer, "callbacks", ()):
                 if hasattr(callback, "on_train_dataloader"):
                     callback.on_train_dataloader(self.trainer, self.trainer.lightning_module)
         return self._loader(self.encoded, shuffle=True)
