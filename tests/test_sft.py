@@ -11,6 +11,7 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 import train
+from spinlab.config import own_keys
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
 from spinlab.module import PolicyModule
@@ -109,7 +110,7 @@ def test_sft_rounds_train_on_real_responses_and_generate_nothing(sft_run):
     # Each round trains once on every prompt with its real response: prompt + response + EOS.
     loaded = tiny_model(seed=cfg.seed)
     tok = loaded.tokenizer
-    dm = instantiate(cfg.data, tokenizer=tok, max_positions=loaded.max_positions)
+    dm = instantiate(own_keys(cfg, "data"), tokenizer=tok, max_positions=loaded.max_positions)
     rows = dm.load_split("train")
     assert len(rows) == cfg.data.num_prompts
     tokens = sum(sequence_tokens(tok, row["prompt"], row["response"]) for row in rows)

@@ -236,13 +236,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    # Several processes may convert at once (a sweep's first jobs): each writes its own copy, and
+    # the first to finish wins; a finished directory is never removed under a reader.
+    tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    if not (out_dir / "config.json").exists():
+        shutil.rmtree(out_dir, ignore_errors=True)  # a leftover without config.json is no model
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "config.json").exists():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
