@@ -4,7 +4,8 @@ The commands are taken from the fenced bash blocks of those sections, so a comma
 is tested without touching this file. They run in README order, as a user would type them (a
 later one may use what an earlier one made: a saved policy, a sweep), in a fresh copy of the repository's runnable part (train.py, conf/) so that what they write
 (outputs/, multirun/, sft.jsonl, reports/) lands there; nothing is added to a command, except
-`debug=fast` (the documented size override) to a `cluster:` command that needs only time.
+`debug=fast` (the documented size override) to a `cluster:` command that needs only time, whose
+sweep is also cut to the first two values of each swept key (`toy_size`).
 A `cluster:` command that needs what this machine lacks (GPUs, the hub, Slurm) must stop with
 the message the README documents for it.
 
@@ -84,6 +85,19 @@ def train_overrides(words: list[str]) -> list[str] | None:
     return [o.split(",")[0] if "=" in o else o for o in overrides]
 
 
+def toy_size(words: list[str]) -> list[str]:
+    """A `cluster:` command at toy size: `debug=fast` appended, each sweep cut to its first two values."""
+    multirun = "-m" in words or "--multirun" in words
+
+    def cut(word: str) -> str:
+        key, _, value = word.partition("=")
+        if not multirun or not value or key.startswith("hydra") or "," not in value:
+            return word
+        return f"{key}={','.join(value.split(',')[:2])}"
+
+    return [cut(w) for w in words] + [SIZE_OVERRIDE]
+
+
 def missing_need(words: list[str], cfg, cwd: Path) -> str | None:
     """What the command needs that this machine lacks, in the order train.py meets it."""
     if "hydra/launcher=slurm" in words and not shutil.which("srun"):
@@ -110,6 +124,16 @@ def test_the_sections_hold_the_commands_a_newcomer_runs():
     for message in MESSAGES.values():
         assert message in README.read_text(), message
     assert f"with `{SIZE_OVERRIDE}` appended" in README.read_text()
+    assert toy_size(shell_words("python train.py -m loss=a,b,c lam=1,2,3 rounds=3 hydra.x=1,2,3")) == [
+        *["python", "train.py", "-m", "loss=a,b", "lam=1,2", "rounds=3", "hydra.x=1,2,3"],
+        SIZE_OVERRIDE,
+    ]
+    assert toy_size(["python", "train.py", "seed=1,2,3"]) == [
+        "python",
+        "train.py",
+        "seed=1,2,3",
+        SIZE_OVERRIDE,
+    ]
 
 
 class Session:
@@ -141,7 +165,7 @@ class Session:
             if overrides is not None and comment.startswith("cluster:"):
                 need = missing_need(words, compose_cfg(overrides), self.cwd)
                 if need is None:
-                    code, how = f"{code} {SIZE_OVERRIDE}", f"with {SIZE_OVERRIDE}"
+                    code, how = shlex.join(toy_size(words)), f"with {SIZE_OVERRIDE}"
                 else:
                     how = f"needs {need}"
             start = time.perf_counter()
