@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import math
 import os
+import shutil
 import sys
 import traceback
 from contextlib import contextmanager
@@ -74,6 +75,15 @@ def refusal(status: int, *kinds: type[BaseException]):
         raise
 
 
+def build(node: DictConfig, **kwargs):
+    """instantiate(node), raising the error of the object's own code rather than Hydra's wrapper,
+    so that an expected error (a bad value, a model that cannot be found) reads as a refusal."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise err.__cause__ or err from None
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible values before anything slow starts."""
     if not math.isfinite(cfg.lam) or cfg.lam <= 0:
@@ -111,10 +121,7 @@ def check_config(cfg: DictConfig) -> None:
     cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
     check_targets(cfg)
     # A bad generation setting, or an engine its interpreter lacks (generation=vllm), fails here.
-    try:
-        instantiate(cfg.generation)
-    except InstantiationException as err:
-        raise err.__cause__ or err from None
+    build(cfg.generation)
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise RuntimeError(
             "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "
@@ -124,13 +131,13 @@ def check_config(cfg: DictConfig) -> None:
 
 def preflight(cfg: DictConfig):
     """The tokenizer, then every data split read, validated and measured, before any weights load."""
-    loaded = instantiate(cfg.model)  # the weights load on first use of loaded.model
+    loaded = build(cfg.model)  # a model that cannot be found fails here; its weights load on first use
     datamodule = instantiate(
         own_keys(cfg, "data"), tokenizer=loaded.tokenizer, max_positions=loaded.max_positions
     )
     datamodule.load_rows()
     if (cfg.get("eval") or {}).get("tasks"):  # the benchmarks' tasks and data, before the weights
-        instantiate(cfg.eval).check()
+        build(cfg.eval).check()
     return loaded, datamodule
 
 
@@ -159,7 +166,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         if ckpt is not None and rounds_done < cfg.rounds:
             check_last_checkpoint(run_dir, rounds_done)
     if rounds_done < cfg.rounds:
-        with refusal(EXIT_REFUSED, DataError):
+        with refusal(EXIT_REFUSED, DataError, ValueError, RuntimeError, OSError):
             loaded, datamodule = preflight(cfg)
         with refusal(EXIT_REFUSED, OSError):
             check_writable(run_dir.root, need_bytes=0)
@@ -343,6 +350,8 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     held = HeldLog()
     run_dir = RunDir(cfg.run_dir)
+    # Hydra makes the run directory before this runs: empty now means this start made it.
+    made_here = not any(run_dir.root.iterdir()) if run_dir.root.is_dir() else False
 
     def accepted() -> None:
         held.accept()
@@ -361,6 +370,8 @@ def main(cfg: DictConfig) -> None:
             raise
         held.drop()
         release(run_dir, restore=True)
+        if made_here and {p.name for p in run_dir.root.iterdir()} <= {run_dir.lock.name}:
+            shutil.rmtree(run_dir.root)  # a refused first start leaves no directory behind
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
         print(f"refused: {err}", file=sys.stderr)

@@ -98,15 +98,48 @@ def test_an_accepted_start_writes_the_hydra_record_and_the_log(finished, tmp_pat
 
 
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
-    out = start(tmp_path / "run", "model=hf", f"model.name_or_path={tmp_path / 'no_such_model'}")
-    # Hydra's report of an error it did not expect either: exit status 1, its short traceback
-    # and the hint; the whole traceback with HYDRA_FULL_ERROR=1.
-    assert out.returncode == 1 and "refused:" not in out.stderr
-    assert "Error executing job" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
-    full = start(
-        tmp_path / "run", "model=hf", f"model.name_or_path={tmp_path / 'no_such_model'}", HYDRA_FULL_ERROR="1"
+    # A loss whose code fails: a defect, not bad input. Hydra's report of an error it did not
+    # expect either: exit status 1, its short traceback and the hint; the whole traceback with
+    # HYDRA_FULL_ERROR=1.
+    (tmp_path / "broken_loss.py").write_text(
+        "def loss(margin):\n    raise ZeroDivisionError('inside the loss')\n"
     )
+    path = f"{tmp_path}:{subprocess_env()['PYTHONPATH']}"
+    out = start(tmp_path / "run", "loss._target_=broken_loss.loss", PYTHONPATH=path)
+    assert out.returncode == 1 and "refused:" not in out.stderr
+    assert "ZeroDivisionError: inside the loss" in out.stderr
+    assert "Error executing job" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
+    full = start(tmp_path / "run2", "loss._target_=broken_loss.loss", PYTHONPATH=path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model=hf", "model.name_or_path=no/such-model"],
+            "cannot load model 'no/such-model' (Hugging Face hub id): HF_HUB_OFFLINE=1 is set",
+        ),
+        (["model=hf", "model.name_or_path=MISSING_DIR"], "cannot load model"),
+        (
+            ["eval=lm_eval", "eval.tasks=[arc_challenge]"],
+            "lm-eval task 'arc_challenge': its data is not in the local datasets cache",
+        ),
+    ],
+    ids=["hub id offline", "missing directory", "lm-eval task offline"],
+)
+def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_directory(
+    tmp_path, overrides, message
+):
+    if "eval=lm_eval" in overrides:
+        pytest.importorskip("lm_eval")
+    overrides = [o.replace("MISSING_DIR", str(tmp_path / "no_such_model")) for o in overrides]
+    root = tmp_path / "outputs" / "run"
+    out = start(root, *overrides)
+    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.stderr.startswith("refused: ") and message in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
+    assert not root.exists()  # Hydra made it for this start; the refusal takes it away again
 
 
 @pytest.mark.parametrize(
