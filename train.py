@@ -272,7 +272,6 @@ def finished_rounds(run_dir: RunDir) -> dict:
 
 
 def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
-    nan = float("nan")
     columns = [  # (header, summary key, format)
         ("loss", "loss", ".4f"),
         ("margin", "margin", ".4f"),
@@ -289,8 +288,8 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
     lines = [f"{'round':>5} " + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True))]
     for index in sorted(summaries):
         s = summaries[index]
-        cells = (  # a missing count ("pairs" of the start row) prints as nan too
-            f"{s.get(k, nan):>{w}{f if k in s or f != 'd' else ''}}"
+        cells = (  # "-": not measured for this row (the start model has no training loss)
+            f"{s[k]:>{w}{f}}" if k in s else f"{'-':>{w}}"
             for (_, k, f), w in zip(columns, widths, strict=True)
         )
         lines.append(f"{'start' if index < 0 else index:>5} " + " ".join(cells))

@@ -192,7 +192,9 @@ def test_a_run_benchmarks_the_start_and_every_round_once_across_a_crash(tmp_path
         )
     table = capsys.readouterr().out
     assert "arithmetic_gen" in table.splitlines()[-5] and "arithmetic" in table
-    assert table.splitlines()[-4].split()[0] == "start"
+    start_row = table.splitlines()[-4].split()
+    assert start_row[0] == "start" and start_row[1] == "-"  # no training loss before round 0
+    assert float(start_row[-1]) == pytest.approx(summary[0]["bench/arithmetic"], abs=5e-4)  # the average
 
 
 def test_offline_builtin_task_without_cached_data_fails_before_weights_load(tmp_path, monkeypatch):
