@@ -1,15 +1,13 @@
-"""Sweeps through hydra-submitit-launcher: local subprocess jobs for real, the Slurm preset as sbatch text."""
+"""Sweeps through hydra-submitit-launcher: the Slurm preset as sbatch text. Local subprocess jobs run
+for real in tests/test_readme.py (the README's `hydra/launcher=submitit_local` command)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF
 
 submitit = pytest.importorskip("submitit")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -55,32 +53,3 @@ def test_slurm_preset_becomes_the_expected_sbatch_script(tmp_path, monkeypatch):
     ):
         assert f"#SBATCH {line}" in script, line
     assert "--partition" not in script  # null: the cluster's default
-
-
-@pytest.mark.slow
-def test_submitit_local_multirun_finishes_both_jobs(tmp_path):
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        # The jobs are fresh processes that unpickle train.py's task: they need the repo and src/.
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    command = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "debug=fast",
-        "loss=logistic,hinge",
-        "hydra/launcher=submitit_local",
-        f"hydra.sweep.dir={tmp_path}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for loss in ("logistic", "hinge"):
-        run = tmp_path / f"debug=fast,loss={loss}"
-        summary = json.loads((run / "summary.json").read_text())
-        assert [s["round"] for s in summary] == [0, 1]
-        assert (run / ".hydra" / "config.yaml").exists()
-    assert list((tmp_path / ".submitit").iterdir())  # the jobs really went through submitit

@@ -15,6 +15,7 @@ the sweep report; any other command must succeed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -215,6 +216,12 @@ def test_readme_command(session, index):
         ends = [re.search(r"sweep report: (\S+)\s*\Z", stream) for stream in (result.stdout, result.stderr)]
         report = next((m.group(1) for m in ends if m), None)
         assert report and (session.cwd / report).is_file(), tail
+        sweep = (session.cwd / report).parent
+        if "hydra/launcher=submitit_local" in words:  # the jobs really went through submitit, each finished
+            assert list((sweep / ".submitit").iterdir()), tail
+            for loss in ("logistic", "hinge"):
+                summary = json.loads((sweep / f"debug=fast,loss={loss}" / "summary.json").read_text())
+                assert [s["round"] for s in summary] == [0, 1], tail
         return
     table = TABLE.search(result.stdout)
     assert table, tail
