@@ -47,7 +47,6 @@ from spinlab.rundir import (
     remove_leftovers,
     write_bytes,
 )
-from spinlab.sources import DataError
 
 log = logging.getLogger("spinlab")
 
@@ -166,7 +165,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         if ckpt is not None and rounds_done < cfg.rounds:
             check_last_checkpoint(run_dir, rounds_done)
     if rounds_done < cfg.rounds:
-        with refusal(EXIT_REFUSED, DataError, ValueError, RuntimeError, OSError):
+        with refusal(EXIT_REFUSED, ValueError, RuntimeError, OSError):  # DataError is a ValueError
             loaded, datamodule = preflight(cfg)
         with refusal(EXIT_REFUSED, OSError):
             check_writable(run_dir.root, need_bytes=0)

@@ -81,18 +81,22 @@ def shell_words(code: str) -> list[str]:
     return shlex.split(code.replace("\\\n", " "))
 
 
+def is_multirun(words: list[str]) -> bool:
+    return "-m" in words or "--multirun" in words
+
+
 def train_overrides(words: list[str]) -> list[str] | None:
     """A `python train.py` command's overrides, each sweep's first value; None for other commands."""
     if words[:2] != ["python", "train.py"]:
         return None
-    multirun = "-m" in words or "--multirun" in words
+    multirun = is_multirun(words)
     overrides = [w for w in words[2:] if w not in ("-m", "--multirun") and not w.startswith("hydra")]
     return [o.split(",")[0] if multirun and "=" in o else o for o in overrides]
 
 
 def toy_size(words: list[str]) -> list[str]:
     """A `cluster:` command at toy size: `debug=fast` appended, each sweep cut to its first two values."""
-    multirun = "-m" in words or "--multirun" in words
+    multirun = is_multirun(words)
 
     def cut(word: str) -> str:
         key, _, value = word.partition("=")
@@ -144,13 +148,18 @@ def test_the_sections_hold_the_commands_a_newcomer_runs():
     ]
 
 
+def copy_runnable_part(cwd: Path) -> None:
+    """What a user runs commands in: train.py and conf/ (src/ comes from the installed package)."""
+    shutil.copy(ROOT / "train.py", cwd / "train.py")
+    shutil.copytree(ROOT / "conf", cwd / "conf")
+
+
 class Session:
     """A fresh copy of the repository's runnable part, where the README's commands run in order."""
 
     def __init__(self, cwd: Path):
         self.cwd = cwd
-        shutil.copy(ROOT / "train.py", cwd / "train.py")
-        shutil.copytree(ROOT / "conf", cwd / "conf")
+        copy_runnable_part(cwd)
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # `python` is ours
@@ -211,7 +220,7 @@ def test_readme_command(session, index):
     overrides = train_overrides(words)
     if overrides is None:
         return
-    if "-m" in words or "--multirun" in words:
+    if is_multirun(words):
         # The sweep's last word, in whichever stream Hydra logs to: its report, written.
         ends = [re.search(r"sweep report: (\S+)\s*\Z", stream) for stream in (result.stdout, result.stderr)]
         report = next((m.group(1) for m in ends if m), None)

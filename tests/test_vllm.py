@@ -10,7 +10,6 @@ cores); CI runs them.
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -379,7 +378,14 @@ def test_a_model_vllm_cannot_run_is_named_with_generation_hf_as_the_way_out(tmp_
 def test_the_readme_command_runs_as_written(tmp_path):
     """README, "generation=vllm": its train.py command, run in a fresh copy of the runnable part
     with `.venv-vllm/` beside it, as a user who ran `make vllm` would."""
-    from tests.test_readme import README, TABLE, section_commands, shell_words, split_comment
+    from tests.test_readme import (
+        README,
+        TABLE,
+        copy_runnable_part,
+        section_commands,
+        shell_words,
+        split_comment,
+    )
 
     (command,) = [
         c
@@ -387,8 +393,7 @@ def test_the_readme_command_runs_as_written(tmp_path):
         if c.startswith("python train.py") and "generation=vllm" in c
     ]
     venv = Path(vllm_python()).parent.parent
-    shutil.copy(ROOT / "train.py", tmp_path / "train.py")
-    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    copy_runnable_part(tmp_path)
     (tmp_path / ".venv-vllm").symlink_to(venv)
     words = shell_words(split_comment(command)[0])
     assert "generation.python=.venv-vllm/bin/python" in words
