@@ -294,11 +294,24 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
         lines.append(f"{'start' if index < 0 else index:>5} " + " ".join(cells))
     method = get_class(objective).name
     if any("margin" in s for s in summaries.values()):
-        print(f"\n{method} rounds (accuracy = share of pairs with real over synthetic, margin > 0)")
+        title = f"\n{method} rounds (accuracy = share of pairs with real over synthetic, margin > 0)"
     else:
-        print(f"\n{method} rounds (loss = mean negative log-likelihood per response token)")
-    print("\n".join(lines))
-    print(f"run directory: {run_dir.root}")
+        title = f"\n{method} rounds (loss = mean negative log-likelihood per response token)"
+    lines.insert(0, title)
+    lines.append(f"run directory: {run_dir.root}")
+    # One write: the other processes of a sharded run share this stream, and a table cut by
+    # their lines is unreadable.
+    sys.stdout.flush()
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def quiet_console() -> None:
+    """Ranks 1.. of a sharded run print only warnings and errors: their info lines repeat rank 0's
+    and go to their own train_ddp_process_<rank>.log in the run directory."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
 
 
 class HeldLog:
@@ -347,6 +360,8 @@ def save_hydra_config(cfg: DictConfig, run_dir: RunDir) -> None:
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     held = HeldLog()
+    if not is_launching_rank():
+        quiet_console()
     run_dir = RunDir(cfg.run_dir)
     # Hydra makes the run directory before this runs: empty now means this start made it.
     made_here = not any(run_dir.root.iterdir()) if run_dir.root.is_dir() else False

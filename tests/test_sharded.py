@@ -42,6 +42,9 @@ def train(run_dir, *overrides):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SPIN rounds" in out.stdout
+    # Every process measures the data at start; rank 1's info lines go to its
+    # train_ddp_process_1.log only, so the console shows one copy.
+    assert out.stdout.count("measured from the data)") == 1, out.stdout[-3000:]
     return out
 
 
