@@ -38,7 +38,7 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 test: setup $(VLLM_VENV)/.installed
-	SPINLAB_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
+	SPINLAB_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q --durations=15
 
 # The pre-commit hooks (ruff check, ruff format, nbstripout) in their own pinned environments.
 lint: setup
