@@ -310,7 +310,7 @@ def quiet_console() -> None:
     """Ranks 1.. of a sharded run print only warnings and errors: their info lines repeat rank 0's
     and go to their own train_ddp_process_<rank>.log in the run directory."""
     for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler:
+        if type(handler) is logging.StreamHandler:  # not its FileHandler subclass: the log file keeps all
             handler.setLevel(logging.WARNING)
 
 

@@ -229,8 +229,10 @@ def test_readme_command(session, index):
         if "hydra/launcher=submitit_local" in words:  # the jobs really went through submitit, each finished
             assert list((sweep / ".submitit").iterdir()), tail
             for loss in ("logistic", "hinge"):
-                summary = json.loads((sweep / f"debug=fast,loss={loss}" / "summary.json").read_text())
+                job = sweep / f"debug=fast,loss={loss}"
+                summary = json.loads((job / "summary.json").read_text())
                 assert [s["round"] for s in summary] == [0, 1], tail
+                assert (job / ".hydra" / "config.yaml").is_file(), tail
         return
     table = TABLE.search(result.stdout)
     assert table, tail
