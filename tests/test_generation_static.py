@@ -178,12 +178,18 @@ def test_a_generation_config_with_other_logits_processors_falls_back_to_generate
 def test_models_the_loop_does_not_cover_are_named():
     model = tiny_model(seed=0).model
     config = model.generation_config
-    assert _unsupported(model, config) is None
+    assert _unsupported(model, config, 96) is None
     model.config.sliding_window = 16
-    assert "sliding-window" in _unsupported(model, config)
+    assert "sliding-window attention over 16 tokens, shorter than the cache (96" in _unsupported(
+        model, config, 96
+    )
+    assert _unsupported(model, config, 16) is None  # a window as long as the cache: full attention
     model.config.sliding_window = None
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert "['linear_attention'] layers" in _unsupported(model, config, 16)
+    model.config.layer_types = None
     config.no_repeat_ngram_size = 3
-    assert _unsupported(model, config) == "the model's generation config sets no_repeat_ngram_size=3"
+    assert _unsupported(model, config, 96) == "the model's generation config sets no_repeat_ngram_size=3"
 
 
 def test_a_lora_policy_is_decoded_by_the_loop_through_its_peft_wrapper():

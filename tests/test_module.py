@@ -163,8 +163,11 @@ def test_chunked_and_plain_logprobs_give_the_same_loss_and_gradients():
     batch = batch_of(dm)
     head_calls = []
     chunked.policy.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    with torch.no_grad():
+        chunked.scorer(batch)  # the first batch: the one check against the model's own logits
+    assert chunked.scorer.chunked_matches is True and len(head_calls) == 1
     a, b = chunked.loss_and_metrics(batch), plain.loss_and_metrics(batch)
-    assert not head_calls, "the chunked path never runs the full output layer"
+    assert len(head_calls) == 1, "after its check, the chunked path never runs the full output layer"
     torch.testing.assert_close(a["logp_real"], b["logp_real"])
     torch.testing.assert_close(a["loss"], b["loss"])
     a["loss"].backward()

@@ -340,7 +340,9 @@ class StaticCacheGenerator(HFGenerator):
     def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> dict | None:
         if self.loop == "generate":
             return super()._run(model, prompt_ids, todo, emit, config, round_index, synced, spare_calls)
-        reason = _unsupported(model, config)
+        batches = todo or self.batches(prompt_ids)[:1]
+        longest = max(self._width(max(len(prompt_ids[i]) for i in b)) for b in batches) + self.max_new_tokens
+        reason = _unsupported(model, config, longest)
         if reason:
             log.warning("generation=static: %s; decoding with transformers' generate instead", reason)
             super()._run(model, prompt_ids, todo, emit, config, round_index, synced, spare_calls)
@@ -387,16 +389,25 @@ _NEUTRAL = {
 }
 
 
-def _unsupported(model, config: GenerationConfig) -> str | None:
-    """Why spinlab's decode loop cannot stand in for `generate` on this model and config, if it cannot."""
+def _unsupported(model, config: GenerationConfig, cache_length: int) -> str | None:
+    """Why spinlab's decode loop cannot stand in for `generate` on this model and config, if it
+    cannot. `cache_length`: the longest batch's prompt width plus max_new_tokens."""
     if model.config.is_encoder_decoder:
         return "an encoder-decoder model"
     text = model.config.get_text_config(decoder=True)
-    layer_types = getattr(text, "layer_types", None)
-    if set(layer_types or ["full_attention"]) != {"full_attention"} or (
-        layer_types is None and getattr(text, "sliding_window", None)
-    ):
-        return "a model with sliding-window or linear-attention layers (the loop's mask is full attention)"
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    window = getattr(text, "sliding_window", None)
+    # A sliding window at least as long as the cache sees every cached token: full attention,
+    # which is the loop's mask (Mistral's and Gemma-2's 4096 against SPIN's 1024 tokens).
+    if window and ("sliding_attention" in kinds or getattr(text, "layer_types", None) is None):
+        if cache_length > window:
+            return (
+                f"sliding-window attention over {window} tokens, shorter than the cache ({cache_length}: the "
+                "loop's mask is full attention)"
+            )
+        kinds.discard("sliding_attention")
+    if kinds != {"full_attention"}:
+        return f"a model with {sorted(kinds - {'full_attention'})} layers (the loop's mask is full attention)"
     for field, neutral in _NEUTRAL.items():
         value = getattr(config, field, None)
         if value not in neutral:
@@ -496,6 +507,9 @@ class _StaticDecoder:
         self.device = next(model.parameters()).device
         self.use_graph, self.run_to_end = graph, run_to_end
         self.cache_arg = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+        # A 4-D mask reaches the attention as given: eager attention adds it to the scores (Gemma-2's
+        # default, for its soft-capped scores), the fused kernels take it as booleans.
+        self.additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
         dtype = next(model.parameters()).dtype
         # How far a replay may stray from the eager step: float32 kernels agree to rounding, half
         # precision ones (if a kernel differs under capture) to a few units in the last place.
@@ -547,12 +561,21 @@ class _StaticDecoder:
         self.step_no += 1
         return logits
 
+    def _mask(self) -> torch.Tensor:
+        mask = self.attend[:, None, None, :]
+        if not self.additive_mask:
+            return mask
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min
+        )
+
     def step(self) -> torch.Tensor:
         """One decode step over static tensors only (what a CUDA graph captures)."""
         self.attend.index_fill_(1, self.slot, True)
         logits = self._forward(
             input_ids=self.last[:, None],
-            attention_mask=self.attend[:, None, None, :],
+            attention_mask=self._mask(),
             position_ids=self.pos[:, None],
         )
         self.pos += 1

@@ -81,12 +81,54 @@ class LoadedModel:
         return self._model is not None
 
 
-def with_lora(lora: dict | None) -> Callable[[PreTrainedModel], PreTrainedModel]:
+# LoRA's default targets: every attention projection of these names that the model has (Llama,
+# Mistral, Qwen, Gemma, Granite, Cohere, OLMo-2, SmolLM3: q/k/v/o_proj; Phi: q/k/v_proj; Phi-3's
+# fused qkv_proj; GPT-2's fused c_attn).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn")
+
+
+def module_names(config, trust_remote_code: bool = False) -> set[str]:
+    """The last name part of every layer with weights (the modules LoRA can adapt) of the model
+    `config` describes, built on the meta device: no memory, no weights, so the names are known
+    before anything loads."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and next(module.children(), None) is None and next(module.parameters(False), None) is not None
+    }
+
+
+def lora_targets(lora: dict, names: set[str], model_name: str) -> list[str]:
+    """The modules LoRA adapts: `target_modules` as given, each of which must exist, or the
+    default attention projections the model has (LORA_TARGETS)."""
+    layers = sorted(names)
+    if "target_modules" in lora:
+        wanted = list(lora["target_modules"])
+        missing = [t for t in wanted if t not in names]
+        if missing:
+            raise ValueError(
+                f"model.lora.target_modules: {model_name} has no module named {missing}; its modules "
+                f"are named {layers}"
+            )
+        return wanted
+    found = [t for t in LORA_TARGETS if t in names]
+    if not found:
+        raise ValueError(
+            f"model.lora: {model_name} has none of the default target modules {list(LORA_TARGETS)}; "
+            f"set model.lora.target_modules to some of its modules: {layers}"
+        )
+    return found
+
+
+def with_lora(lora: dict | None, names: Callable[[], set[str]], model_name: str):
     """What wraps the policy in LoRA adapters (peft) when `lora` is given, e.g. {r: 8, alpha: 16}.
 
     Only the adapters train. With the cached opponent, no copy of the model is needed at all: the
     opponent's log-probs are taken from the policy, adapters included, at the round's start.
-    The settings are checked here, before any weights are loaded.
+    The settings, and the target modules against the model's module names (`names()`), are
+    checked here, before any weights are loaded.
     """
     if not lora:
         return lambda model: model
@@ -95,15 +137,16 @@ def with_lora(lora: dict | None) -> Callable[[PreTrainedModel], PreTrainedModel]
     except ImportError as err:
         raise RuntimeError("model.lora needs peft: pip install 'spinlab[lora]'") from err
     lora = dict(lora)
+    unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules"})
+    if unknown:
+        raise ValueError(f"model.lora: unknown keys {unknown}; use r, alpha, dropout, target_modules")
     config = LoraConfig(
-        r=lora.pop("r", 8),
-        lora_alpha=lora.pop("alpha", 16),
-        lora_dropout=lora.pop("dropout", 0.0),
-        target_modules=list(lora.pop("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        r=lora.get("r", 8),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.0),
+        target_modules=lora_targets(lora, names(), model_name),
         task_type="CAUSAL_LM",
     )
-    if lora:
-        raise ValueError(f"model.lora: unknown keys {sorted(lora)}; use r, alpha, dropout, target_modules")
     return lambda model: get_peft_model(model, config)
 
 
@@ -155,7 +198,7 @@ def tiny_model(
         eos_token_id=tokenizer.eos_token_id,
     )
     tokenizer.model_max_length = max_position_embeddings
-    wrap = with_lora(lora)
+    wrap = with_lora(lora, lambda: module_names(config), "the tiny model")
 
     def load() -> PreTrainedModel:
         with torch.random.fork_rng():
@@ -185,7 +228,7 @@ def pretrained(
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise _not_found(name_or_path, err) from err
-    wrap = with_lora(lora)
+    wrap = with_lora(lora, lambda: module_names(config, trust_remote_code), name_or_path)
 
     def load() -> PreTrainedModel:
         try:

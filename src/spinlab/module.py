@@ -28,7 +28,13 @@ from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, SumMetric
 
 from spinlab.data import batch_tokens
-from spinlab.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from spinlab.logprobs import (
+    IGNORE_INDEX,
+    chunked_sequence_logps,
+    chunked_token_logps,
+    sequence_logps,
+    token_logps,
+)
 from spinlab.objectives import Objective
 from spinlab.rounds import Round
 
@@ -120,12 +126,42 @@ def apply_liger_kernels(model: nn.Module) -> None:
     )
 
 
+def output_head(model: nn.Module) -> dict | None:
+    """What the model does after its decoder, as `spinlab.logprobs.output_logits` applies it: the
+    output layer's weight and bias, and the family's logit scale and final soft-cap, read from its
+    config (Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma-2/3's
+    `final_logit_softcapping`). None where the output layer is not a linear map of the decoder's
+    last hidden state that spinlab can apply itself."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    config = model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return {"weight": head.weight, "bias": head.bias, "scale": scale, "softcap": softcap}
+
+
+# Largest difference allowed between a response token's log-prob through the chunked output layer
+# and through the model's own logits, per unit of logit magnitude, by compute dtype. The two paths
+# run the same matmul in chunks of other shapes, so they differ by rounding alone: a few units in
+# the last place of the largest logit.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2**-6, torch.float16: 2**-8}
+CHECK_TOKENS = 128  # response tokens compared in the check
+
+
 class ResponseScorer(nn.Module):
     """Summed response log-prob of every sequence of a collated batch (padded [rows, T] or packed).
 
     Every log-prob of a run goes through this module's forward: training, opponent scoring and
     evaluation alike. Under sharding it is the FSDP root, so the embeddings and the output layer
     are gathered for the whole forward, including the chunked output-layer pass below.
+
+    The chunked path applies the output layer itself (`output_head`), so once, on the first
+    batch, it is compared with the model's own logits: a family whose output path spinlab does not
+    reproduce falls back to the full logits, with a warning that names the model class, instead
+    of being silently wrong.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int | str | None = 256, mask_end_padding: bool = True):
@@ -141,6 +177,14 @@ class ResponseScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.mask_end_padding = mask_end_padding
+        # None until the first chunked forward has compared both paths; then whether they agree.
+        self.chunked_matches: bool | None = None if output_head(model) is not None else False
+        if self.chunked_matches is False and chunk_size is not None:
+            log.info(
+                "%s: its output layer is not a linear map spinlab applies itself; log-probs come from "
+                "the full logits (module.logprob_chunk_size has no effect)",
+                type(model).__name__,
+            )
 
     def forward(self, batch: dict) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "use_cache": False}
@@ -159,13 +203,62 @@ class ResponseScorer(nn.Module):
         chunk_size = self.chunk_size
         if chunk_size == "auto":
             chunk_size = AUTO_CHUNK_SIZE.get(batch["input_ids"].device.type, AUTO_CHUNK_SIZE["cuda"])
-        if chunk_size:
-            # Logits are the output layer applied to the decoder's last hidden state (no bias,
-            # no soft-capping), so the vocabulary projection can run chunk by chunk.
+        if chunk_size and self.chunked_matches is None:
+            self.chunked_matches = self.check_chunked(inputs, batch["labels"], chunk_size)
+        if chunk_size and self.chunked_matches:
             hidden = self.model.get_decoder()(**inputs).last_hidden_state
-            weight = self.model.get_output_embeddings().weight
-            return chunked_sequence_logps(hidden, weight, batch["labels"], chunk_size, sequence_ids, **where)
+            head = output_head(self.model)
+            weight = head.pop("weight")
+            return chunked_sequence_logps(
+                hidden, weight, batch["labels"], chunk_size, sequence_ids, **where, **head
+            )
         return sequence_logps(self.model(**inputs).logits, batch["labels"], sequence_ids, **where)
+
+    @torch.no_grad()
+    def check_chunked(self, inputs: dict, labels: torch.Tensor, chunk_size: int) -> bool:
+        """Compare the chunked path's token log-probs with log_softmax of the model's own logits on
+        the first row with a response (its first CHECK_TOKENS response tokens), in eval mode so
+        that dropout draws no difference. Every process runs the same passes (a sharded model needs
+        all of them in each) and all take the same verdict."""
+        scored = (labels[:, 1:] != IGNORE_INDEX).nonzero()
+        row, first = scored[0].tolist() if len(scored) else (0, 0)
+        cut = min(labels.shape[1], first + CHECK_TOKENS + 1)
+        small = {k: v[row : row + 1, :cut] if torch.is_tensor(v) else v for k, v in inputs.items()}
+        small_labels = labels[row : row + 1, :cut]
+        training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(**small).logits
+            hidden = self.model.get_decoder()(**small).last_hidden_state
+        finally:
+            self.model.train(training)
+        own = token_logps(logits, small_labels)
+        head = output_head(self.model)
+        ours, (rows, cols) = chunked_token_logps(hidden, labels=small_labels, chunk_size=chunk_size, **head)
+        device = logits.device.type
+        dtype = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head["weight"].dtype
+        )
+        worst = float((ours - own[rows, cols]).abs().max()) if len(ours) else 0.0
+        allowed = CHECK_TOLERANCE.get(dtype, 2**-6) * (1.0 + float(logits.abs().max()))
+        matches = worst <= allowed
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(matches)], device=labels.device)
+            torch.distributed.all_reduce(flag, op=ReduceOp.MIN)
+            matches = bool(flag.item())
+        name = type(self.model).__name__
+        if matches:
+            log.info("%s: chunked log-probs equal the model's own (largest difference %.2g)", name, worst)
+        else:
+            log.warning(
+                "%s: log-probs through the chunked output layer differ from the model's own logits (by "
+                "up to %.3g, allowed %.3g): its output path does something spinlab does not apply. "
+                "Log-probs come from the full logits instead (as with module.logprob_chunk_size=null).",
+                name,
+                worst,
+                allowed,
+            )
+        return matches
 
 
 def shard(scorer: ResponseScorer, mesh, mp_policy) -> None:
