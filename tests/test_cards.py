@@ -391,3 +391,20 @@ def test_a_failed_upload_says_what_was_pushed(run_dir, monkeypatch, capsys):
         in err
     )
     assert len(hub.uploads) == 2
+
+
+def test_push_leaves_hidden_files_home_and_refuses_a_local_path(run_dir, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    folder = copy / "hf" / "round_000"
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "config.json.tmp").write_text("{}")  # a leftover of an interrupted save
+    hub = Hub(monkeypatch)
+    assert push.main([str(copy), "--repo", "me/x", "--rounds", "0", "--no-data"]) == 0
+    assert hub.uploads[0]["files"] == MODEL_FILES
+    (folder / "notes.txt").write_text(f"trained from {copy}/hf/round_000\n")
+    hub = Hub(monkeypatch)
+    assert push.main([str(copy), "--repo", "me/x", "--rounds", "0", "--no-data"]) == 2
+    err = capsys.readouterr().err
+    assert f"refused: round 0: notes.txt would upload the local path {str(copy.resolve())!r}" in err
+    assert hub.calls == []

@@ -82,6 +82,19 @@ METRICS = {  # what the body's tables say about the summary's keys
     "eval/synthetic_length_ratio": "length of held-out synthetic / real responses",
     "eval/seconds": "wall time of the evaluation",
 }
+# Where an objective's metrics mean something else than SPIN's.
+OBJECTIVE_METRICS = {
+    "T-SPIN": {
+        "loss": "T-SPIN's loss, mean over the round",
+        "margin": "α·[log pθ(y) − log pθ(y')], mean",
+        "margin_history": "α·[log pθ(y') − log pθ(y0)], mean",
+        "reward_real": "α·log pθ of the real responses",
+        "reward_synthetic": "α·log pθ of the synthetic responses",
+        "reward_proto": "α·log pθ of the proto-synthetic responses",
+        "logp_proto": "summed log-prob of the proto-synthetic responses under the policy",
+    },
+    "SFT": {"loss": "mean negative log-likelihood per response token"},
+}
 
 
 class CardError(ValueError):
@@ -541,7 +554,8 @@ def _model_body(run, index, publication, title, base, base_words, source, settin
     rows += [(f"generation.{k}", _fmt(v)) for k, v in settings["generation"].items()]
     parts.append(f"## Settings of round {index}\n\n" + _table(("setting", "value"), rows))
     metrics = _metrics(summary)
-    train = [(k, v, METRICS.get(k, "")) for k, v in metrics.items() if "/" not in k]
+    meaning = {**METRICS, **OBJECTIVE_METRICS.get(objective, {})}
+    train = [(k, v, meaning.get(k, "")) for k, v in metrics.items() if "/" not in k]
     parts.append(f"## Metrics of round {index}\n\n" + _table(("metric", "value", "meaning"), train))
     evals = [(k, v, METRICS.get(k, "")) for k, v in metrics.items() if k.startswith("eval/")]
     if evals:
