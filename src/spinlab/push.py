@@ -117,27 +117,16 @@ def _model_files(folder: Path) -> dict[str, Path]:
     }
 
 
-def _own_card(path: Path) -> str | None:
-    """'spinlab' for a card spinlab wrote, 'template' for a placeholder (peft saves one with every
-    adapter), None for a card of the user's or none at all."""
-    if not path.is_file():
-        return None
-    text = path.read_text(errors="replace")
-    if PLACEHOLDER in text:
-        return "template"
-    head = text.split("\n---", 1)[0]
-    return "spinlab" if "\nspinlab:" in head else None
+def _placeholder(path: Path) -> bool:
+    """A card that is only huggingface_hub's template, as peft saves one with every adapter."""
+    return path.is_file() and PLACEHOLDER in path.read_text(errors="replace")
 
 
 def _card_bytes(local: Path, generated_here, for_hub) -> bytes:
     """The card to upload: the one made for the hub, unless the local card is not the one
     spinlab makes from the run directory (edited by hand, or made by another version), which
     then goes up as it is."""
-    if (
-        local.is_file()
-        and _own_card(local) != "template"
-        and local.read_bytes() != str(generated_here).encode()
-    ):
+    if local.is_file() and not _placeholder(local) and local.read_bytes() != str(generated_here).encode():
         print(
             f"{local} differs from the card spinlab makes now (edited, or made by another version): "
             "uploading it as it is; delete it to upload a fresh one",
@@ -195,6 +184,7 @@ def plan(run: Run, publication: Publication, rounds: list[int] | None) -> list[U
                 dataset_card(run, index),
                 dataset_card(run, index, publication),
             )
+            upload.files = dict(sorted(upload.files.items()))
             uploads.append(upload)
         repo, revision = publication.model(index)
         upload = Upload(index, "model", repo, revision, {k: v for k, v in files.items() if k != CARD})
@@ -230,7 +220,7 @@ def write_local_cards(run: Run, rounds: list[int]) -> list[Path]:
     written = []
     for index in rounds:
         model = run.dir.hf(index) / CARD
-        if not model.is_file() or _own_card(model) == "template":
+        if not model.is_file() or _placeholder(model):
             written.append(write_model_card(run.dir.root, index))
         data = run.dir.round_dir(index) / CARD
         if run.dir.synthetic(index).is_file() and not data.is_file():
