@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
@@ -192,8 +193,15 @@ def test_resume_after_a_crash_mid_epoch(reference, tmp_path):
         run(tmp_path, "run", extra_callbacks={"crash": crash})
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert not (tmp_path / "run" / "hf" / "round_001").exists()
+    first_card = (tmp_path / "run" / "hf" / "round_000" / "README.md").read_bytes()
     run(tmp_path, "run")  # the same command again
     assert_same_run(root, tmp_path / "run")
+    # Round 0's card is left as it was; round 1's holds the numbers of the round that finished.
+    assert (tmp_path / "run" / "hf" / "round_000" / "README.md").read_bytes() == first_card
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    card = ModelCard.load(tmp_path / "run" / "hf" / "round_001" / "README.md")
+    assert card.data.spinlab["metrics"]["loss"] == saved[1]["loss"]
+    assert card.data.spinlab["metrics"]["accuracy"] == saved[1]["accuracy"]
 
 
 def test_resume_after_a_crash_mid_generation(reference, tmp_path):

@@ -8,6 +8,8 @@ import random
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 import train
 from spinlab.harness import TASKS_DIR, Harness, arithmetic_benchmark_rows, flatten
@@ -190,6 +192,20 @@ def test_a_run_benchmarks_the_start_and_every_round_once_across_a_crash(tmp_path
         assert float(row["bench/arithmetic_mc/acc_stderr"]) == pytest.approx(
             s["bench/arithmetic_mc/acc_stderr"]
         )
+    # The round's model card reports its benchmarks once (the rerun's numbers), with the start model's.
+    card = ModelCard.load(run_dir / "hf" / "round_001" / "README.md")
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    bench = {
+        (r.dataset_type, r.metric_type): r.metric_value for r in results if r.dataset_type != "spinlab-task"
+    }
+    expected = {
+        tuple(k.split("/")[1:]): v
+        for k, v in summary[2].items()
+        if k.count("/") == 2 and not k.endswith("_stderr")
+    }
+    assert bench == expected and ("arithmetic_mc", "acc") in bench
+    start = summary[0]["bench/arithmetic_mc/acc"]
+    assert f"| arithmetic_mc | acc | {start:.4g} | {summary[2]['bench/arithmetic_mc/acc']:.4g} |" in card.text
     table = capsys.readouterr().out
     assert "arithmetic_gen" in table.splitlines()[-5] and "arithmetic" in table
     start_row = table.splitlines()[-4].split()

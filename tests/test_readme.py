@@ -7,7 +7,8 @@ later one may use what an earlier one made: a saved policy, a sweep), in a fresh
 `debug=fast` (the documented size override) to a `cluster:` command that needs only time, whose
 sweep is also cut to the first two values of each swept key (`toy_size`).
 A `cluster:` command that needs what this machine lacks (GPUs, the hub, Slurm) must stop with
-the message the README documents for it.
+the message the README documents for it; so must a `python -m spinlab.push` that is not a dry run
+(the session is offline).
 
 A `python train.py` run must end with its summary table (one row per round), a multirun with
 the sweep report; any other command must succeed.
@@ -33,13 +34,19 @@ from spinlab.harness import shipped_tasks
 from tests.conftest import ROOT, compose_cfg
 
 README = ROOT / "README.md"
-SECTIONS = ("Quick start", "Sweeps, dashboards and reports", "Benchmarks (lm-evaluation-harness)")
+SECTIONS = (
+    "Quick start",
+    "Sweeps, dashboards and reports",
+    "Benchmarks (lm-evaluation-harness)",
+    "Sharing rounds on the Hub",
+)
 SIZE_OVERRIDE = "debug=fast"
 MESSAGES = {  # what a cluster command stops with where a need is missing; the README documents each
     "gpu": "torch sees no CUDA device",
     "hub": "HF_HUB_OFFLINE=1 is set and the model is not in the local cache",
     "slurm": 'Could not detect "srun", are you indeed on a slurm cluster?',
     "task data": "its data is not in the local datasets cache and the hub is offline",
+    "hub push": "refused: the hub is offline (HF_HUB_OFFLINE=1 is set)",
 }
 TABLE = re.compile(
     r"^(?:SPIN|T-SPIN|SFT) rounds .*\n *round +loss .*\n((?:start .*\n)?(?: +\d+ .*\n)+)run directory: .+\n*\Z",
@@ -127,6 +134,8 @@ COMMANDS = section_commands(README.read_text())
 def test_the_sections_hold_the_commands_a_newcomer_runs():
     assert any("experiment=demo" in c for c in COMMANDS)  # what `make demo` runs
     assert any(" -m " in c for c in COMMANDS) and any("cluster:" in c for c in COMMANDS)
+    pushes = [c for c in COMMANDS if "spinlab.push" in c]
+    assert any("--dry-run" in c for c in pushes) and any("cluster:" in c for c in pushes)
     text = "## Quick start\n```bash\na  # x\n# only a comment\nb \\\n  c # cluster: y\n```\n## Other\n```bash\nd\n```\n"
     assert section_commands(text, ("Quick start",)) == ["a  # x", "b \\\n  c # cluster: y"]
     assert split_comment("printf '%s # not a comment' > f  # a comment") == (
@@ -185,6 +194,9 @@ class Session:
                     code, how = shlex.join(toy_size(words)), f"with {SIZE_OVERRIDE}"
                 else:
                     how = f"needs {need}"
+            elif words[:3] == ["python", "-m", "spinlab.push"] and "--dry-run" not in words:
+                assert comment.startswith("cluster:"), f"a push reaches the hub: mark it cluster: ({command})"
+                how = "needs hub push"
             start = time.perf_counter()
             result = subprocess.run(
                 ["bash", "-c", code], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800

@@ -30,6 +30,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spinlab.cards import write_round_cards
 from spinlab.collective import save_policy
 from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.rounds import Round, round_settings
@@ -407,6 +408,8 @@ class SelfPlayCallback(L.Callback):
             pairs=0,
         )
         rows = self.pairs.build(trainer, pl_module, planned, self.run_dir, self.generator, self.num_samples)
+        if trainer.is_global_zero:  # the synthetic data's card, as soon as the data is on disk
+            write_round_cards(self.run_dir.root, index, model=False)
         if fresh:
             self.log_samples(trainer, index, rows[: self.num_samples])
             self.log_generation(trainer, index)
@@ -472,4 +475,5 @@ class SelfPlayCallback(L.Callback):
         self.summaries[index] = summary
         if trainer.is_global_zero:
             write_json(self.run_dir.summary, [self.summaries[k] for k in sorted(self.summaries)])
+            write_round_cards(self.run_dir.root, index)  # read from run_config.yaml and summary.json
         log.info("round %d done: %s", index, summary)
