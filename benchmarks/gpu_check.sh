@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in about 9 minutes on one GPU: generation and training throughput
+# Everything that needs a GPU, in about 10 minutes on one GPU: generation and training throughput
 # against the peers with every speed lever on and off, then the GPU tests (two-round runs with
 # trainer=gpu and trainer=fsdp). Not part of `make test` (CI has no GPU).
 #
@@ -7,7 +7,7 @@
 #
 # Run from the repository root on a machine with one CUDA GPU, after changing the model, the
 # sharding, generation or training code. Every step has its own time limit, so the script ends
-# within ~10 minutes even when a step hangs; a failed or timed-out step is recorded in
+# within ~11 minutes even when a step hangs; a failed or timed-out step is recorded in
 # OUT_DIR/steps.tsv and the others still run. Nothing is installed from the network: packages that
 # the machine lacks are installed from wheels in ./.whl if that folder exists (see
 # benchmarks/README.md, "GPU check").
@@ -49,9 +49,9 @@ fi
 GEN_BACKENDS="${GEN_BACKENDS:-static}"
 printf 'step\tstatus\tseconds\n' >"$DIR/steps.tsv"
 failed=0
-# Six files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
+# Seven files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
 # log.txt (every step's stderr and the tests' output), pytest_gpu.xml, train_throughput.jsonl
-# (one line per shape), generation_throughput.jsonl.
+# (one line per shape), generation_throughput.jsonl, families_check.jsonl.
 : >"$DIR/log.txt"
 # step NAME SECONDS STDOUT_FILE COMMAND...: a time limit, stderr to log.txt, a row in steps.tsv
 step() {
@@ -67,7 +67,7 @@ step() {
 }
 
 # Order: the figures first (generation, then training at both shapes), the GPU tests last, so a
-# slow test cannot starve a measurement. Limits sum to 570 s.
+# slow test cannot starve a measurement. Limits sum to 660 s.
 
 # 1. generation at the Llama-1B shape (batch 256, prompt 256, 256 new tokens, bf16): our decode
 #    loop with its CUDA graph (static; GEN_BACKENDS=static,static@eager,hf adds the loop without
@@ -90,7 +90,12 @@ step train_1b 200 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughpu
     --shape llama-1b --peer-settings precompute_ref_log_probs --timeout 110 \
     --ours-variants "default;eager"
 
-# 4. the GPU tests: tests/test_gpu.py (two rounds with trainer=gpu and trainer=fsdp, eager and with
+# 4. the families beyond Llama (Qwen3 and Gemma-2 at the SmolLM2-135M shape): bf16 with compiled
+#    layers, the chunked log-prob path's check against the model's own logits, training steps, and
+#    the static decoder's greedy tokens (CUDA graph, float32) against generate
+step families 90 "$DIR/families_check.jsonl" "$PY" benchmarks/families_check.py --device cuda
+
+# 5. the GPU tests: tests/test_gpu.py (two rounds with trainer=gpu and trainer=fsdp, eager and with
 #    compiled layers, bf16; Liger's kernels and compiled layers against the eager loss) and
 #    tests/test_generation_static.py's (the captured decode step against the eager one, greedy
 #    against generate). Only these files: collecting the others would need packages the GPU

@@ -177,8 +177,10 @@ class ResponseScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.mask_end_padding = mask_end_padding
-        # None until the first chunked forward has compared both paths; then whether they agree.
+        # None until the first chunked forward has compared both paths; then whether they agree,
+        # and by how much they differed against what rounding allows (`check`).
         self.chunked_matches: bool | None = None if output_head(model) is not None else False
+        self.check: dict[str, float] = {}
         if self.chunked_matches is False and chunk_size is not None:
             log.info(
                 "%s: its output layer is not a linear map spinlab applies itself; log-probs come from "
@@ -242,6 +244,7 @@ class ResponseScorer(nn.Module):
         worst = float((ours - own[rows, cols]).abs().max()) if len(ours) else 0.0
         allowed = CHECK_TOLERANCE.get(dtype, 2**-6) * (1.0 + float(logits.abs().max()))
         matches = worst <= allowed
+        self.check = {"difference": worst, "allowed": allowed}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([float(matches)], device=labels.device)
             torch.distributed.all_reduce(flag, op=ReduceOp.MIN)
