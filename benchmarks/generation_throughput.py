@@ -12,16 +12,14 @@ max_new_tokens); `batch` prompts per generate call, `--batches` of them timed.
 
 - plain (the peer): `model.generate` on left-padded batches with the default dynamic KV cache,
   nothing of spinlab's.
-- vllm: `spinlab.vllm_backend.VLLMGenerator` from `conf/generation/vllm.yaml`, the model saved to
+- vllm: `spinlab.generation.vllm.VLLMGenerator` from `conf/generation/vllm.yaml`, the model saved to
   a temporary directory, all timed prompts in one phase: `new_tokens_per_s` includes the engine's
   start (a round pays it once per phase), `new_tokens_per_s_after_engine_start` does not. Its
   interpreter: SPINLAB_VLLM_PYTHON, else .venv-vllm/bin/python (`make vllm` builds it on CPU).
-- hf, static, continuous: `spinlab.generation` built from `conf/generation/<backend>.yaml` (its
-  engine settings as configured; `--engine-kwargs` overrides them), through the same
-  `generate(...)` call that makes each round's synthetic responses (batched by length, rows
-  decoded and handed back). The continuous engine gets all timed prompts at once and schedules
-  them itself; its time includes building the paged cache (and capturing CUDA graphs on a GPU),
-  which a round pays once, reported apart as `engine_setup_seconds`.
+- hf, static: `spinlab.generation` built from `conf/generation/<backend>.yaml` (its engine
+  settings as configured; `--engine-kwargs` overrides them), through the same `generate(...)`
+  call that makes each round's synthetic responses (batched by length, rows decoded and handed
+  back).
 - backend@variant: a backend with other settings, measured against the same plain side:
   `static@eager` (spinlab's loop, no CUDA graph), `static@generate` (transformers' generate with
   its static cache); any other name takes its settings from `--engine-kwargs`.
@@ -59,7 +57,7 @@ DEFAULTS = {  # shape: (batch, prompt, new tokens)
     "smollm2-135m": (64, 256, 256),
     "llama-1b": (64, 256, 256),
 }
-BACKENDS = ("hf", "static", "continuous", "vllm")
+BACKENDS = ("hf", "static", "vllm")
 # A backend with other settings, named backend@variant; --engine-kwargs may define more.
 VARIANTS = {
     "static@eager": {"cuda_graph": False},  # spinlab's loop without the CUDA graph
@@ -94,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--engine-kwargs",
         default="{}",
-        help='JSON {backend: {key: value}} over conf/generation/<backend>.yaml, e.g. \'{"continuous": {"page_size": 64}}\'',
+        help='JSON {backend: {key: value}} over conf/generation/<backend>.yaml, e.g. \'{"static": {"eos_check_every": 8}}\'',
     )
     p.add_argument(
         "--check-greedy",

@@ -24,7 +24,7 @@ class CrashingGenerator:
     of round `crash_round`, then dies."""
 
     def __init__(
-        self, crash_round: int, after: int, backend: str = "spinlab.generation.HFGenerator", **kwargs
+        self, crash_round: int, after: int, backend: str = "spinlab.generation.hf.HFGenerator", **kwargs
     ):
         self.crash_round, self.after = crash_round, after
         self.inner = get_class(backend)(**kwargs)

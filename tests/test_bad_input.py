@@ -204,7 +204,7 @@ def test_bad_validation_file_fails_before_the_model_loads(tmp_path, no_weights):
         ),
         (
             "+generation.temprature=0.5",
-            r"generation: spinlab.generation.HFGenerator takes no key 'temprature'",
+            r"generation: spinlab.generation.hf.HFGenerator takes no key 'temprature'",
         ),
         (
             "+callbacks.self_play.round=2",

@@ -308,7 +308,7 @@ def run_vllm_matrix(python: str, job: dict, tmp_path) -> dict:
     """Greedy tokens of every model in `job` from one vLLM process (one import, an engine per model)."""
     import subprocess
 
-    from spinlab.vllm_backend import DISTRIBUTED_ENV
+    from spinlab.generation.vllm import DISTRIBUTED_ENV
 
     env = {k: v for k, v in __import__("os").environ.items() if k not in DISTRIBUTED_ENV}
     env |= {

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from spinlab.generation import ContinuousBatchingGenerator, Generator, HFGenerator, StaticCacheGenerator
+from spinlab.generation import Generator, HFGenerator, StaticCacheGenerator
 from spinlab.models import tiny_model
 from tests.conftest import CONF, compose_cfg
 
@@ -79,9 +79,11 @@ def test_static_cache_generates_what_the_dynamic_cache_does(loop):
 
 
 def test_greedy_is_a_copy_of_the_backend_that_decodes_greedily():
-    gen = ContinuousBatchingGenerator(max_new_tokens=64, batch_size=8, temperature=0.7, page_size=32)
+    gen = StaticCacheGenerator(
+        max_new_tokens=64, batch_size=8, temperature=0.7, eos_check_every=4, loop="generate"
+    )
     greedy = gen.greedy(max_new_tokens=16, batch_size=4)
-    assert type(greedy) is ContinuousBatchingGenerator and greedy.engine == gen.engine
+    assert type(greedy) is StaticCacheGenerator and (greedy.eos_check_every, greedy.loop) == (4, "generate")
     assert (greedy.do_sample, greedy.max_new_tokens, greedy.batch_size) == (False, 16, 4)
     assert (gen.do_sample, gen.max_new_tokens, gen.batch_size) == (True, 64, 8)
     assert gen.greedy().max_new_tokens == 64
@@ -123,22 +125,13 @@ def test_synced_ranks_make_the_same_number_of_generate_calls(monkeypatch):
     assert calls == [False]
 
 
-def test_continuous_refuses_a_sharded_model():
-    loaded = tiny_model(seed=0)
-    gen = ContinuousBatchingGenerator(max_new_tokens=4, batch_size=2)
-    with pytest.raises(ValueError, match="synced=True.*generation=hf"):
-        gen.generate(loaded.model, loaded.tokenizer, encoded(loaded.tokenizer), print, synced=True)
-
-
 def test_bad_settings_fail_at_construction():
     with pytest.raises(ValueError, match="top_p"):
         HFGenerator(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         HFGenerator(temperature=0.0)
-    with pytest.raises(ValueError, match=r"generation.engine.*page_sise"):
-        ContinuousBatchingGenerator(engine={"page_sise": 32})
-    with pytest.raises(ValueError, match="max_memory_percent"):
-        ContinuousBatchingGenerator(max_memory_percent=60)
+    with pytest.raises(ValueError, match="memory_share"):
+        StaticCacheGenerator(memory_share=60)
 
 
 # generation=vllm needs its own interpreter and a model whose heads vLLM's CPU build takes:
@@ -170,7 +163,5 @@ def test_every_generation_config_composes_and_generates(backend):
 def test_a_mistyped_generation_key_fails_at_instantiation():
     from hydra.errors import InstantiationException
 
-    with pytest.raises(InstantiationException, match="page_sise"):
-        instantiate(compose_cfg(["generation=continuous", "+generation.page_sise=3"]).generation)
-    with pytest.raises(InstantiationException, match="page_sise"):
-        instantiate(compose_cfg(["generation=continuous", "+generation.engine.page_sise=3"]).generation)
+    with pytest.raises(InstantiationException, match="eos_check_evry"):
+        instantiate(compose_cfg(["generation=static", "+generation.eos_check_evry=3"]).generation)

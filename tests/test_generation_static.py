@@ -8,11 +8,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-import spinlab.generation as generation
+import spinlab.generation.static as static_backend
 import train
-from spinlab.generation import (
-    HFGenerator,
-    StaticCacheGenerator,
+from spinlab.generation import HFGenerator, StaticCacheGenerator
+from spinlab.generation.static import (
     _mix32,
     _row_bytes,
     _StaticDecoder,
@@ -222,12 +221,12 @@ def test_auto_batch_size_takes_its_share_of_free_memory(monkeypatch):
     gen = StaticCacheGenerator(max_new_tokens=36, batch_size="auto", memory_share=0.5, pad_to_multiple_of=64)
     per_row = _row_bytes(model, 64, 100)
     prompts = [[1] * 50] * 1000
-    assert gen.auto_batch_size(model, prompts) == generation.AUTO_BATCH_OFF_GPU  # CPU: a fixed size
-    monkeypatch.setattr(generation, "_free_memory", lambda device: 203 * per_row)
+    assert gen.auto_batch_size(model, prompts) == static_backend.AUTO_BATCH_OFF_GPU  # CPU: a fixed size
+    monkeypatch.setattr(static_backend, "_free_memory", lambda device: 203 * per_row)
     assert gen.auto_batch_size(model, prompts) == 96  # 101 rows fit, rounded down to a multiple of 8
     assert gen.auto_batch_size(model, prompts[:7]) == 7  # never more than the prompts
     assert gen.auto_batch_size(model, prompts[:300], world=4) == 75  # the prompts per rank
-    monkeypatch.setattr(generation, "_free_memory", lambda device: per_row)
+    monkeypatch.setattr(static_backend, "_free_memory", lambda device: per_row)
     with pytest.raises(RuntimeError, match=r"batch_size=auto: one row needs [\d.]+ MiB \(cache length 100\)"):
         gen.auto_batch_size(model, prompts)
 
@@ -274,7 +273,7 @@ def test_a_killed_static_round_resumes_to_the_uninterrupted_runs_responses(tmp_p
     crashing = {
         **cfg.generation,
         "_target_": "tests.helpers.CrashingGenerator",
-        "backend": "spinlab.generation.StaticCacheGenerator",
+        "backend": "spinlab.generation.static.StaticCacheGenerator",
         "crash_round": 0,
         "after": 2,
     }

@@ -27,9 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import train
 from spinlab.collective import generate_rows, policy_weights
 from spinlab.generation import HFGenerator
+from spinlab.generation.vllm import VLLMGenerator
 from spinlab.models import tiny_model
 from spinlab.rundir import RunDir
-from spinlab.vllm_backend import VLLMGenerator
 from tests.conftest import ROOT, compose_cfg
 from tests.test_faults import env
 from tests.test_generation_backends import (

@@ -143,9 +143,8 @@ class TripletPairs(SyntheticPairs):
 
     Round 0's opponent is θ_0, so round 0's synthetic responses are samples of θ_0: they become
     the proto-synthetic responses, written once to `rounds/proto.jsonl` and read back from there
-    in every later round and on resume. Generating them again would give the same text with
-    generation=hf, static or vllm, whose random numbers depend only on the seed, the round and
-    the prompts' indices, but not with continuous.
+    in every later round and on resume (generating them again would give the same text: every
+    backend's random numbers depend only on the seed, the round and the prompts' indices).
     """
 
     kinds = ("real", "synthetic", "proto")

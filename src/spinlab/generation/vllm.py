@@ -1,6 +1,6 @@
 """`generation=vllm`: each generation phase on a vLLM engine in a child process.
 
-The child (spinlab/vllm_child.py, run by `generation.python`, vLLM's own environment) loads the
+The child (vllm_child.py beside this file, run by `generation.python`, vLLM's own environment) loads the
 opponent's weights from a Hugging Face directory, samples every prompt of this process's share and
 streams the finished responses back `batch_size` at a time; they go to `on_batch` (and so to the
 round's file) as they arrive. The child exits at the phase's end, which gives its memory back.
@@ -12,7 +12,6 @@ does not depend on its batch, on how many processes share the prompts, or on whe
 from __future__ import annotations
 
 import collections
-import copy
 import gc
 import hashlib
 import json
@@ -25,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from spinlab.generation import Generator
+from spinlab.generation.base import Generator, Phase
 
 log = logging.getLogger(__name__)
 
@@ -126,22 +125,8 @@ class VLLMGenerator(Generator):
             skip_tokenizer_init=True,
             **(engine_kwargs or {}),
         )
-        self._weights: Path | None = None
-        self._done: set[int] = set()
-        self._shard = (0, 1)
 
-    def generate(
-        self,
-        model,
-        tokenizer,
-        prompt_ids,
-        on_batch,
-        done=frozenset(),
-        *,
-        weights=None,
-        synced=False,
-        **kwargs,
-    ):
+    def generate(self, model, tokenizer, prompt_ids, on_batch, done=frozenset(), *, weights=None, **kwargs):
         """As Generator.generate, with `weights`: a Hugging Face directory holding `model`'s weights
         (the child loads them; `model` itself is not run). `synced` is moot: the ranks' engines
         are independent."""
@@ -150,14 +135,12 @@ class VLLMGenerator(Generator):
                 "generation=vllm loads the opponent from a directory: call it through "
                 "spinlab.collective.generate_rows, or pass weights=<Hugging Face directory>"
             )
-        phase = copy.copy(self)
-        phase._weights = Path(weights)
-        phase._done = set(done)
-        phase._shard = kwargs.get("shard", (0, 1))
-        return Generator.generate(phase, model, tokenizer, prompt_ids, on_batch, done=done, **kwargs)
+        kwargs.pop("synced", None)
+        return super().generate(model, tokenizer, prompt_ids, on_batch, done=done, weights=weights, **kwargs)
 
-    def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> dict | None:
-        indices = [i for b in todo for i in b if i not in self._done]
+    def _run(self, model, prompt_ids, todo, emit, config, phase: Phase) -> dict | None:
+        # Each request has its own seed: only the prompts not on disk are generated.
+        indices = [i for b in todo for i in b if i not in phase.done]
         if not indices:
             return None
         started = time.perf_counter()
@@ -176,16 +159,18 @@ class VLLMGenerator(Generator):
             sampling = {"temperature": 0.0}
         job = {
             "parent": os.getpid(),
-            "model": str(self._weights),
+            "model": str(phase.weights),
             "engine": engine,
             "sampling": sampling,
             "eos": config.eos_token_id,
             "max_new_tokens": self.max_new_tokens,
             "block": self.batch_size,
-            "prompts": [[i, list(prompt_ids[i]), request_seed(self.seed, round_index, i)] for i in indices],
+            "prompts": [
+                [i, list(prompt_ids[i]), request_seed(self.seed, phase.round_index, i)] for i in indices
+            ],
         }
         release_device_memory()
-        child = Child(self.python, job, self._env(model))
+        child = Child(self.python, job, self._env(model, phase.shard))
         try:
             ready = None
             for message in child.messages():
@@ -197,14 +182,14 @@ class VLLMGenerator(Generator):
             child.stop()
         return {"engine_start_seconds": ready}
 
-    def _env(self, model) -> dict:
+    def _env(self, model, shard: tuple[int, int]) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
         # The engine in the child itself, not in a process of its own: starts in seconds.
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_space_gib:g}")
         # This machine's processes (Lightning sets LOCAL_RANK only; one node: the shard's world).
-        rank = int(os.environ.get("LOCAL_RANK", self._shard[0]))
-        world = int(os.environ.get("LOCAL_WORLD_SIZE", self._shard[1]))
+        rank = int(os.environ.get("LOCAL_RANK", shard[0]))
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", shard[1]))
         device = getattr(model, "device", None)
         if device is not None and device.type == "cuda":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -12,6 +12,11 @@ import os
 import signal
 import sys
 
+# Python puts this script's folder first on the path, and spinlab's own vllm.py lives there: it
+# would stand in for the vllm package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+
 
 def die_with_parent(parent: int) -> None:
     """A SIGKILL from the kernel when the parent dies: an orphaned engine would hold its memory."""
