@@ -170,6 +170,12 @@ def fit_and_count(
         packing=packing,
     )
     dm.set_pairs(pairs(2 * STEPS))
+    # The one check of the chunked output layer against the model's own logits reads the host once,
+    # on a scorer's first batch: in a run that is the round's opponent scoring, before any step.
+    with torch.no_grad():
+        for scorer in module.scorers():
+            scorer(next(iter(dm.scoring_dataloader())))
+            assert scorer.chunked_matches is True
     counter = Counter()
     cuda = accelerator == "gpu"
     window = Window(counter, cuda)

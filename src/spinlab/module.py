@@ -164,7 +164,7 @@ class ResponseScorer(nn.Module):
     of being silently wrong.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | str | None = 256, mask_end_padding: bool = True):
+    def __init__(self, model: nn.Module, chunk_size: int | str | None = 256):
         super().__init__()
         if (
             chunk_size is not None
@@ -176,7 +176,6 @@ class ResponseScorer(nn.Module):
             )
         self.model = model
         self.chunk_size = chunk_size
-        self.mask_end_padding = mask_end_padding
         # None until the first chunked forward has compared both paths; then whether they agree,
         # and by how much they differed against what rounding allows (`check`).
         self.chunked_matches: bool | None = None if output_head(model) is not None else False
@@ -192,7 +191,7 @@ class ResponseScorer(nn.Module):
         inputs = {"input_ids": batch["input_ids"], "use_cache": False}
         if "sequence_ids" in batch:  # packed rows: no mask, the restarts in position_ids separate sequences
             inputs["position_ids"] = batch["position_ids"]
-        elif self.mask_end_padding or not batch.get("padding_at_end"):
+        elif not batch.get("padding_at_end"):
             inputs["attention_mask"] = batch["attention_mask"]
         # else: padding only after each row's last real token (collate's batches) needs no mask, as
         # causal attention never lets a real token see it and it is never scored. Given a mask,
@@ -360,7 +359,7 @@ class PolicyModule(L.LightningModule):
         # copy too) exists.
         self.compile_layers = compile_layers
         # from_pretrained returns eval mode; Lightning keeps modes as found
-        self.scorer = ResponseScorer(policy.train(), logprob_chunk_size, mask_end_padding=sync_every_step)
+        self.scorer = ResponseScorer(policy.train(), logprob_chunk_size)
         # nan_strategy="disable": the default checks each update for NaN on the host (a wait for
         # the device); non-finite steps are caught by the module's own check instead.
         nan = {} if sync_every_step else {"nan_strategy": "disable"}
