@@ -157,7 +157,9 @@ def module_defaults() -> dict:
     interpolated ones -- objective, optimizer, lam, schedule -- the benchmark sets itself)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(common.REPO / "conf" / "module" / "default.yaml"), resolve=False)
+    cfg = OmegaConf.to_container(
+        OmegaConf.load(common.REPO / "conf" / "module" / "default.yaml"), resolve=False
+    )
     skip = {"_target_", "opponent", "gradient_checkpointing"}
     return {k: v for k, v in cfg.items() if k not in skip and not (isinstance(v, str) and "${" in v)}
 
