@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in about 9 minutes on one GPU: generation and training throughput
 # against the peers with every speed lever on and off, then the GPU tests (two-round runs with
-# trainer=gpu and trainer=fsdp). Not part of `make test` (CI has no GPU).
+# trainer=gpu and trainer=fsdp, compared with the same rounds on the CPU). Not part of `make test`
+# (CI has no GPU), but its --device cpu check is.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     # default: $OUT if set, else ./gpu_check_out
 #   bash benchmarks/gpu_check.sh --device cpu [OUT_DIR]   # every step at toy size on the CPU
@@ -10,6 +11,7 @@
 # the toy-size options of its script appended (argparse takes an option's last value), so a
 # renamed script, option or test file fails there too. tests/test_benchmarks.py runs it in
 # `make test`. A new step appends its script's toy options the same way ($GEN_TOY, $TRAIN_TOY).
+#
 # Run from the repository root on a machine with one CUDA GPU, after changing the model, the
 # sharding, generation or training code. Every step has its own time limit, so the script ends
 # within ~10 minutes even when a step hangs; a failed or timed-out step is recorded in
