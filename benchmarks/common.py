@@ -22,6 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Random-init Llama shapes, written out so that no hub access is needed.
 SHAPES: dict[str, dict] = {
+    # Seconds, not minutes: what tests/test_benchmarks.py runs every script at (a check that the
+    # scripts run, not a measurement). 4 heads of 16, 512 tokens, 0.1M parameters.
+    "toy": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # The CPU shape: hidden 256, 4 layers, SmolLM2's 49,152-token vocabulary and
     # head size 64 with grouped-query attention, tied embeddings: 15.7M parameters.
     "cpu-small": dict(
@@ -265,8 +282,11 @@ def cpu_now() -> float:
 def run_child(script: Path, argv: list[str], timeout: float | None = None) -> dict:
     """Run `script --child ... --result-file F` in a fresh Python, return the JSON it wrote.
 
-    A side that fails is reported as {"error": ...} instead of stopping the benchmark.
+    A side that fails is reported as {"error": ...} instead of stopping the benchmark. With
+    SPINLAB_BENCH_INLINE=1 the side runs in this process instead (see `run_inline`).
     """
+    if os.environ.get("SPINLAB_BENCH_INLINE") == "1":
+        return run_inline(script, argv)
     with tempfile.TemporaryDirectory(prefix="spinlab-bench-") as tmp:
         result = Path(tmp) / "result.json"
         env = dict(os.environ)
@@ -294,6 +314,30 @@ def run_child(script: Path, argv: list[str], timeout: float | None = None) -> di
         out = json.loads(result.read_text())
         out["subprocess_wall_s"] = wall
         return out
+
+
+def run_inline(script: Path, argv: list[str]) -> dict:
+    """Run a side as `run_child` does, with the same arguments, but in this process: the toy-size
+    check of the scripts (tests/test_benchmarks.py) pays one interpreter start per script instead
+    of one per side. Not a measurement: memory peaks are shared, imports warm, no time limit."""
+    import runpy
+    import traceback
+
+    import torch
+
+    threads, saved_argv = torch.get_num_threads(), sys.argv
+    with tempfile.TemporaryDirectory(prefix="spinlab-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        sys.argv = [str(script), "--result-file", str(result), *argv]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except (Exception, SystemExit) as err:
+            partial = json.loads(result.read_text()) if result.exists() else {}
+            return {**partial, "error": repr(err), "stderr_tail": traceback.format_exc()[-3000:]}
+        finally:
+            sys.argv = saved_argv
+            torch.set_num_threads(threads)
+        return json.loads(result.read_text())
 
 
 def write_result(path: str, result: dict) -> None:

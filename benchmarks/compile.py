@@ -26,7 +26,14 @@ SIDES = ("eager", "compiled")
 
 
 def parse_args(argv=None):
-    return common.lever_args(common.lever_parser(__doc__, SIDES, batch=4, warmup=2), argv)
+    parser = common.lever_parser(__doc__, SIDES, batch=4, warmup=2)
+    parser.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend of the compiled side (the toy-size check uses eager: dynamo's "
+        "tracing without code generation, which takes a minute on CPU)",
+    )
+    return common.lever_args(parser, argv)
 
 
 def run_side(args) -> dict:
@@ -41,7 +48,7 @@ def run_side(args) -> dict:
         torch.set_num_threads(args.threads)
     model = common.build_model(args.shape, args.seed, args.device)
     if args.child == "compiled":
-        model.model.forward = torch.compile(model.model.forward, dynamic=True)
+        model.model.forward = torch.compile(model.model.forward, dynamic=True, backend=args.backend)
     module = PolicyModule(
         policy=model,
         objective=SPIN(logistic),
@@ -79,8 +86,13 @@ def main(argv=None) -> None:
     if args.child:
         common.write_result(args.result_file, run_side(args))
         return
-    record = {"benchmark": "compile", "prompt_len": args.prompt_len, "response_len": args.response_len}
-    common.run_lever(Path(__file__).resolve(), args, SIDES, [], record)
+    record = {
+        "benchmark": "compile",
+        "backend": args.backend,
+        "prompt_len": args.prompt_len,
+        "response_len": args.response_len,
+    }
+    common.run_lever(Path(__file__).resolve(), args, SIDES, ["--backend", args.backend], record)
 
 
 if __name__ == "__main__":

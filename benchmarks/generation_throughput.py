@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 DEFAULTS = {  # shape: (batch, prompt, new tokens)
+    "toy": (2, 8, 4),
     "cpu-small": (8, 128, 32),
     "smollm2-135m": (64, 256, 256),
     "llama-1b": (64, 256, 256),

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in about 10 minutes on one GPU: generation and training throughput
 # against the peers with every speed lever on and off, then the GPU tests (two-round runs with
-# trainer=gpu and trainer=fsdp). Not part of `make test` (CI has no GPU).
+# trainer=gpu and trainer=fsdp, compared with the same rounds on the CPU). Not part of `make test`
+# (CI has no GPU), but its --device cpu check is.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     # default: $OUT if set, else ./gpu_check_out
+#   bash benchmarks/gpu_check.sh --device cpu [OUT_DIR]   # every step at toy size on the CPU
+#
+# --device cpu is a check of the script, not a measurement: each step runs its own command with
+# the toy-size options of its script appended (argparse takes an option's last value), so a
+# renamed script, option or test file fails there too. tests/test_benchmarks.py runs it in
+# `make test`. A new step appends its script's toy options the same way ($GEN_TOY, $TRAIN_TOY).
 #
 # Run from the repository root on a machine with one CUDA GPU, after changing the model, the
 # sharding, generation or training code. Every step has its own time limit, so the script ends
@@ -13,6 +20,25 @@
 # benchmarks/README.md, "GPU check").
 set -u
 cd "$(dirname "$0")/.."
+DEVICE=cuda
+if [ "${1:-}" = "--device" ]; then
+    DEVICE="${2:-}"
+    shift 2 || true
+fi
+case "$DEVICE" in
+cuda)
+    GEN_TOY=() TRAIN_TOY=()
+    ;;
+cpu)
+    GEN_TOY=(--device cpu --shape toy --batch 2 --batches 1 --prompt-len 8 --new-tokens 4 --repeats 1 --timeout 120)
+    TRAIN_TOY=(--device cpu --shape toy --batch 2 --prompt-len 8 --response-len 8 --steps 1 --warmup 1
+        --threads 1 --timeout 120)
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_check.sh [--device cuda|cpu] [OUT_DIR]" >&2
+    exit 2
+    ;;
+esac
 DIR="${1:-${OUT:-./gpu_check_out}}"
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
@@ -38,10 +64,16 @@ if [ -n "$missing" ]; then
     echo "carry them as wheels in ./.whl (benchmarks/README.md, 'GPU check'); nothing is installed from the network" >&2
     exit 2
 fi
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: torch sees no CUDA device')" || exit 2
+if [ "$DEVICE" = cuda ]; then
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: torch sees no CUDA device')" || exit 2
+fi
 
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    if [ "$DEVICE" = cuda ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    else
+        echo "--device cpu: toy sizes, not a measurement"
+    fi
     "$PY" -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
     git rev-parse HEAD 2>/dev/null
 } >"$DIR/machine.txt" 2>&1
@@ -74,7 +106,7 @@ step() {
 #    the graph and generation=hf, ~45 s each) against plain generate, one warm-up and two timed
 #    batches each; greedy tokens compared with generate's in float32
 step generation_throughput 110 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
-    --shape llama-1b --batch 256 --batches 2 --backends $GEN_BACKENDS --timeout 60 --check-greedy float32
+    --shape llama-1b --batch 256 --batches 2 --backends $GEN_BACKENDS --timeout 60 --check-greedy float32 "${GEN_TOY[@]}"
 
 # 2. training against TRL as SPIN, SmolLM2-135M shape (batch 16 pairs, 256 + 256): TRL's fastest
 #    setting (precomputed reference log-probs) against our defaults (compiled layers, chunk 4096,
@@ -82,13 +114,13 @@ step generation_throughput 110 "$DIR/generation_throughput.jsonl" "$PY" benchmar
 #    2026-11-30, are left out: add ";liger" to measure them)
 step train_135m 150 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
     --shape smollm2-135m --peer-settings precompute_ref_log_probs --timeout 120 \
-    --ours-variants "default,eager,sync,chunk256,chunk1024,unchunked,fsdp1"
+    --ours-variants "default,eager,sync,chunk256,chunk1024,unchunked,fsdp1" "${TRAIN_TOY[@]}"
 
 # 3. the same at the Llama-1B shape (batch 8 pairs): defaults, and eager layers (~200 s: the peer
 #    and each of ours build a 1.2B model and the peer tokenizes its pairs)
 step train_1b 200 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
     --shape llama-1b --peer-settings precompute_ref_log_probs --timeout 110 \
-    --ours-variants "default;eager"
+    --ours-variants "default;eager" "${TRAIN_TOY[@]}"
 
 # 4. the families beyond Llama (Qwen3 and Gemma-2 at the SmolLM2-135M shape): bf16 with compiled
 #    layers, the chunked log-prob path's check against the model's own logits, training steps, and

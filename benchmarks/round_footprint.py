@@ -11,6 +11,7 @@ file. Not a speed measurement: the counts say how much code a newcomer follows t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@functools.cache  # called on every Python call of the run: resolve each file once
 def ours(path: str) -> str | None:
     p = Path(path).resolve()
     if p == REPO / "train.py":
@@ -32,11 +34,11 @@ def ours(path: str) -> str | None:
     return str(p.relative_to(REPO)) if p.is_relative_to(src) else None
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--json", help="also write the lists here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict

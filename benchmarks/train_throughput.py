@@ -47,6 +47,7 @@ import common
 
 DEFAULTS = {
     # shape: (batch, prompt, response)
+    "toy": (2, 8, 8),
     "cpu-small": (4, 128, 128),
     "smollm2-135m": (16, 256, 256),
     "llama-1b": (8, 256, 256),

@@ -1,20 +1,24 @@
 """Every config in conf/ composes and is instantiated (the README's commands run in test_readme.py)."""
 
+import math
+import re
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from spinlab.callbacks import SelfPlayCallback
 from spinlab.config import own_keys
 from spinlab.data import SelfPlayDataModule
-from spinlab.module import PolicyModule
-from spinlab.rounds import round_settings
+from spinlab.models import tiny_model
+from spinlab.module import PolicyModule, RoundSchedule
+from spinlab.rounds import Round, round_settings
 from spinlab.sources import DataError
-from tests.conftest import CONF, compose_cfg
+from tests.conftest import CONF, ROOT, compose_cfg
+from tests.test_generation_backends import chi_square_p, collect, encode, eos_model, two_token_distribution
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 
@@ -54,9 +58,34 @@ def test_optimizer_configs(optimizer):
     assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == 0.25
 
 
-def test_generation_config():
-    gen = instantiate(compose_cfg(["generation=hf", "seed=7"]).generation)
-    assert gen.seed == 7 and gen.do_sample and gen.temperature == 1.0
+def test_generation_config_samples_the_models_own_distribution_seeded_by_the_run_seed():
+    """generation=hf as composed draws y' ~ p_θ (temperature 1, no top-k or top-p cut: the paper's
+    sampling), and its draws follow the run's `seed`."""
+    loaded = eos_model()
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(3.0)  # logits far enough apart for a cut or a temperature to show
+    ids = encode(loaded.tokenizer, ["hello"])[0]
+    vocab = loaded.model.config.vocab_size
+
+    def draws(seed, n):
+        cfg = compose_cfg(
+            ["generation=hf", f"seed={seed}", "generation.max_new_tokens=2", "generation.batch_size=1000"]
+        )
+        rows, _ = collect(instantiate(cfg.generation), loaded, [ids] * n)
+        return {r["index"]: (r["synthetic"], r["finished"]) for r in rows}
+
+    n = 6000
+    drawn = draws(7, n)
+    counts = Counter(drawn.values())
+    assert chi_square_p(counts, two_token_distribution(loaded, ids, 1.0, vocab, 1.0), n) > 1e-4
+    # The same samples against what a tempered or cut distribution would give: told apart.
+    for temperature, top_k, top_p in [(0.7, vocab, 1.0), (1.0, 50, 1.0), (1.0, vocab, 0.9)]:
+        wrong = two_token_distribution(loaded, ids, temperature, top_k, top_p)
+        assert chi_square_p(counts, wrong, n) < 1e-6, (temperature, top_k, top_p)
+    # Batches of 1000 are seeded by (seed, round, first index): the first batch again, then another seed.
+    first_batch = {i: drawn[i] for i in range(1000)}
+    assert draws(7, 1000) == first_batch
+    assert sum(a != first_batch[i] for i, a in draws(8, 1000).items()) > 500
 
 
 def test_tiny_model_config_is_deterministic():
@@ -176,24 +205,81 @@ def test_callbacks_and_module_configs(tmp_path):
     assert isinstance(module, PolicyModule) and module.lam == cfg.lam and module.opponent is None
 
 
-def test_cli_example_values():
-    cfg = compose_cfg(["model=tiny", "loss=hinge", "lam=0.5", "rounds=3"])
-    assert (cfg.loss._target_, cfg.lam, cfg.rounds, cfg.module.lam) == ("spinlab.losses.hinge", 0.5, 3, 0.5)
-    demo = compose_cfg(["experiment=demo"])
-    assert demo.model._target_ == "spinlab.models.embedded_smollm2" and demo.rounds == 2
+def spin_loss(module, policy, opponent):
+    """The module's training loss for fixed per-pair log-probs: its objective, λ and cached opponent."""
+    module.policy_logps = lambda batch: {
+        "real": torch.tensor(policy[0]),
+        "synthetic": torch.tensor(policy[1]),
+    }
+    batch = {"opponent_logps": torch.tensor(opponent).T}
+    return module.loss_and_metrics(batch)["loss"].item()
 
 
-def test_paper_recipe_values():
-    cfg = compose_cfg(["experiment=paper_zephyr"])
-    assert cfg.optimizer._target_ == "torch.optim.RMSprop" and cfg.optimizer.lr == 5e-7
-    assert (cfg.rounds, cfg.epochs_per_round, cfg.lam, cfg.warmup_ratio) == (4, 2, 0.1, 0.1)
+# Per pair: log p(real), log p(synthetic) under the policy and the opponent.
+POLICY = ([-10.0, -10.0], [-20.0, -20.0])
+OPPONENT = ([-11.0, -14.0], [-20.0, -20.0])  # log-ratio margins 1 and 4 before λ
+
+
+def test_cli_example_builds_the_hinge_loss_at_lam_and_the_rounds_it_names(tmp_path):
+    """The README's `debug=fast loss=hinge lam=0.5 rounds=3`: the module it builds trains on
+    max(0, 1 − λ·m) with λ = 0.5, and the self-play callback runs 3 rounds."""
+    cfg = compose_cfg(["debug=fast", "loss=hinge", "lam=0.5", "rounds=3"], tmp_path)
+    module = instantiate(cfg.module, policy=instantiate(cfg.model).model)
+    # Margins 0.5 and 2: hinge 0.5 and 0 (λ = 0.1 would give 0.75, the logistic loss 0.30).
+    assert spin_loss(module, POLICY, OPPONENT) == pytest.approx((0.5 + 0.0) / 2)
+    callback = instantiate(cfg.callbacks.self_play)
+    assert callback.rounds == 3 and callback.base["lam"] == 0.5
+
+
+def test_demo_preset_runs_what_the_readme_says(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    rounds, prompts = map(
+        int, re.search(r"runs (\d+) rounds on (\d+) prompts of the built-in", readme).groups()
+    )
+    pairs, task = map(int, re.search(r"\((\d+) held-out pairs, (\d+) task prompts\)", readme).groups())
+    cfg = compose_cfg(["experiment=demo"], tmp_path)
+    assert instantiate(cfg.callbacks.self_play).rounds == rounds
+    dm = instantiate(own_keys(cfg, "data"), tokenizer=tiny_model(seed=0).tokenizer)
+    assert len(dm.load_split("train")) == prompts
+    evaluator = instantiate(cfg.eval)
+    assert (evaluator.heldout_pairs, evaluator.task_prompts) == (pairs, task)
+
+
+def test_paper_recipe_trains_each_round_as_the_paper_does(tmp_path):
+    """arXiv 2401.01335, §5.1 and Appendix B, against what the preset builds: RMSprop without weight
+    decay; per iteration 0..3 a peak lr of 5e-7, 5e-7, 1e-7, 1e-7 with 10 % linear warm-up then
+    linear decay; the logistic loss at λ = 0.1, 0.1, 0.1, 5.0; iteration 1 also trains on
+    iteration 0's synthetic data; 2 epochs per iteration; global batch 64."""
+    cfg = compose_cfg(["experiment=paper_zephyr"], tmp_path)
+    callback = instantiate(cfg.callbacks.self_play)
+    assert (callback.rounds, callback.epochs_per_round) == (4, 2)
+    module = instantiate(cfg.module, policy=tiny_model(seed=0).model)
+    built = module.configure_optimizers()
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.param_groups[0]["weight_decay"] == 0
+    assert isinstance(scheduler, RoundSchedule)
+    steps = 20  # per round here; the warm-up is 2 of them
+    for index, (peak, lam, mix) in enumerate(
+        [(5e-7, 0.1, 0), (5e-7, 0.1, 1), (1e-7, 0.1, 0), (1e-7, 5.0, 0)]
+    ):
+        settings = round_settings(index, callback.base, callback.round_overrides)
+        assert settings["mix_previous_rounds"] == mix
+        module.begin_round(
+            Round(index, settings["lam"], settings["lr"], mix, index * steps, steps, 64), fresh=True
+        )
+        scheduler.refresh()
+        lrs = []
+        for _ in range(steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        expected = [peak * (s + 1) / 2 if s < 2 else peak * (steps - s) / (steps - 2) for s in range(steps)]
+        assert lrs == pytest.approx(expected, rel=1e-6)
+        margins = [lam * m for m in (1.0, 4.0)]
+        expected_loss = sum(math.log1p(math.exp(-m)) for m in margins) / 2
+        assert spin_loss(module, POLICY, OPPONENT) == pytest.approx(expected_loss, rel=1e-6)
+    # 8 GPUs × the per-device batch × gradient accumulation.
     assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches == 64
-    base = {"lam": cfg.lam, "lr": cfg.optimizer.lr, "mix_previous_rounds": cfg.data.mix_previous_rounds}
-    overrides = OmegaConf.to_container(cfg.round_overrides)
-    per_round = [round_settings(r, base, overrides) for r in range(4)]
-    assert [s["lr"] for s in per_round] == [5e-7, 5e-7, 1e-7, 1e-7]
-    assert [s["lam"] for s in per_round] == [0.1, 0.1, 0.1, 5.0]
-    assert [s["mix_previous_rounds"] for s in per_round] == [0, 1, 0, 0]
 
 
 def test_unknown_key_fails_at_compose():

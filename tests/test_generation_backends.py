@@ -157,11 +157,12 @@ def two_token_distribution(loaded, ids, temperature, top_k, top_p) -> dict:
     eos = tok.eos_token_id
     dist = Counter()
     first = warp(model(torch.tensor([ids])).logits[0, -1].double(), temperature, top_k, top_p)
-    for t1 in first.nonzero().flatten().tolist():
-        if t1 == eos:
-            dist[("", True)] += first[t1].item()
-            continue
-        second = warp(model(torch.tensor([[*ids, t1]])).logits[0, -1].double(), temperature, top_k, top_p)
+    tokens = [t for t in first.nonzero().flatten().tolist() if t != eos]
+    if first[eos] > 0:
+        dist[("", True)] += first[eos].item()
+    after = model(torch.tensor([[*ids, t] for t in tokens])).logits[:, -1].double() if tokens else []
+    for t1, logits in zip(tokens, after, strict=True):
+        second = warp(logits, temperature, top_k, top_p)
         for t2 in second.nonzero().flatten().tolist():
             key = (
                 tok.decode([t1], skip_special_tokens=True)

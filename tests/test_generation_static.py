@@ -17,6 +17,7 @@ from spinlab.generation.static import (
     _StaticDecoder,
     _uniform,
     _unsupported,
+    left_pad,
 )
 from spinlab.models import tiny_model
 from tests.conftest import compose_cfg
@@ -88,11 +89,15 @@ def test_eos_is_read_every_k_steps_and_a_sharded_policy_runs_every_step(every, s
     assert stats["decode_steps"] == steps and stats["loop"] == "spinlab" and not stats["cuda_graph"]
 
 
-class ReplayingGraph:
-    """Stands in for a CUDA graph on CPU: a replay runs the step again (`corrupt` breaks its output)."""
+class CachelessGraph:
+    """Stands in for a CUDA graph on CPU, computed another way than the eager step: a replay
+    scores the whole sequence so far (the batch's prompts and the tokens written) without the KV
+    cache, samples from those logits and advances the step's state as `step` does. `corrupt`:
+    "tokens" overwrites the sampled tokens with 0, "logits" adds 1 to every logit (the same tokens,
+    since sampling ignores a shift, so only the logits comparison can see it)."""
 
-    def __init__(self, decoder, corrupt=False):
-        self.decoder, self.corrupt = decoder, corrupt
+    def __init__(self, decoder, batch, corrupt=None):
+        self.decoder, self.batch, self.corrupt = decoder, batch, corrupt
         self.logits = None
 
     def record(self):
@@ -100,12 +105,27 @@ class ReplayingGraph:
         return self, self.logits
 
     def replay(self):
-        self.logits.copy_(self.decoder.step())
-        if self.corrupt:
-            self.decoder.last.fill_(0)
+        d = self.decoder
+        rows, width, _ = d.shape
+        ids, mask = left_pad(self.batch["prompts"], width, d.pad)
+        written = int(d.step_no)
+        attention = torch.cat([mask, torch.ones(rows, written, dtype=mask.dtype)], 1)
+        logits = d.model(
+            input_ids=torch.cat([ids, d.out[:, :written]], 1),
+            attention_mask=attention,
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+        ).logits[:, -1]
+        self.logits.copy_(logits + 1.0 if self.corrupt == "logits" else logits)
+        d.attend.index_fill_(1, d.slot, True)
+        d.pos += 1
+        d.slot += 1
+        d._emit(self.logits)
+        if self.corrupt == "tokens":
+            d.last.fill_(0)
 
 
-def decode(loaded, prompts, graph, corrupt=False, do_sample=True, max_new_tokens=10):
+def decode(loaded, prompts, graph, corrupt=None, do_sample=True, max_new_tokens=10):
+    """Tokens per prompt index from the static loop, its decode step eager or replayed by CachelessGraph."""
     gen = StaticCacheGenerator(
         max_new_tokens=max_new_tokens, batch_size=4, do_sample=do_sample, seed=2, pad_to_multiple_of=4
     )
@@ -117,12 +137,25 @@ def decode(loaded, prompts, graph, corrupt=False, do_sample=True, max_new_tokens
         graph,
         False,
     )
-    decoder._record = lambda: ReplayingGraph(decoder, corrupt).record()
+    batch = {}
+    decoder._record = lambda: CachelessGraph(decoder, batch, corrupt).record()
     loaded.model.eval()
-    out = []
-    for batch in gen.batches(prompts):
-        out += decoder.run([prompts[i] for i in batch], batch, key=_mix32(3))
+    out = {}
+    for indices in gen.batches(prompts):
+        batch["prompts"] = [prompts[i] for i in indices]
+        out.update(zip(indices, decoder.run(batch["prompts"], indices, key=_mix32(3)), strict=True))
     return out, decoder.stats
+
+
+def as_rows(tok, tokens):
+    """Decoded tokens per prompt index in the form `reference` gives: cut at EOS."""
+    rows = {}
+    for i, ids in tokens.items():
+        finished = tok.eos_token_id in ids
+        ids = ids[: ids.index(tok.eos_token_id)] if finished else ids
+        rows[i] = {"index": i, "synthetic": tok.decode(ids, skip_special_tokens=True), "tokens": len(ids)}
+        rows[i]["finished"] = finished
+    return rows
 
 
 @pytest.mark.parametrize("do_sample", [True, False])
@@ -131,15 +164,22 @@ def test_a_checked_graph_replays_the_eager_loop_and_a_wrong_one_is_dropped(do_sa
     prompts = encode(loaded.tokenizer, PROMPTS)
     eager, stats = decode(loaded, prompts, graph=False, do_sample=do_sample)
     assert not stats["cuda_graph"] and stats["graph_captures"] == 0
+    if not do_sample:  # the eager loop itself: greedy as `generate` on each prompt alone
+        assert as_rows(loaded.tokenizer, eager) == reference(loaded, prompts, max_new_tokens=10)
+    # The replays compute each step without the cache: equal tokens only if the eager loop's
+    # cache, positions and mask are right, and the state is restored after the graph check.
     replayed, stats = decode(loaded, prompts, graph=True, do_sample=do_sample)
     assert replayed == eager
     # Batches of widths 20, 4 and 4 (that one of 3 rows): three shapes, one capture each.
     assert stats["cuda_graph"] and stats["graph_captures"] == 3 and stats["cache_lengths"] == [30, 14, 14]
-    with caplog.at_level(logging.WARNING, logger="spinlab.generation"):
-        fallen_back, stats = decode(loaded, prompts, graph=True, corrupt=True, do_sample=do_sample)
-    assert fallen_back == eager
-    assert not stats["cuda_graph"] and stats["graph_captures"] == 0
-    assert "replay 1 of the captured decode step differs" in caplog.text and "decoding eagerly" in caplog.text
+    for corrupt, differs in [("tokens", "4 of 4 tokens differ"), ("logits", "0 of 4 tokens differ")]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spinlab.generation"):
+            fallen_back, stats = decode(loaded, prompts, graph=True, corrupt=corrupt, do_sample=do_sample)
+        assert fallen_back == eager
+        assert not stats["cuda_graph"] and stats["graph_captures"] == 0
+        assert "replay 1 of the captured decode step differs" in caplog.text and differs in caplog.text
+        assert "decoding eagerly" in caplog.text
 
 
 @pytest.mark.parametrize("max_new_tokens", [2, 3])
@@ -149,7 +189,7 @@ def test_a_graph_is_checked_even_when_fewer_steps_are_left_than_the_check_takes(
     eager, _ = decode(loaded, prompts, graph=False, max_new_tokens=max_new_tokens)
     replayed, stats = decode(loaded, prompts, graph=True, max_new_tokens=max_new_tokens)
     assert replayed == eager and stats["cuda_graph"]
-    assert all(len(row) == max_new_tokens for row in replayed)
+    assert all(len(row) == max_new_tokens for row in replayed.values())
 
 
 def test_a_generation_config_with_other_logits_processors_falls_back_to_generate(caplog):
