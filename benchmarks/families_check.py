@@ -1,7 +1,7 @@
 """The GPU paths on families other than Llama: a check, not a speed measurement.
 
     python benchmarks/families_check.py --device cuda               # gpu_check.sh's family step, ~1 min
-    python benchmarks/families_check.py --device cpu --shape tiny   # the same steps at toy size (make test)
+    python benchmarks/families_check.py --device cpu --shape toy    # the same steps at toy size (make test)
 
 For a Qwen3- and a Gemma-2-shaped model (the shape's sizes built as each family's class; Gemma-2
 with its released final-logit soft-cap of 30, eager attention and a sliding window as long as the
@@ -27,24 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-# A toy shape for the CPU run in `make test` (no GPU there): the same steps in seconds.
-common.SHAPES.setdefault(
-    "tiny",
-    dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-)
 FAMILIES = ("qwen3", "gemma2")
 
 
@@ -61,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--compile", choices=("on", "off", "auto"), default="auto", help="auto: on a GPU only")
     args = p.parse_args(argv)
-    args.shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "tiny")
+    args.shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "toy")
     return args
 
 

@@ -269,6 +269,7 @@ def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: 
     import torch
 
     from spinlab.generation import left_pad
+    from spinlab.generation.base import Phase
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     greedy = generator.greedy()
@@ -281,7 +282,8 @@ def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: 
 
     config = greedy.generation_config(model, eos, pad)
     with torch.no_grad():
-        greedy._run(model, prompts, greedy.batches(prompts), keep, config, 0, False, 0)
+        phase = Phase(round_index=0, done=frozenset(), shard=(0, 1), synced=False, spare_calls=0)
+        greedy._run(model, prompts, greedy.batches(prompts), keep, config, phase)
         width = max(map(len, prompts))
         input_ids, attention_mask = left_pad(prompts, width, pad)
         device = next(model.parameters()).device

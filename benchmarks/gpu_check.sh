@@ -10,7 +10,8 @@
 # --device cpu is a check of the script, not a measurement: each step runs its own command with
 # the toy-size options of its script appended (argparse takes an option's last value), so a
 # renamed script, option or test file fails there too. tests/test_benchmarks.py runs it in
-# `make test`. A new step appends its script's toy options the same way ($GEN_TOY, $TRAIN_TOY).
+# `make test`. A new step appends its script's toy options the same way ($GEN_TOY, $TRAIN_TOY,
+# $FAMILY_TOY).
 #
 # Run from the repository root on a machine with one CUDA GPU, after changing the model, the
 # sharding, generation or training code. Every step has its own time limit, so the script ends
@@ -27,12 +28,13 @@ if [ "${1:-}" = "--device" ]; then
 fi
 case "$DEVICE" in
 cuda)
-    GEN_TOY=() TRAIN_TOY=()
+    GEN_TOY=() TRAIN_TOY=() FAMILY_TOY=()
     ;;
 cpu)
     GEN_TOY=(--device cpu --shape toy --batch 2 --batches 1 --prompt-len 8 --new-tokens 4 --repeats 1 --timeout 120)
     TRAIN_TOY=(--device cpu --shape toy --batch 2 --prompt-len 8 --response-len 8 --steps 1 --warmup 1
         --threads 1 --timeout 120)
+    FAMILY_TOY=(--device cpu --shape toy --batch 2 --steps 2 --prompts 3 --new-tokens 6 --compile off)
     ;;
 *)
     echo "usage: bash benchmarks/gpu_check.sh [--device cuda|cpu] [OUT_DIR]" >&2
@@ -125,7 +127,7 @@ step train_1b 200 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughpu
 # 4. the families beyond Llama (Qwen3 and Gemma-2 at the SmolLM2-135M shape): bf16 with compiled
 #    layers, the chunked log-prob path's check against the model's own logits, training steps, and
 #    the static decoder's greedy tokens (CUDA graph, float32) against generate
-step families 90 "$DIR/families_check.jsonl" "$PY" benchmarks/families_check.py --device cuda
+step families 90 "$DIR/families_check.jsonl" "$PY" benchmarks/families_check.py --device cuda "${FAMILY_TOY[@]}"
 
 # 5. the GPU tests: tests/test_gpu.py (two rounds with trainer=gpu and trainer=fsdp, eager and with
 #    compiled layers, bf16; Liger's kernels and compiled layers against the eager loss) and

@@ -27,7 +27,7 @@ PY = sys.executable
 TRAIN_TOY = ["--device", "cpu", "--shape", "toy", "--batch", "2", "--prompt-len", "8", "--response-len", "8"]
 TRAIN_TOY += ["--steps", "1", "--warmup", "1", "--threads", "1", "--timeout", "120"]
 # Each generation backend but vllm, whose engine start alone takes ~30 s (tests/test_vllm.py runs it).
-GEN_BACKENDS = "hf,static,static@eager,static@generate,continuous"
+GEN_BACKENDS = "hf,static,static@eager,static@generate"
 
 
 def env() -> dict:
@@ -135,16 +135,25 @@ def in_process(script: str, *args: str, capsys, monkeypatch) -> list[dict]:
     return records(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize(("script", "extra"), [("compile.py", ["--backend", "eager"]), ("packing.py", [])])
-def test_lever(script, extra, capsys, monkeypatch, jobs):
+@pytest.mark.parametrize(
+    ("script", "extra", "rows"),
+    [("compile.py", ["--backend", "eager"], 1), ("packing.py", [], 1), ("output_layer.py", [], 2)],
+)
+def test_lever(script, extra, rows, capsys, monkeypatch, jobs):
     # First, and with `jobs`: the background commands start, then this runs beside them.
-    [row] = in_process(script, *TRAIN_TOY, *extra, capsys=capsys, monkeypatch=monkeypatch)
-    sides = [v for v in row.values() if isinstance(v, dict) and "side" in v]
-    assert len(sides) == 2 and all("error" not in s for s in sides), sides
-    for side in sides:
-        assert finite(side["tokens_per_s"], side["peak_memory_gib"], side["last_loss"])
-    assert finite(row["tokens_per_s_ratio"], row["peak_memory_ratio"])
-    assert row["last_loss_abs_diff"] < 1e-4  # the lever changes the speed, not the step
+    found = in_process(script, *TRAIN_TOY, *extra, capsys=capsys, monkeypatch=monkeypatch)
+    assert len(found) == rows
+    for row in found:
+        sides = [v for v in row.values() if isinstance(v, dict) and "side" in v]
+        assert len(sides) == 2 and all("error" not in s for s in sides), sides
+        for side in sides:
+            assert finite(side["tokens_per_s"], side["peak_memory_gib"], side["last_loss"])
+        assert finite(row["tokens_per_s_ratio"], row["peak_memory_ratio"])
+        assert row["last_loss_abs_diff"] < 1e-4  # the lever changes the speed, not the step
+        if script == "output_layer.py":  # the full output layer ran once on the chunked side: its check
+            assert (
+                row["chunked"]["chunked_matches"] is True and row["chunked"]["full_output_layer_calls"] == 1
+            )
     torch._dynamo.reset()
 
 
@@ -152,7 +161,13 @@ def test_gpu_check_runs_every_step_on_the_cpu(jobs):
     finished(jobs, "test_gpu_check_runs_every_step_on_the_cpu")
     out = jobs[0] / "gpu_check"
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
-    assert {name for name, _, _ in steps} >= {"generation_throughput", "train_135m", "train_1b", "pytest_gpu"}
+    assert {name for name, _, _ in steps} >= {
+        "generation_throughput",
+        "train_135m",
+        "train_1b",
+        "families",
+        "pytest_gpu",
+    }
     assert all(status == "0" for _, status, _ in steps), steps
     assert "--device cpu" in (out / "machine.txt").read_text()
     generation = records((out / "generation_throughput.jsonl").read_text())
@@ -177,6 +192,9 @@ def test_gpu_check_runs_every_step_on_the_cpu(jobs):
                 variant["peak_memory_gib"],
                 r["variant_ratios"][name]["tokens_per_s_ratio"],
             )
+    families = records((out / "families_check.jsonl").read_text())
+    assert [r["family"] for r in families] == ["qwen3", "gemma2"]
+    assert all(r["training"]["ok"] and r["static"]["ok"] for r in families), families
     suite = ET.parse(out / "pytest_gpu.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0 and suite.get("failures") == suite.get("errors") == "0"
 
