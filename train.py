@@ -40,6 +40,7 @@ from spinlab.rundir import (
     RunDir,
     RunDirInUse,
     check_last_checkpoint,
+    check_not_foreign,
     check_writable,
     claim,
     is_launching_rank,
@@ -148,6 +149,8 @@ def run(cfg: DictConfig, accepted=None) -> dict:
     run_dir = RunDir(cfg.run_dir)
     launching = is_launching_rank()  # ranks 1.. of a multi-process run belong to rank 0's job
     if launching:
+        with refusal(EXIT_REFUSED, RuntimeError, OSError):
+            check_not_foreign(run_dir, cfg.allow_foreign_run_dir)
         with refusal(EXIT_BUSY, RunDirInUse), refusal(EXIT_REFUSED, OSError):
             claim(run_dir)
     last = run_dir.last_checkpoint

@@ -97,6 +97,22 @@ def test_an_accepted_start_writes_the_hydra_record_and_the_log(finished, tmp_pat
     assert "all 2 rounds of" in (root / "train.log").read_text()
 
 
+def test_a_directory_holding_other_files_is_refused_and_keeps_them(tmp_path):
+    """The reproduction of issue 28: a run must never delete what it did not write."""
+    root = tmp_path / "mydir"
+    (root / "project" / "backup.old").mkdir(parents=True)
+    (root / "project" / "backup.old" / "thesis.tex").write_text("x\n")
+    (root / ".draft.tmp").touch()
+    before = snapshot(root)
+    out = start(root, "~eval", "rounds=1")
+    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.stderr.startswith(
+        f"refused: {root} is not empty (.draft.tmp, project) and holds no spinlab run"
+    )
+    assert "allow_foreign_run_dir=true" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == [".draft.tmp", "project"]
+
+
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     # A loss whose code fails: a defect, not bad input. Hydra's report of an error it did not
     # expect either: exit status 1, its short traceback and the hint; the whole traceback with

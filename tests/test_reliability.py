@@ -340,31 +340,102 @@ def test_bad_round_overrides_fail_at_start_naming_them(override, message):
 # -- leftovers and damaged checkpoints -------------------------------------------------------------
 
 
-def test_leftovers_of_interrupted_writes_are_removed_at_start(tmp_path, caplog):
+def mkstemp_name(directory, name):
+    """A temporary name as rundir._atomic makes it for `name` in `directory` (the file is created)."""
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return rundir.Path(path)
+
+
+def test_leftovers_of_interrupted_writes_are_removed_at_start_and_nothing_else(tmp_path, caplog):
     root = tmp_path / "run"
-    files = [
-        root / "checkpoints" / ".last.ckpt.k2j3h4ab.tmp",  # a kill while the checkpoint was written
-        root / "rounds" / "round_000" / ".synthetic.jsonl.x81f.tmp",
-        root / ".summary.json.q0z.tmp",
+    ckpt = root / "checkpoints"
+    files = [  # what each writer leaves when killed, where it writes it
+        mkstemp_name(root, "summary.json"),
+        mkstemp_name(root, "run_config.yaml"),
+        mkstemp_name(root / ".hydra", "config.yaml"),
+        mkstemp_name(root / "csv", "metrics.csv"),
+        mkstemp_name(root / "rounds", "proto.jsonl"),
+        mkstemp_name(root / "rounds" / "round_000", "synthetic.jsonl"),
+        mkstemp_name(root / "rounds" / "round_001" / "mt_bench", "run-round001.jsonl"),
+        mkstemp_name(ckpt, "last.ckpt.sha256"),
+        mkstemp_name(ckpt / "epoch0000-step0000004-0123abcd.ckpt", rundir.CHECKSUMS),
+        root / f".wandb_id.{'5f' * 16}.tmp",  # loggers.run_id
+        root / ".write_probe",  # check_writable
+        ckpt / f".last.ckpt.{os.getpid()}.tmp",  # AtomicCheckpointIO: a full-size checkpoint
     ]
-    dirs = [root / "hf" / "round_001.tmp", root / "hf" / "round_000.old"]  # replace_dir, interrupted
-    kept = [
-        root / "rounds" / "round_001" / "synthetic.partial.jsonl",  # resume data, not a leftover
+    dirs = [  # replace_dir, interrupted: a model directory being written or being replaced
+        root / "hf" / "round_001.tmp",
+        root / "hf" / "round_000.old",
+        root / "engine" / "policy_after_002.tmp",
+    ]
+    kept = [  # the user's files, with the same patterns at several depths; and the run's own
+        root / ".draft.tmp",
         root / "notes.tmp",
+        root / "backup.old" / "thesis.tex",
+        root / "project" / ".draft.tmp",
+        root / "project" / "backup.old" / "thesis.tex",
+        root / "project" / "a" / "b" / "c.old" / "x.tex",
+        root / "project" / "a" / "b" / ".d.tmp",
+        root / "project" / ".summary.json.abcdefgh.tmp",  # a run's temporary name, another place
+        root / "project" / "hf" / "round_000.old" / "model.safetensors",
+        root / "project" / "checkpoints" / ".last.ckpt.123.tmp",
+        root / ".notes.txt.abcdefgh.tmp",  # mkstemp-shaped, but no file a run writes at the top
+        root / "rounds" / "round_000" / "draft.tmp",
+        root / "rounds" / "notes" / ".x.abcdefgh.tmp",
+        root / "rounds" / "round_001" / "synthetic.partial.jsonl",  # resume data, not a leftover
         root / "hf" / "round_000" / "model.safetensors",
+        root / "hf" / "mine.old" / "model.safetensors",
+        root / "checkpoints" / ".last.ckpt.tmp",
+        root / "checkpoints" / "backup.old" / "last.ckpt",
         root / "wandb" / "run-x" / ".files.tmp",  # W&B's own
+        tmp_path / "elsewhere" / ".x.abcdefgh.tmp",
     ]
     for path in files + kept + [d / "model.safetensors" for d in dirs]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * 1000)
+    link = ckpt / ".last.ckpt.link.tmp"  # the sharded checkpoint's link, before its rename
+    link.symlink_to("epoch0000-step0000004-0123abcd.ckpt")
+    files.append(link)
+    # A link with a leftover's name keeps what it names: the user's directory.
+    (root / "hf" / "round_002.old").symlink_to(tmp_path / "elsewhere")
+    kept.append(root / "hf" / "round_002.old")
     # Both rounds are finished, so the start has nothing else to do.
     (root / "summary.json").write_text(json.dumps([{"round": 0}, {"round": 1}]))
     with caplog.at_level(logging.WARNING, logger="spinlab.rundir"):
         train.run(compose_cfg(["debug=fast"], root))
-    assert not [p for p in files + dirs if p.exists()]
-    assert all(p.exists() for p in kept)
+    assert [p for p in files + dirs if p.exists() or p.is_symlink()] == []
+    assert [p for p in kept if not p.exists()] == []
     for path in files + dirs:
         assert f"removed {path}, left by an interrupted write" in caplog.text
+    assert caplog.text.count("left by an interrupted write") == len(files + dirs)
+
+
+def test_a_directory_with_files_but_no_run_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    root = tmp_path / "mine"
+    (root / "project" / "backup.old").mkdir(parents=True)
+    (root / "project" / "backup.old" / "thesis.tex").write_text("x")
+    (root / ".draft.tmp").touch()
+    monkeypatch.setattr(train, "instantiate", no_model)
+    with pytest.raises(
+        RuntimeError, match=rf"^{root} is not empty \(.draft.tmp, project\) and holds no spinlab run"
+    ):
+        train.run(compose_cfg(["debug=fast"], root))
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        ".draft.tmp",
+        "project",
+        "project/backup.old",
+        "project/backup.old/thesis.tex",
+    ]
+    rundir.check_not_foreign(rundir.RunDir(root), allow_foreign=True)  # said explicitly: accepted
+    rundir.check_not_foreign(rundir.RunDir(tmp_path / "empty"), allow_foreign=False)  # not made yet
+    (tmp_path / "empty").mkdir()
+    rundir.check_not_foreign(rundir.RunDir(tmp_path / "empty"), allow_foreign=False)  # as Hydra makes it
+    (root / "run.lock").touch()  # a run's directory: its files and the user's may live together
+    rundir.check_not_foreign(rundir.RunDir(root), allow_foreign=False)
 
 
 def checkpoint_bytes() -> bytes:

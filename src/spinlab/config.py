@@ -38,6 +38,7 @@ class TrainConfig:
     resume: str = "auto"
     round_overrides: dict[Any, Any] = field(default_factory=dict)
     run_dir: str = MISSING
+    allow_foreign_run_dir: bool = False
     run_name: str = ""
     pairs: Any = MISSING
     objective: Any = MISSING
@@ -96,6 +97,7 @@ RESTART_FREE = (
     "logger",
     "run_name",
     "run_dir",
+    "allow_foreign_run_dir",
     "name",
     "callbacks.progress",  # the progress bar
     "callbacks.self_play.generator",  # ${generation}, compared there (tests swap in crashing ones)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -288,26 +289,100 @@ def release(run_dir: RunDir, restore: bool = False) -> None:
         os.close(fd)
 
 
-# -- what an interrupted start leaves behind ----------------------------------------------------
+# -- a directory that holds a run; what an interrupted write leaves behind ------------------------
+
+# Files a spinlab run writes at its directory's top, one of which every run that got past its
+# start holds (run.lock is taken first, run_config.yaml written once the start is accepted).
+RUN_MARKERS = ("run.lock", "run_config.yaml", "summary.json")
+
+
+def holds_run(run_dir: RunDir) -> bool:
+    last = run_dir.last_checkpoint
+    return last.exists() or last.is_symlink() or any((run_dir.root / m).exists() for m in RUN_MARKERS)
+
+
+def check_not_foreign(run_dir: RunDir, allow_foreign: bool) -> None:
+    """Refuse a directory with files in it but no spinlab run: a run writes (and, at its next
+    start, tidies) its own files there, which must never meet someone else's."""
+    root = run_dir.root
+    if allow_foreign or not root.is_dir() or holds_run(run_dir):
+        return
+    names = sorted(p.name for p in root.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise RuntimeError(
+            f"{root} is not empty ({shown}) and holds no spinlab run (no {' or '.join(RUN_MARKERS)}): "
+            "choose a new or empty run directory, or set allow_foreign_run_dir=true to write the run "
+            "among these files"
+        )
+
+
+# The temporary names of the writers below, each matched only where its writer puts it.
+_ATOMIC = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")  # _atomic: mkstemp's 8 random characters
+_CHECKPOINT_TMP = re.compile(r"\.last\.ckpt\.(\d+|link)\.tmp")  # AtomicCheckpointIO (PID), the sharded link
+_WANDB_ID_TMP = re.compile(r"\.wandb_id\.[0-9a-f]{32}\.tmp")  # loggers.run_id
+_ROUND = re.compile(r"round_\d{3,}")
+_MODEL_TMP = {  # replace_dir's `<name>.tmp` (being written) and `<name>.old` (being replaced)
+    "hf": re.compile(r"round_\d{3,}\.(tmp|old)"),  # collective.save_policy
+    "engine": re.compile(r"policy_after_\d{3,}\.(tmp|old)"),  # collective.policy_weights
+}
+
+
+def leftovers(run_dir: RunDir) -> list[Path]:
+    """The temporary files and directories that interrupted writes of this run left behind:
+    exactly the names spinlab's writers use, in the places they write them, nothing else."""
+    root = run_dir.root
+    found: list[Path] = []
+
+    def atomic_files(directory: Path, names: Iterable[str] | None = None) -> None:
+        for path in _entries(directory):
+            match = _ATOMIC.fullmatch(path.name)
+            if match and _is_file(path) and (names is None or match["name"] in names):
+                found.append(path)
+
+    atomic_files(root, ("summary.json", "run_config.yaml"))
+    found += [p for p in _entries(root) if _WANDB_ID_TMP.fullmatch(p.name) and _is_file(p)]
+    if _is_file(root / ".write_probe"):  # check_writable
+        found.append(root / ".write_probe")
+    atomic_files(root / ".hydra", ("config.yaml", "hydra.yaml", "overrides.yaml"))
+    atomic_files(root / "csv", ("metrics.csv",))
+    atomic_files(root / "rounds", ("proto.jsonl",))
+    for round_dir in _entries(root / "rounds"):
+        if _ROUND.fullmatch(round_dir.name) and _is_dir(round_dir):
+            atomic_files(round_dir)
+            atomic_files(round_dir / "mt_bench")
+    checkpoints = run_dir.checkpoints
+    atomic_files(checkpoints, ("last.ckpt.sha256",))
+    for path in _entries(checkpoints):
+        if _CHECKPOINT_TMP.fullmatch(path.name) and (_is_file(path) or path.is_symlink()):
+            found.append(path)
+        elif path.name.endswith(".ckpt") and _is_dir(path):  # a sharded checkpoint
+            atomic_files(path, (CHECKSUMS,))
+    for folder, pattern in _MODEL_TMP.items():
+        found += [p for p in _entries(root / folder) if pattern.fullmatch(p.name) and _is_dir(p)]
+    return found
+
+
+def _entries(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if _is_dir(directory) else []
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def remove_leftovers(run_dir: RunDir) -> list[Path]:
-    """Delete what interrupted writes left: `_atomic`'s `.<name>.*.tmp` files and `replace_dir`'s
-    `*.tmp`/`*.old` directories. Call it only while owning the run directory (`claim`)."""
-    removed = []
-    for parent, dirs, files in os.walk(run_dir.root):
-        here = Path(parent)
-        if here == run_dir.root:
-            dirs[:] = [d for d in dirs if d != "wandb"]  # W&B's own files are W&B's business
-        for d in [d for d in dirs if d.endswith((".tmp", ".old"))]:
-            shutil.rmtree(here / d)
-            dirs.remove(d)
-            removed.append(here / d)
-        for f in files:
-            if f.startswith(".") and f.endswith(".tmp"):
-                (here / f).unlink()
-                removed.append(here / f)
+    """Delete `leftovers`, logging each. Call it only while owning the run directory (`claim`)."""
+    removed = leftovers(run_dir)
     for path in removed:
+        if _is_dir(path):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         log.warning("removed %s, left by an interrupted write", path)
     return removed
 
