@@ -139,3 +139,30 @@ def step_losses(root) -> dict[int, list[float]]:
     for _, index, loss in steps:
         out.setdefault(index, []).append(loss)
     return out
+
+
+def broken_chat_template(**kwargs):
+    """The tiny model, whose tokenizer's chat templating fails with a bug of its own."""
+    from spinlab.models import tiny_model
+
+    loaded = tiny_model(**kwargs)
+
+    def apply_chat_template(*args, **kwargs):
+        raise RuntimeError("a bug inside the tokenizer's chat templating")
+
+    loaded.tokenizer.apply_chat_template = apply_chat_template
+    return loaded
+
+
+def broken_model(**kwargs):
+    raise RuntimeError("a bug inside model loading")
+
+
+class BrokenSource:
+    """A data source with a bug: reading a split fails."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def load(self, split: str) -> list[dict]:
+        raise RuntimeError(f"a bug inside the data source, reading {split}")

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import train
 from spinlab.config import check_restart, redact
+from spinlab.errors import UserError
 from tests.conftest import ROOT, compose_cfg
 from tests.test_e2e import NUM_PROMPTS, run
 from tests.test_reliability import subprocess_env
@@ -113,10 +114,29 @@ def test_a_directory_holding_other_files_is_refused_and_keeps_them(tmp_path):
     assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == [".draft.tmp", "project"]
 
 
-def test_an_unexpected_error_keeps_its_traceback(tmp_path):
-    # A loss whose code fails: a defect, not bad input. Hydra's report of an error it did not
-    # expect either: exit status 1, its short traceback and the hint; the whole traceback with
-    # HYDRA_FULL_ERROR=1.
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model._target_=tests.helpers.broken_model", "a bug inside model loading"),
+        ("model._target_=tests.helpers.broken_chat_template", "a bug inside the tokenizer's chat templating"),
+        ("data.source._target_=tests.helpers.BrokenSource", "a bug inside the data source, reading train"),
+    ],
+)
+def test_a_bug_while_loading_the_model_or_data_is_not_a_refusal(tmp_path, override, message):
+    # Raised inside the start checks, where the expected errors (spinlab.errors) are refusals: a
+    # RuntimeError of any other code is a defect, and main lets it reach Hydra with its traceback
+    # (in a constructor, inside Hydra's InstantiationException naming the node).
+    with pytest.raises(Exception, match=message) as err:
+        train.run(compose_cfg([*COMMAND, override], tmp_path / "run"))
+    assert not isinstance(err.value, UserError)
+    assert not (tmp_path / "run" / "run_config.yaml").exists()  # raised before the start was accepted
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_status_1(tmp_path):
+    # A defect, not bad input: Hydra's report of an error it did not expect either: exit status 1,
+    # its short traceback and the hint; the whole traceback with HYDRA_FULL_ERROR=1. A loss whose
+    # code fails (after the start), and a tokenizer whose chat templating fails (inside the start
+    # checks, which call it on every prompt).
     (tmp_path / "broken_loss.py").write_text(
         "def loss(margin):\n    raise ZeroDivisionError('inside the loss')\n"
     )
@@ -127,6 +147,12 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     assert "Error executing job" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
     full = start(tmp_path / "run2", "loss._target_=broken_loss.loss", PYTHONPATH=path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
+    root = tmp_path / "run3"
+    bug = start(root, "model._target_=tests.helpers.broken_chat_template", HYDRA_FULL_ERROR="1")
+    assert bug.returncode == 1 and "refused:" not in bug.stderr, bug.stderr[-3000:]
+    assert "Traceback (most recent call last)" in bug.stderr
+    assert "RuntimeError: a bug inside the tokenizer's chat templating" in bug.stderr
+    assert "in apply_chat_template" in bug.stderr  # where it was raised
 
 
 @pytest.mark.parametrize(

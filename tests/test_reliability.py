@@ -22,9 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import train
-from spinlab import rundir
+from spinlab import config, rundir
 from spinlab.config import check_settings, redact
 from spinlab.config import round_overrides as typed_round_overrides
+from spinlab.errors import RunDirError
 from spinlab.loggers import MetricsFile
 from spinlab.rounds import round_settings
 from tests.conftest import ROOT, compose_cfg
@@ -419,9 +420,9 @@ def test_a_directory_with_files_but_no_run_is_refused_before_anything_is_written
     (root / "project" / "backup.old").mkdir(parents=True)
     (root / "project" / "backup.old" / "thesis.tex").write_text("x")
     (root / ".draft.tmp").touch()
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(
-        RuntimeError, match=rf"^{root} is not empty \(.draft.tmp, project\) and holds no spinlab run"
+        RunDirError, match=rf"^{root} is not empty \(.draft.tmp, project\) and holds no spinlab run"
     ):
         train.run(compose_cfg(["debug=fast"], root))
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
@@ -510,7 +511,7 @@ def test_a_dangling_last_checkpoint_link_is_refused_not_ignored(tmp_path, monkey
     root = tmp_path / "run"
     (root / "checkpoints").mkdir(parents=True)
     (root / "checkpoints" / "last.ckpt").symlink_to("epoch0000-step0000004-0123abcd.ckpt")
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(
         RuntimeError, match="it is a link to epoch0000-step0000004-0123abcd.ckpt, which does not"
     ):
@@ -530,7 +531,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkey
         ckpt.mkdir()
         (ckpt / "__0_0.distcp").write_bytes(b"x" * 100)
     (root / "summary.json").write_text(json.dumps([{"round": 0}]))  # round 0 finished, round 1 not
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(RuntimeError) as err:
         train.run(compose_cfg(["debug=fast"], root))
     message = str(err.value)
@@ -558,7 +559,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkey
 )
 def test_changed_settings_are_refused_naming_the_setting(finished, tmp_path, monkeypatch, override, message):
     shutil.copytree(finished, tmp_path / "run")
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(ValueError, match=message):
         run(tmp_path, "run", override)
 

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spinlab.collective import save_policy
 from spinlab.config import round_overrides as typed_round_overrides
+from spinlab.errors import ConfigError, RunDirError
 from spinlab.rounds import Round, round_settings
 from spinlab.rundir import CHECKSUMS, RunDir, record_checksum, sha256_file, write_json
 
@@ -66,7 +67,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+            raise RunDirError(f"cannot write {path}: {err.strerror}", err.errno) from err
         except RuntimeError as err:  # torch.save's zip writer: a failed write (full disk), no path
             tmp.unlink(missing_ok=True)
             raise write_error(path, err) from err
@@ -75,13 +76,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def write_error(path: Path, err: BaseException) -> OSError:
+def write_error(path: Path, err: BaseException) -> RunDirError:
     """A failed checkpoint write, naming the path and the space left (torch's own message does not)."""
     try:
         free = f"{shutil.disk_usage(path.parent).free} bytes free there"
     except OSError:
         free = "free space unknown"
-    return OSError(errno.EIO, f"cannot write {path} ({free}): {err}")
+    return RunDirError(f"cannot write {path} ({free}): {err}", errno.EIO)
 
 
 # -- stopping on a signal ---------------------------------------------------------------------
@@ -313,7 +314,7 @@ class SelfPlayCallback(L.Callback):
         self.num_samples = num_samples
         if isinstance(evaluator, Mapping):  # `~eval` leaves a plain node, not an evaluator
             if evaluator:
-                raise ValueError(
+                raise ConfigError(
                     f"eval was removed but a preset still sets eval keys {sorted(evaluator)}: turn "
                     "evaluation off with eval.heldout_pairs=0 eval.task_prompts=0 instead"
                 )
@@ -354,7 +355,7 @@ class SelfPlayCallback(L.Callback):
         objective = getattr(pl_module, "objective", None)
         provided = tuple(getattr(self.pairs, "kinds", ()))
         if objective is not None and provided != tuple(objective.kinds):
-            raise ValueError(
+            raise ConfigError(
                 f"the objective {type(objective).__name__} trains on the kinds of response "
                 f"{tuple(objective.kinds)}, but the pair builder {type(self.pairs).__name__} provides "
                 f"{provided}: pick the `pairs` option that provides them (pairs=synthetic: real, synthetic; "

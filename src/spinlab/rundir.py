@@ -22,6 +22,8 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from spinlab.errors import CheckpointError, RunDirError, RunDirInUse
+
 log = logging.getLogger(__name__)
 
 
@@ -87,15 +89,15 @@ def check_writable(root: Path, need_bytes: int) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise OSError(
-            err.errno, f"cannot write the run directory {root}: {err.strerror}. Choose another run_dir."
+        raise RunDirError(
+            f"cannot write the run directory {root}: {err.strerror}. Choose another run_dir.", err.errno
         ) from err
     free = shutil.disk_usage(root).free
     if free < need_bytes:
-        raise OSError(
-            errno.ENOSPC,
+        raise RunDirError(
             f"{root} has {free} bytes free, and a round's model and checkpoint needs about {need_bytes}. "
             "Free some space or choose another run_dir.",
+            errno.ENOSPC,
         )
 
 
@@ -112,7 +114,7 @@ def _atomic(path: Path, write) -> None:
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        raise RunDirError(f"cannot write {path}: {err.strerror}", err.errno) from err
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -214,11 +216,7 @@ def _alive(pid) -> bool:
     return True
 
 
-class RunDirInUse(RuntimeError):
-    """Another process holds the run directory."""
-
-
-def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RuntimeError:
+def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RunDirInUse:
     return RunDirInUse(
         f"{run_dir.root} is in use by another run ({_describe(holder)}){hint}; two processes on one "
         "run directory would overwrite each other's files. Wait for it to end or stop it, or choose "
@@ -241,9 +239,9 @@ def claim(run_dir: RunDir) -> None:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise OSError(
-            err.errno,
+        raise RunDirError(
             f"cannot write the run directory {run_dir.root}: {err.strerror}. Choose another run_dir.",
+            err.errno,
         ) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -310,7 +308,7 @@ def check_not_foreign(run_dir: RunDir, allow_foreign: bool) -> None:
     names = sorted(p.name for p in root.iterdir())
     if names:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise RuntimeError(
+        raise RunDirError(
             f"{root} is not empty ({shown}) and holds no spinlab run (no {' or '.join(RUN_MARKERS)}): "
             "choose a new or empty run directory, or set allow_foreign_run_dir=true to write the run "
             "among these files"
@@ -505,4 +503,4 @@ def check_last_checkpoint(run_dir: RunDir, finished_rounds: int) -> None:
         )
     else:
         advice = f"No round is finished yet; {redo}."
-    raise RuntimeError(f"cannot resume: the checkpoint {path} is damaged ({problem}). {advice}")
+    raise CheckpointError(f"cannot resume: the checkpoint {path} is damaged ({problem}). {advice}")

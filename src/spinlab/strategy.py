@@ -12,11 +12,13 @@ from datetime import timedelta
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from spinlab.errors import ConfigError
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     def __init__(self, timeout_minutes: float = 10.0, save_distributed_checkpoint: bool = True, **kwargs):
         if timeout_minutes <= 0:
-            raise ValueError(f"trainer.strategy.timeout_minutes must be > 0, got {timeout_minutes}")
+            raise ConfigError(f"trainer.strategy.timeout_minutes must be > 0, got {timeout_minutes}")
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
