@@ -507,6 +507,30 @@ def test_a_changed_byte_is_found_by_the_checksum_saved_with_the_checkpoint(tmp_p
     )
 
 
+def test_a_sharded_save_hashes_each_file_as_it_writes_it(tmp_path, monkeypatch):
+    from spinlab.strategy import FSDP2Strategy
+
+    read = []
+    monkeypatch.setattr(rundir, "sha256_file", lambda path: read.append(path))  # no read-back
+    strategy = FSDP2Strategy()
+    optimizer = {"state": {0: {"square_avg": torch.rand(300)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    target = tmp_path / "epoch0000-step0000004-0123abcd.ckpt"
+    strategy.save_checkpoint(
+        {"state_dict": {"w": torch.rand(4000)}, "optimizer_states": [optimizer], "epoch": 0}, target
+    )
+    monkeypatch.undo()
+    path, digests = strategy.saved_digests
+    assert path == target and read == []
+    assert (
+        sorted(digests)
+        == sorted(p.name for p in target.iterdir())
+        == [".metadata", "__0_0.distcp", "meta.pt"]
+    )
+    assert digests == {name: rundir.sha256_file(target / name) for name in digests}  # the bytes on disk
+    (target / rundir.CHECKSUMS).write_text(json.dumps(digests))
+    assert rundir.checkpoint_problem(target) is None
+
+
 def test_a_dangling_last_checkpoint_link_is_refused_not_ignored(tmp_path, monkeypatch):
     root = tmp_path / "run"
     (root / "checkpoints").mkdir(parents=True)

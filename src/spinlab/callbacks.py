@@ -13,7 +13,6 @@ being made again. Every process takes part in every step (see spinlab.collective
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,11 +29,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from spinlab.collective import save_policy
+from spinlab.collective import all_gather_objects, save_policy
 from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.errors import ConfigError, RunDirError
 from spinlab.rounds import Round, round_settings
-from spinlab.rundir import CHECKSUMS, RunDir, record_checksum, sha256_file, write_json
+from spinlab.rundir import CHECKSUMS, HashingStream, RunDir, record_checksum, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +58,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                writer = _Hashing(f)
+                writer = HashingStream(f)
                 torch.save(checkpoint, writer)
                 f.flush()
                 os.fsync(f.fileno())
-            record_checksum(path, writer.digest.hexdigest())
+            record_checksum(path, writer.hexdigest())
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
@@ -113,20 +112,6 @@ def stop_agreed(trainer: L.Trainer) -> bool:
 
 def received_signal() -> int | None:
     return _received[0] if _received else None
-
-
-class _Hashing:
-    """A file, written through, with the sha256 of what was written."""
-
-    def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 class RoundCheckpoint(L.Callback):
@@ -238,7 +223,7 @@ class RoundCheckpoint(L.Callback):
         except (OSError, RuntimeError) as err:
             raise write_error(target, err) from err
         trainer.strategy.barrier("sharded checkpoint")
-        sums = self._checksums(trainer, target)
+        sums = self._checksums(trainer, target, getattr(trainer.strategy, "saved_digests", None))
         if trainer.is_global_zero:
             write_json(target / CHECKSUMS, sums)
             link = self.path.with_name(f".{self.path.name}.link.tmp")
@@ -249,18 +234,16 @@ class RoundCheckpoint(L.Callback):
         trainer.strategy.barrier("checkpoint link")
 
     @staticmethod
-    def _checksums(trainer: L.Trainer, target: Path) -> dict:
-        """sha256 of every file of a sharded checkpoint, each process hashing its share of them."""
-        import torch.distributed as dist
-
-        files = sorted(p.name for p in target.iterdir() if p.is_file())
+    def _checksums(trainer: L.Trainer, target: Path, saved: tuple[Path, dict] | None) -> dict:
+        """sha256 of every file of a sharded checkpoint: the digests each process computed as it
+        wrote its files (FSDP2Strategy), gathered; a file none of them hashed (a strategy that
+        does not hash as it writes) is read back, each process hashing its share of those."""
         rank, world = trainer.global_rank, trainer.world_size
+        written = saved[1] if saved is not None and saved[0] == target else {}
+        known = {k: v for share in all_gather_objects(written, world) for k, v in share.items()}
+        files = sorted(p.name for p in target.iterdir() if p.is_file() and p.name not in known)
         mine = {n: sha256_file(target / n) for n in files[rank::world]}
-        if world == 1 or not dist.is_initialized():
-            return mine
-        shares = [None] * world
-        dist.all_gather_object(shares, mine)
-        return {k: v for share in shares for k, v in share.items()}
+        return {**known, **{k: v for share in all_gather_objects(mine, world) for k, v in share.items()}}
 
 
 def remove_unlinked_checkpoints(directory: Path) -> None:

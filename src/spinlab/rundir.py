@@ -385,7 +385,7 @@ def remove_leftovers(run_dir: RunDir) -> list[Path]:
     return removed
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
     """What is wrong with a checkpoint, found without loading it; None when it looks whole.
 
     A file is a zip archive (torch.save) whose index sits at its end, so a truncated file has
@@ -396,7 +396,7 @@ def checkpoint_problem(path: Path) -> str | None:
     if path.is_symlink() and not path.exists():
         return f"it is a link to {os.readlink(path)}, which does not exist (deleted or moved)"
     problem = _structure_problem(path)
-    return problem if problem is not None else _checksum_problem(path)
+    return problem if problem is not None or not checksums else _checksum_problem(path)
 
 
 def _structure_problem(path: Path) -> str | None:
@@ -433,6 +433,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class HashingStream:
+    """A binary file, written through, with the sha256 of what was written: a checkpoint's digest
+    without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def checksum_sidecar(path: Path) -> Path:
     """The sha256 of a checkpoint file: `<name>.sha256`, a JSON list of the newest file's digest
     and the one before, written before the file is renamed into place, so that the file on disk
@@ -450,6 +477,7 @@ def record_checksum(path: Path, digest: str) -> None:
 
 
 def _checksum_problem(path: Path) -> str | None:
+    """Reads the whole checkpoint: run it in one process of a job (check_last_checkpoint)."""
     changed = "does not match the checksum saved with it (sha256): it changed after it was written"
     if path.is_dir():
         listed = path / CHECKSUMS
@@ -482,10 +510,13 @@ def _archive_problem(path: Path) -> str | None:
     return None
 
 
-def check_last_checkpoint(run_dir: RunDir, finished_rounds: int) -> None:
-    """Refuse to resume from a damaged `last.ckpt`, saying what is intact and how to go on."""
+def check_last_checkpoint(run_dir: RunDir, finished_rounds: int, checksums: bool = True) -> None:
+    """Refuse to resume from a damaged `last.ckpt`, saying what is intact and how to go on.
+
+    `checksums`: also compare every file with the digests saved with it, which reads the whole
+    checkpoint; one process of a job does that (see train.run), the others check its structure."""
     path = run_dir.last_checkpoint
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, checksums)
     if problem is None:
         return
     redo = (
