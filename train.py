@@ -93,7 +93,10 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         )
     check_settings(run_dir, settings, rounds_done, record=False)
     if ckpt is not None and rounds_done < cfg.rounds:
-        check_last_checkpoint(run_dir, rounds_done)
+        # Only the launching rank reads the whole checkpoint to compare checksums, before any
+        # process group exists: Lightning's launcher starts the others after its verdict, and
+        # torchrun or srun stop them when it refuses. Each of the others checks the structure.
+        check_last_checkpoint(run_dir, rounds_done, checksums=launching)
     if rounds_done < cfg.rounds:
         loaded, datamodule = preflight(cfg)
         check_writable(run_dir.root, need_bytes=0)
