@@ -192,6 +192,51 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path
     assert not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_cached_evaluation_is_reused_only_for_the_weights_it_measured(tmp_path):
+    """Killed between round 0's evaluation and its checkpoint, then resumed on another thread
+    count: round 0 is trained again and comes out with other weights (reductions split over
+    another number of threads round differently), so its cached eval.json is not theirs."""
+    from tests.test_e2e import weights
+
+    run_dir = tmp_path / "run"
+    command = [*train_command(run_dir), "eval.heldout_pairs=8", "eval.task_prompts=0"]
+    kill = "+callbacks.kill={_target_: tests.helpers.KillBeforeCheckpoint, epoch: 0}"
+    killed = subprocess.run([*command, kill], env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    stale = json.loads((run_dir / "rounds" / "round_000" / "eval.json").read_text())
+    stale_weights = weights(run_dir / "hf" / "round_000")
+    assert [s["round"] for s in json.loads((run_dir / "summary.json").read_text())] == [0]
+
+    rerun = subprocess.run(command, env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    final = weights(run_dir / "hf" / "round_000")
+    assert any(not torch.equal(final[k], stale_weights[k]) for k in final)  # round 0 trained again
+    fresh = json.loads((run_dir / "rounds" / "round_000" / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())[0]
+    assert fresh["weights_sha256"] != stale["weights_sha256"]
+    assert {k: v for k, v in summary.items() if k.startswith("eval/")} == {
+        k: v for k, v in fresh.items() if k.startswith("eval/")
+    }
+    # The margin, a small difference of large log-probs, shows the weights' change (a few ulps
+    # of float32 in the log-probs themselves).
+    assert fresh["eval/heldout_margin"] != stale["eval/heldout_margin"]
+    # ... which are these: the policy's mean log-likelihood of the held-out real responses,
+    # recomputed here from hf/round_000 and the held-out pairs.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import response_logp
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf" / "round_000")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf" / "round_000")
+    pairs = [
+        json.loads(x) for x in (run_dir / "rounds" / "round_000" / "heldout.jsonl").read_text().splitlines()
+    ]
+    mean = sum(response_logp(model, tokenizer, p["prompt"], p["real"]) for p in pairs) / len(pairs)
+    assert summary["eval/heldout_logp_real"] == pytest.approx(mean, rel=1e-4)
+
+
 # -- stop signals (preemption): the step is saved, the status says so, the rerun continues ---------
 
 EXIT_STOPPED = 75

@@ -443,12 +443,14 @@ class SelfPlayCallback(L.Callback):
                 )
 
     def finish_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
-        save_policy(trainer, pl_module, index, self.run_dir.hf(index), trainer.datamodule.tokenizer)
+        weights = save_policy(trainer, pl_module, index, self.run_dir.hf(index), trainer.datamodule.tokenizer)
         summary = {"round": index, **pl_module.round_means(), **self.started[index].as_dict()}
         summary.pop("index")
         summary.pop("mix_previous_rounds")
         if self.evaluator is not None:
-            results = self.evaluator.evaluate(index, trainer, pl_module, trainer.datamodule, self.run_dir)
+            results = self.evaluator.evaluate(
+                index, trainer, pl_module, trainer.datamodule, self.run_dir, weights=weights
+            )
             summary.update(results)
             for logger in trainer.loggers:
                 logger.log_metrics({**results, "round": index}, step=trainer.global_step)
