@@ -22,6 +22,7 @@ from hydra.utils import get_class
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from spinlab import lightning_compat
 from spinlab.callbacks import AtomicCheckpointIO, RoundCheckpoint
 from spinlab.config import (  # registers the schema
     build,
@@ -175,7 +176,7 @@ def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
     )
 
 
-LAUNCHER_LOG = "lightning.fabric.strategies.launchers.subprocess_script"
+LAUNCHER_LOG = lightning_compat.LAUNCHER_LOG
 
 
 def explain_child_deaths(trainer: L.Trainer, last: Path):
@@ -184,7 +185,7 @@ def explain_child_deaths(trainer: L.Trainer, last: Path):
     Its log record is the last moment rank 0 runs, so the explanation is printed from there."""
 
     def explain(record: logging.LogRecord) -> bool:
-        if "terminated with code" in record.getMessage():
+        if lightning_compat.CHILD_DIED in record.getMessage():
             print(peer_stopped(trainer, last, record.getMessage()), file=sys.stderr, flush=True)
         return True
 

@@ -295,6 +295,9 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_matches_an_uninterrupted_run
     assert len(finished) == int(marker.split()[1])  # the round the signal arrived in is not finished
     rerun = subprocess.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The resume after a step is exact, and said once, without Lightning's "not resumable" warning.
+    assert "not resumable" not in rerun.stderr + rerun.stdout
+    assert (rerun.stderr + rerun.stdout).count("of its epoch; the epoch's remaining batches follow") == 1
     assert_same_run(uninterrupted, run_dir)  # synthetic data and round weights bit-identical
     assert_same_history(metric_history(run_dir), metric_history(uninterrupted))  # every row once
     assert not list(run_dir.rglob("*.tmp"))

@@ -29,6 +29,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spinlab import lightning_compat
 from spinlab.collective import all_gather_objects, save_policy
 from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.errors import ConfigError, RunDirError
@@ -106,7 +107,7 @@ def stop_agreed(trainer: L.Trainer) -> bool:
     local = bool(_received)
     agreed = local if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(local, all=False)
     if agreed:
-        trainer._signal_connector.received_sigterm = True
+        lightning_compat.request_stop(trainer)
     return agreed
 
 
@@ -140,11 +141,11 @@ class RoundCheckpoint(L.Callback):
     # -- signals ----------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # Lightning installs its own handlers after on_fit_start; ours take their place.
-        trainer._signal_connector.register_signal_handlers = lambda: None
+        lightning_compat.keep_signal_handlers_out(trainer)
         _received.clear()
         self.stopped = None
         signals = set(STOP_SIGNALS)
-        env = trainer._accelerator_connector.cluster_environment
+        env = lightning_compat.cluster_environment(trainer)
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             signals.add(env.requeue_signal)
         for signum in signals:
@@ -156,15 +157,14 @@ class RoundCheckpoint(L.Callback):
         self._previous_handlers = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        last = loop.batch_progress.is_last_batch
+        processed, last = lightning_compat.batch_position(trainer)
         # Stop only where the optimizer has stepped: accumulated gradients are not checkpointed.
         # Several processes agree through a collective, which waits for the device: once per
         # logging window, as the module reads its metrics, not after every step.
         every = trainer.accumulate_grad_batches * (
             1 if trainer.world_size == 1 else trainer.log_every_n_steps
         )
-        if last or loop.batch_progress.current.processed % every == 0:
+        if last or processed % every == 0:
             stop_agreed(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -190,7 +190,7 @@ class RoundCheckpoint(L.Callback):
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
         }
-        env = trainer._accelerator_connector.cluster_environment
+        env = lightning_compat.cluster_environment(trainer)
         if (
             isinstance(env, SLURMEnvironment)
             and env.auto_requeue
@@ -346,12 +346,13 @@ class SelfPlayCallback(L.Callback):
                 "that the objective picks it"
             )
         self._current = None
+        lightning_compat.quiet_resume_warning()  # said once, by on_train_dataloader, and truly
 
     @staticmethod
     def epochs_trained(trainer: L.Trainer) -> int:
         """Epochs whose training steps are all done: Lightning's count, which rises before the
         epoch-end hooks and is restored from a checkpoint saved at an epoch's end or after a step."""
-        return trainer.fit_loop.epoch_progress.total.processed
+        return lightning_compat.epochs_trained(trainer)
 
     def on_train_dataloader(self, trainer: L.Trainer, pl_module) -> None:
         """Called by SelfPlayDataModule.train_dataloader at each epoch's start."""
@@ -363,6 +364,13 @@ class SelfPlayCallback(L.Callback):
         self.start_round(trainer, pl_module, index)
         # Resumed from a checkpoint saved after a step: the epoch goes on after that step.
         trainer.datamodule.skip_batches = self.epoch_batches
+        if self.epoch_batches:
+            log.info(
+                "round %d: resuming after batch %d of its epoch; the epoch's remaining batches follow, "
+                "in the order of an uninterrupted run",
+                index,
+                self.epoch_batches,
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.epoch_batches += 1

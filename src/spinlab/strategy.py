@@ -19,10 +19,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from spinlab import lightning_compat
 from spinlab.errors import ConfigError
 from spinlab.rundir import HashingStream
-
-META = "meta.pt"  # Lightning's name for the loop and callback state beside the shards
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -41,7 +40,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.saved_digests: tuple[Path, dict[str, str]] | None = None
 
     def setup_environment(self) -> None:
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        lightning_compat.set_data_parallel_size(self, self.num_nodes * self.num_processes)
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
@@ -60,12 +59,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         dcp.save(state, storage_writer=writer)
         digests = writer.fs.digests
         if self.global_rank == 0:
-            with open(path / META, "wb") as f:
+            with open(path / lightning_compat.SHARDED_META, "wb") as f:
                 stream = HashingStream(f)
                 torch.save(checkpoint, stream)
                 f.flush()
                 os.fsync(f.fileno())
-            digests[META] = stream.hexdigest()
+            digests[lightning_compat.SHARDED_META] = stream.hexdigest()
         self.saved_digests = (path, digests)
 
 
