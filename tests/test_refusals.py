@@ -187,9 +187,19 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lam=nan", "lam must be > 0 and finite"),
-        ("lam=inf", "lam must be > 0 and finite"),
-        ("lam=-1", "lam must be > 0 and finite"),
+        ("lam=nan", r"lam must be a finite number in \(0, 1e\+06\]"),
+        ("lam=inf", r"lam must be a finite number in \(0, 1e\+06\]"),
+        ("lam=-1", r"lam must be a finite number in \(0, 1e\+06\]"),
+        (
+            "lam=1e30",
+            r"got 1e\+30 \(larger λ make the margin and the gradients, squared by the optimizer, overflow",
+        ),
+        ("round_overrides.1.lam=1e30", r"round_overrides.1.lam must be a finite number in \(0, 1e\+06\]"),
+        ("round_overrides.1.lr=nan", r"round_overrides.1.lr must be a finite number >= 0"),
+        ("seed=-1", r"seed must be an int in \[0, 2\*\*32 - 1\]"),
+        ("seed=4294967296", r"seed must be an int in \[0, 2\*\*32 - 1\]"),
+        ("data.seed=-3", r"data.seed must be an int in \[0, 2\*\*32 - 1\].*got -3"),
+        ("optimizer.lr=-1e-5", r"optimizer.lr must be a finite number >= 0"),
         ("warmup_ratio=1.5", r"warmup_ratio must be in \[0, 1\]"),
         ("warmup_ratio=-0.1", r"warmup_ratio must be in \[0, 1\]"),
         ("data.batch_size=0", "data.batch_size must be an int >= 1"),
@@ -206,6 +216,19 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
 def test_impossible_values_are_refused_at_start(override, message):
     with pytest.raises(ValueError, match=message):
         train.check_config(compose_cfg(["debug=fast", *override.split()]))
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["optimizer.lr=0"], "rounds 0, 1 train with lr 0 (optimizer.lr=0)"),
+        (["round_overrides.1.lr=0"], "round 1 trains with lr 0 (optimizer.lr=0.001, round_overrides)"),
+    ],
+)
+def test_a_round_with_lr_0_is_said_at_start(overrides, said, caplog):
+    with caplog.at_level("WARNING", logger="spinlab.config"):
+        train.check_config(compose_cfg(["debug=fast", *overrides]))
+    assert said in caplog.text and "the policy stays as the round began" in caplog.text
 
 
 # -- every setting that changes training is compared, whichever path sets it -------------------

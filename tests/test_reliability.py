@@ -329,7 +329,7 @@ def test_round_override_values_are_typed():
         ("round_overrides.1.mix_previous_rounds=1.5", "round_overrides.1.mix_previous_rounds must be an int"),
         ("round_overrides.1.beta=1", r"round_overrides.1.beta: unknown setting"),
         ("round_overrides.5.lr=1e-4", r"round_overrides key '5' is not a round index in \[0, 2\)"),
-        ("round_overrides.1.lam=0", r"round_overrides.1.lam must be > 0"),
+        ("round_overrides.1.lam=0", r"round_overrides.1.lam must be a finite number in \(0, 1e\+06\]"),
     ],
 )
 def test_bad_round_overrides_fail_at_start_naming_them(override, message):

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,8 +87,10 @@ def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
                 raise ConfigError(
                     f"{where}.{name} must be {'an int' if kind is int else 'a number'}, got {value!r}"
                 )
-            if value < 0 or (name == "lam" and value == 0):
-                raise ConfigError(f"{where}.{name} must be {'> 0' if name == 'lam' else '>= 0'}, got {value}")
+            if name == "lam":
+                check_lam(value, f"{where}.lam")
+            elif not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {value}")
             typed.setdefault(int(key), {})[name] = kind(value)
     return dict(sorted(typed.items()))
 
@@ -323,10 +326,14 @@ def build(node, **kwargs):
 
 def check_config(cfg) -> None:
     """Reject impossible values before anything slow starts (each with a ConfigError naming the key)."""
-    import math
-
-    if not math.isfinite(cfg.lam) or cfg.lam <= 0:
-        raise ConfigError(f"lam must be > 0 and finite (the KL strength λ), got {cfg.lam}")
+    check_lam(cfg.lam, "lam")
+    for key in _seed_keys(OmegaConf.to_container(cfg, resolve=False)):
+        seed = OmegaConf.select(cfg, key)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(
+                f"{key} must be an int in [0, 2**32 - 1] (the range numpy seeds from; Lightning's "
+                f"seed_everything passes it there), got {seed!r}"
+            )
     if not 0 <= cfg.warmup_ratio <= 1:
         raise ConfigError(
             f"warmup_ratio must be in [0, 1] (the share of each round's steps spent warming up), "
@@ -358,6 +365,7 @@ def check_config(cfg) -> None:
             "or leave both null to measure them from the data"
         )
     cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
+    check_lr(cfg)
     check_targets(cfg)
     check_module(cfg.module)
     # A bad generation setting, or an engine its interpreter lacks (generation=vllm), fails here.
@@ -370,6 +378,60 @@ def check_config(cfg) -> None:
                 "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "
                 "run it on a GPU machine, or use trainer=cpu"
             )
+
+
+# Largest λ accepted. λ scales the margin and every gradient, which RMSprop and AdamW then square:
+# past about 1e15 a step overflows float32 (max 3.4e38; the tiny model's first steps are already
+# non-finite at 1e18), while SPIN's λ is a KL strength of order 0.1 to 5 (the paper's). 1e6 keeps
+# nine orders of magnitude from the overflow and five above any λ a recipe uses.
+LAM_MAX = 1e6
+
+
+def check_lam(lam, key: str) -> None:
+    if not math.isfinite(lam) or not 0 < lam <= LAM_MAX:
+        too_large = (
+            " (larger λ make the margin and the gradients, squared by the optimizer, overflow float32)"
+        )
+        raise ConfigError(
+            f"{key} must be a finite number in (0, {LAM_MAX:g}] (the KL strength λ; the paper uses 0.1 "
+            f"to 5.0), got {lam}{too_large if math.isfinite(lam) and lam > LAM_MAX else ''}"
+        )
+
+
+def _seed_keys(node, prefix: str = ""):
+    """The dotted key of every `seed` in a config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "seed":
+                yield f"{prefix}{key}"
+            yield from _seed_keys(value, f"{prefix}{key}.")
+
+
+def check_lr(cfg) -> None:
+    """A negative or non-finite learning rate is refused; a round whose lr is 0 trains nothing,
+    which a control run may want, and is said at start."""
+    from spinlab.rounds import round_settings
+    from spinlab.rundir import is_launching_rank
+
+    lr = cfg.optimizer.get("lr")
+    if lr is None:
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ConfigError(f"optimizer.lr must be a finite number >= 0 (each round's peak lr), got {lr!r}")
+    base = {"lr": float(lr), "lam": cfg.lam, "mix_previous_rounds": 0}
+    overrides = OmegaConf.to_container(cfg.round_overrides)
+    idle = [r for r in range(cfg.rounds) if round_settings(r, base, overrides)["lr"] == 0]
+    if idle and is_launching_rank():
+        log.warning(
+            "round%s %s train%s with lr 0 (optimizer.lr=%g%s): the policy stays as the round began, so "
+            "the next opponent is the same model; set optimizer.lr or round_overrides.<round>.lr if "
+            "that is not what you want",
+            "s" if len(idle) > 1 else "",
+            ", ".join(map(str, idle)),
+            "" if len(idle) > 1 else "s",
+            lr,
+            ", round_overrides" if overrides else "",
+        )
 
 
 def check_module(node) -> None:

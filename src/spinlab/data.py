@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from spinlab.errors import ConfigError
 from spinlab.logprobs import IGNORE_INDEX, target_positions
 from spinlab.models import CHATML_TEMPLATE, position_limit
+from spinlab.rundir import is_launching_rank
 from spinlab.sources import SPLITS, DataError, validate_rows
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,16 @@ class SelfPlayDataModule(L.LightningDataModule):
             check = self._length_check(records, limit, measured)
             rows[split], self.skipped[split] = validate_rows(records, self.bad_rows, check, origin, limit)
             lengths += [measured[id(r)] for r in rows[split]]
+            if limit is not None and 0 < len(rows[split]) < limit and is_launching_rank():
+                where = getattr(self.source, "paths", {}).get(split) or origin
+                log.warning(
+                    "data.num_prompts=%d, but %s has only %d usable rows%s: each round uses those %d",
+                    limit,
+                    where,
+                    len(rows[split]),
+                    f" ({self.skipped[split]} bad rows skipped)" if self.skipped[split] else "",
+                    len(rows[split]),
+                )
         self._fix_lengths(lengths)
         self.rows = rows
 

@@ -7,6 +7,7 @@ one fsynced line at a time, and a torn last line is dropped when they are read b
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import hashlib
@@ -147,10 +148,11 @@ def read_jsonl(path: Path, drop_torn_tail: bool = False, invalid=None) -> list:
     """Rows of a JSON Lines file; blank lines are skipped.
 
     A line that is not UTF-8 or not JSON raises, naming the file and the line, unless
-    `invalid(line_number, error)` gives a row for it.
+    `invalid(line_number, error)` gives a row for it. A UTF-8 byte order mark at the start (files
+    saved by Windows tools and Excel) is skipped.
     """
     rows = []
-    lines = path.read_bytes().split(b"\n")
+    lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
     complete, tail = lines[:-1], lines[-1]
     if tail and not drop_torn_tail:
         complete.append(tail)
