@@ -40,11 +40,13 @@ from spinlab.rundir import (
     check_not_foreign,
     check_writable,
     claim,
+    global_rank,
     is_launching_rank,
     release,
     remove_leftovers,
     write_bytes,
 )
+from spinlab.sweep import record_failure
 
 log = logging.getLogger("spinlab")
 
@@ -142,11 +144,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
             raise Stopped(
                 "stopped by a signal before a checkpoint was saved; run the same command again"
             ) from None
-        raise Stopped(
-            f"stopped by {stopped['signal']} after step {stopped['step']} (round "
-            f"{stopped['epoch'] // cfg.epochs_per_round}); its checkpoint is {run_dir.last_checkpoint}. "
-            "Run the same command again to resume from it."
-        ) from None
+        raise Stopped(stop_message(stopped, cfg, run_dir)) from None
     except RuntimeError as err:
         if trainer.world_size > 1 and any(
             s in str(err) for s in ("Connection closed", "Connection reset", "timed out", "Timeout")
@@ -159,7 +157,23 @@ def run(cfg: DictConfig, accepted=None) -> dict:
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:
         print_summary(summary, run_dir, cfg.objective._target_)
+    saver = next((c for c in callbacks if isinstance(c, RoundCheckpoint)), None)
+    if saver is not None and saver.stopped is not None:  # a signal as the last round ended
+        raise Stopped(stop_message(saver.stopped, cfg, run_dir))
     return summary
+
+
+def stop_message(stopped: dict, cfg: DictConfig, run_dir: RunDir) -> str:
+    """The one line a stopped run ends with: the signal, the step saved and where it falls."""
+    index = stopped["epoch"] // cfg.epochs_per_round
+    ends_round = stopped.get("epoch_end") and (stopped["epoch"] + 1) % cfg.epochs_per_round == 0
+    where = f"the end of round {index}" if ends_round else f"round {index}"
+    head = f"stopped by {stopped['signal']} after step {stopped['step']} ({where})"
+    if ends_round and index == cfg.rounds - 1:
+        return f"{head}: every round is finished and saved in {run_dir.root}; nothing is left to resume."
+    return (
+        f"{head}; its checkpoint is {run_dir.last_checkpoint}. Run the same command again to resume from it."
+    )
 
 
 def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
@@ -237,6 +251,34 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
     sys.stdout.flush()
 
 
+def own_log_file(cfg: DictConfig, run_dir: RunDir) -> None:
+    """A process other than global rank 0 logs to train_ddp_process_<global rank>.log. Hydra names
+    the file after the job: train.log for the first process of another node, which would write
+    into rank 0's log on a shared file system, and train_ddp_process_<local rank>.log for the
+    processes Lightning's launcher starts, a name every node would share."""
+    devices = cfg.trainer.get("devices")
+    per_node = devices if isinstance(devices, int) and devices > 0 else None
+    if per_node is None and os.environ.get("WORLD_SIZE"):
+        per_node = int(os.environ["WORLD_SIZE"]) // max(1, int(cfg.trainer.get("num_nodes") or 1))
+    rank = global_rank(per_node)
+    name = (
+        f"train_ddp_process_{rank}.log"
+        if rank is not None
+        else f"train_node{os.environ.get('NODE_RANK', 0)}_process_{os.environ.get('LOCAL_RANK', 0)}.log"
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()  # opened on the first record (delay: true), now under the new name
+            handler.baseFilename = str((run_dir.root / name).absolute())
+
+
+def in_sweep() -> bool:
+    """Whether this is a job of a Hydra multirun, whose failure must not end the other jobs."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def quiet_console() -> None:
     """Ranks 1.. of a sharded run print only warnings and errors: their info lines repeat rank 0's
     and go to their own train_ddp_process_<rank>.log in the run directory."""
@@ -290,10 +332,11 @@ def save_hydra_config(cfg: DictConfig, run_dir: RunDir) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    held = HeldLog()
-    if not is_launching_rank():
-        quiet_console()
     run_dir = RunDir(cfg.run_dir)
+    if not is_launching_rank():
+        own_log_file(cfg, run_dir)
+        quiet_console()
+    held = HeldLog()
     # Hydra makes the run directory before this runs: empty now means this start made it.
     made_here = not any(run_dir.root.iterdir()) if run_dir.root.is_dir() else False
 
@@ -320,8 +363,16 @@ def main(cfg: DictConfig) -> None:
                 shutil.rmtree(run_dir.root)  # a refused first start leaves no directory behind
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
-        print(f"{'error' if started else 'refused'}: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_status) from None
+        message = f"{'error' if started else 'refused'}: {err}"
+        print(message, file=sys.stderr)
+        if not in_sweep():
+            raise SystemExit(err.exit_status) from None
+        record_failure(err.exit_status, message)  # and the sweep's next job runs
+    except Exception as err:
+        if not in_sweep():
+            raise  # Hydra prints it with its traceback: status 1
+        traceback.print_exc()
+        record_failure(1, f"{type(err).__name__}: {err}")
     finally:
         release(run_dir)  # in a multirun, the next jobs run in this process
 

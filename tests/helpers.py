@@ -181,3 +181,10 @@ class KillBeforeCheckpoint(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def missing_model(**kwargs):
+    """A model that cannot be found: the expected error a start refuses."""
+    from spinlab.errors import NotFoundError
+
+    raise NotFoundError("cannot load model 'no/such-model' (Hugging Face hub id): HF_HUB_OFFLINE=1 is set")

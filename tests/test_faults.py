@@ -308,19 +308,31 @@ def test_a_stop_signal_as_a_round_ends_keeps_the_finished_round_and_generates_no
     uninterrupted, tmp_path
 ):
     """The checkpoint at a round's end holds the finished round; the next round starts (and
-    generates) only in the next epoch's loader, where an agreed stop ends the run first."""
+    generates) only in the next epoch's loader, where an agreed stop ends the run first. The rerun
+    is stopped as the last round ends: every round is finished, and the run still says it stopped."""
     from tests.test_reliability import assert_same_history
 
     run_dir = tmp_path / "run"
     proc, _, err = stop_at(train_command(run_dir), run_dir, "round 0: saving the policy", 1, signal.SIGTERM)
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    # The step saved is round 0's last: round 1 never started.
+    assert (
+        err.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 4 (the end of round 0); its ")
+    )
     assert [s["round"] for s in json.loads((run_dir / "summary.json").read_text())] == [0]
     assert not (run_dir / "rounds" / "round_001").exists()  # nothing of round 1 was generated
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     self_play = next(v for k, v in state["callbacks"].items() if "SelfPlayCallback" in k)
     assert sorted(self_play["rounds"]) == [0] and self_play["epoch_batches"] == 0
     assert state["global_step"] == self_play["rounds"][0]["total_steps"]
-    rerun = subprocess.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun, out, err = stop_at(
+        train_command(run_dir), run_dir, "round 1: saving the policy", 1, signal.SIGUSR1
+    )
+    assert rerun.returncode == EXIT_STOPPED, err[-3000:]
+    assert "SPIN rounds" in out  # the table of the finished rounds, then the stop line
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGUSR1 after step 8 (the end of round 1): every round is finished and saved in "
+        f"{run_dir}; nothing is left to resume."
+    )
     assert_same_run(uninterrupted, run_dir)
     assert_same_history(metric_history(run_dir), metric_history(uninterrupted))

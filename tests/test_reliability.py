@@ -285,6 +285,47 @@ def test_only_global_rank_zero_takes_the_lock(monkeypatch, env, launching):
     assert rundir.is_launching_rank() is launching
 
 
+@pytest.mark.parametrize(
+    "env, devices, name",
+    [
+        ({"LOCAL_RANK": "1"}, 2, "train_ddp_process_1.log"),  # Lightning's launcher, node 0
+        (
+            {"NODE_RANK": "1", "LOCAL_RANK": "0"},
+            1,
+            "train_ddp_process_1.log",
+        ),  # 2 nodes x 1: Hydra says train.log
+        (
+            {"NODE_RANK": "1", "LOCAL_RANK": "1"},
+            2,
+            "train_ddp_process_3.log",
+        ),  # Hydra: node 0's rank 1's name
+        (
+            {"NODE_RANK": "1", "LOCAL_RANK": "0"},
+            "auto",
+            "train_node1_process_0.log",
+        ),  # processes per node unknown
+        ({"RANK": "5", "LOCAL_RANK": "1"}, 4, "train_ddp_process_5.log"),  # torchrun
+        ({"SLURM_PROCID": "6", "SLURM_LOCALID": "2"}, 4, "train_ddp_process_6.log"),  # srun
+    ],
+)
+def test_every_process_but_rank_0_logs_to_a_file_of_its_own(tmp_path, monkeypatch, env, devices, name):
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    handler = logging.FileHandler(tmp_path / "train.log", delay=True)  # as Hydra sets it up
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        train.own_log_file(compose_cfg(["debug=fast", f"trainer.devices={devices}"]), rundir.RunDir(tmp_path))
+        logging.getLogger("spinlab.test").warning("a line of this process")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / name).read_text() == "a line of this process\n"
+    assert not (tmp_path / "train.log").exists()  # rank 0's log gets none of it
+
+
 # -- per-round overrides from the command line -----------------------------------------------------
 
 

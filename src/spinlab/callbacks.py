@@ -89,6 +89,7 @@ def write_error(path: Path, err: BaseException) -> RunDirError:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []  # the stop signals this process got, in order
+_agreed: list[int] = []  # the one signal every process of the run names, once they agreed to stop
 
 
 def _on_signal(signum, frame) -> None:
@@ -104,15 +105,22 @@ def stop_agreed(trainer: L.Trainer) -> bool:
     the current step or at the epoch's end."""
     if trainer.received_sigterm:
         return True
-    local = bool(_received)
-    agreed = local if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(local, all=False)
-    if agreed:
+    local = _received[0] if _received else 0
+    if trainer.world_size > 1:
+        # Agree on the signal too, the smallest number any process got (SIGUSR1, Slurm's requeue
+        # signal, before SIGTERM): rank 0 names it and decides on a requeue with it, also when
+        # only another process received it.
+        none = torch.tensor(local or 1 << 16, device=trainer.strategy.root_device)
+        local = int(trainer.strategy.reduce(none, reduce_op="min")) % (1 << 16)
+    if local:
+        _agreed[:] = [local]
         lightning_compat.request_stop(trainer)
-    return agreed
+    return bool(local)
 
 
 def received_signal() -> int | None:
-    return _received[0] if _received else None
+    """The signal the processes agreed to stop on; before they agreed, the first this one got."""
+    return _agreed[0] if _agreed else _received[0] if _received else None
 
 
 class RoundCheckpoint(L.Callback):
@@ -143,6 +151,7 @@ class RoundCheckpoint(L.Callback):
         # Lightning installs its own handlers after on_fit_start; ours take their place.
         lightning_compat.keep_signal_handlers_out(trainer)
         _received.clear()
+        _agreed.clear()
         self.stopped = None
         signals = set(STOP_SIGNALS)
         env = lightning_compat.cluster_environment(trainer)
@@ -181,15 +190,17 @@ class RoundCheckpoint(L.Callback):
         finally:
             self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # A signal during the last round's end (its model saved, evaluated, checkpointed): every
+        # round is finished and saved, and the run still ends as a stopped one (status 75).
+        if stop_agreed(trainer):
+            self.stopped = self._stop_record(trainer, at_epoch_end=True)
+
     def stop(self, trainer: L.Trainer, pl_module) -> None:
         if not self.saved_at_epoch_end:
             self.save(trainer, pl_module)
-        signum = received_signal() or signal.SIGTERM
-        self.stopped = {
-            "signal": signal.Signals(signum).name,
-            "step": trainer.global_step,
-            "epoch": trainer.current_epoch,
-        }
+        self.stopped = self._stop_record(trainer, at_epoch_end=self.saved_at_epoch_end)
+        signum = signal.Signals[self.stopped["signal"]]
         env = lightning_compat.cluster_environment(trainer)
         if (
             isinstance(env, SLURMEnvironment)
@@ -198,6 +209,17 @@ class RoundCheckpoint(L.Callback):
             and trainer.is_global_zero
         ):
             requeue()
+
+    @staticmethod
+    def _stop_record(trainer: L.Trainer, at_epoch_end: bool) -> dict:
+        """The signal, the step saved and the epoch that step belongs to: at an epoch's end the
+        epoch just finished (a stop agreed as the next epoch begins falls in no epoch of its own)."""
+        return {
+            "signal": signal.Signals(received_signal() or signal.SIGTERM).name,
+            "step": trainer.global_step,
+            "epoch": lightning_compat.epochs_trained(trainer) - 1 if at_epoch_end else trainer.current_epoch,
+            "epoch_end": at_epoch_end,
+        }
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, trainer: L.Trainer, pl_module) -> None:

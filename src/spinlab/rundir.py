@@ -197,6 +197,19 @@ def is_launching_rank() -> bool:
     )
 
 
+def global_rank(processes_per_node: int | None) -> int | None:
+    """This process's global rank, from the environment, before any process group exists: torchrun's
+    RANK, Slurm's SLURM_PROCID, or NODE_RANK × processes per node + LOCAL_RANK (Lightning's
+    launcher); None where the processes per node are not known."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    node, local = (int(os.environ.get(v, "0") or 0) for v in ("NODE_RANK", "LOCAL_RANK"))
+    if node == 0:
+        return local
+    return node * processes_per_node + local if processes_per_node else None
+
+
 def _holder(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")
