@@ -41,6 +41,7 @@ from spinlab.rundir import (
     check_writable,
     claim,
     global_rank,
+    holds_run,
     is_launching_rank,
     release,
     remove_leftovers,
@@ -81,6 +82,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
     check_config(cfg)
     run_dir = RunDir(cfg.run_dir)
     launching = is_launching_rank()  # ranks 1.. of a multi-process run belong to rank 0's job
+    had_run = holds_run(run_dir)  # before claim's run.lock: only a run's own start can leave leftovers
     if launching:
         check_not_foreign(run_dir, cfg.allow_foreign_run_dir)
         claim(run_dir)
@@ -106,7 +108,8 @@ def run(cfg: DictConfig, accepted=None) -> dict:
     if accepted is not None:
         accepted()
     if launching:
-        remove_leftovers(run_dir)
+        if had_run:
+            remove_leftovers(run_dir)
         record_settings(run_dir, settings)
     if rounds_done >= cfg.rounds:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
