@@ -25,7 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, OmegaConf, open_dict
 
-from spinlab.errors import ConfigError, UserError
+from spinlab.errors import ConfigError, NotFoundError, UserError
 from spinlab.rundir import RunDir, write_bytes
 
 
@@ -374,7 +374,7 @@ def check_config(cfg) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(
+            raise NotFoundError(
                 "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "
                 "run it on a GPU machine, or use trainer=cpu"
             )

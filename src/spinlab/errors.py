@@ -25,7 +25,7 @@ class DataError(UserError, ValueError):
 
 
 class NotFoundError(UserError, RuntimeError):
-    """A model, data set, benchmark task or optional package that cannot be found or loaded."""
+    """A model, data set, benchmark task, optional package or device (a GPU) that cannot be found."""
 
 
 class RunDirError(UserError, OSError):

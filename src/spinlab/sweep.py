@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 FAILURES = "failures"
 _FAILURE = re.compile(r"job_\d+\.json")
 
@@ -72,18 +73,22 @@ def sweep_points(config: DictConfig) -> list[list[str]] | None:
 
 
 def point_problem(config: DictConfig, overrides: list[str]) -> str | None:
-    """What the start would refuse in the job with `overrides`: None when its config passes."""
+    """What the start would refuse in the job with `overrides`: None when its config passes. What
+    the config needs of a machine (a GPU, a generation engine: NotFoundError) is checked only
+    where the jobs run here, with Hydra's basic launcher; a cluster's jobs run elsewhere."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     from spinlab.config import check_config
-    from spinlab.errors import UserError
+    from spinlab.errors import NotFoundError, UserError
 
     try:
         cfg = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]  # as the job gets it
         check_config(cfg)
+    except NotFoundError as err:
+        return str(err) if config.hydra.launcher.get("_target_") == BASIC_LAUNCHER else None
     except (UserError, HydraException) as err:
         return str(err)
     return None
