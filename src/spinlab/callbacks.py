@@ -110,8 +110,8 @@ def stop_agreed(trainer: L.Trainer) -> bool:
         # Agree on the signal too, the smallest number any process got (SIGUSR1, Slurm's requeue
         # signal, before SIGTERM): rank 0 names it and decides on a requeue with it, also when
         # only another process received it.
-        none = torch.tensor(local or 1 << 16, device=trainer.strategy.root_device)
-        local = int(trainer.strategy.reduce(none, reduce_op="min")) % (1 << 16)
+        mine = torch.tensor(local or 1 << 16, device=trainer.strategy.root_device)  # 1 << 16: none
+        local = int(trainer.strategy.reduce(mine, reduce_op="min")) % (1 << 16)
     if local:
         _agreed[:] = [local]
         lightning_compat.request_stop(trainer)
@@ -368,7 +368,8 @@ class SelfPlayCallback(L.Callback):
                 "that the objective picks it"
             )
         self._current = None
-        lightning_compat.quiet_resume_warning()  # said once, by on_train_dataloader, and truly
+        # Lightning calls a resume after a step "not resumable"; it is, and on_train_dataloader says so.
+        lightning_compat.quiet_resume_warning()
 
     @staticmethod
     def epochs_trained(trainer: L.Trainer) -> int:
