@@ -9,49 +9,51 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import math
 import os
 import shutil
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from spinlab import lightning_compat
 from spinlab.callbacks import AtomicCheckpointIO, RoundCheckpoint
 from spinlab.config import (  # registers the schema
+    build,
+    check_config,
     check_settings,
-    check_targets,
     own_keys,
     record_settings,
     redact,
-    round_overrides,
 )
+from spinlab.errors import RunDirError, UserError
 from spinlab.harness import main_columns
 from spinlab.rundir import (
     RunDir,
-    RunDirInUse,
     check_last_checkpoint,
+    check_not_foreign,
     check_writable,
     claim,
+    global_rank,
+    holds_run,
     is_launching_rank,
     release,
     remove_leftovers,
     write_bytes,
 )
+from spinlab.sweep import record_failure
 
 log = logging.getLogger("spinlab")
 
-# Exit statuses (README "Exit statuses"). 1 is an unexpected error, with its traceback.
-EXIT_REFUSED = 2  # the start was refused: a value, a changed setting, the data or the checkpoint
+# Exit statuses (README "Exit statuses"). 1 is an unexpected error, with its traceback; a
+# spinlab.errors.UserError carries its own status (2, or 3 for a run directory in use).
+EXIT_REFUSED = 2  # a user error: a value, a changed setting, the data, the checkpoint, the directory
 EXIT_BUSY = 3  # another process holds the run directory
 EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint: run the same command to resume
 
@@ -64,76 +66,10 @@ class Stopped(SystemExit):
         self.message = message
 
 
-@contextmanager
-def refusal(status: int, *kinds: type[BaseException]):
-    """Errors of `kinds` raised inside are expected ones: `main` prints their message alone."""
-    try:
-        yield
-    except kinds as err:
-        err.exit_status = status
-        raise
-
-
-def build(node: DictConfig, **kwargs):
-    """instantiate(node), raising the error of the object's own code rather than Hydra's wrapper,
-    so that an expected error (a bad value, a model that cannot be found) reads as a refusal."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        raise err.__cause__ or err from None
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Reject impossible values before anything slow starts."""
-    if not math.isfinite(cfg.lam) or cfg.lam <= 0:
-        raise ValueError(f"lam must be > 0 and finite (the KL strength λ), got {cfg.lam}")
-    if not 0 <= cfg.warmup_ratio <= 1:
-        raise ValueError(
-            f"warmup_ratio must be in [0, 1] (the share of each round's steps spent warming up), "
-            f"got {cfg.warmup_ratio}"
-        )
-    if not isinstance(cfg.data.get("batch_size", 1), int) or cfg.data.get("batch_size", 1) < 1:
-        raise ValueError(
-            f"data.batch_size must be an int >= 1 (pairs per process per step), got {cfg.data.batch_size}"
-        )
-    if cfg.rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
-    if cfg.epochs_per_round < 1:
-        raise ValueError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
-    mix = cfg.data.get("mix_previous_rounds", 0)
-    if not isinstance(mix, int) or mix < 0:
-        raise ValueError(f"data.mix_previous_rounds must be an int >= 0, got {mix}")
-    if cfg.resume not in ("auto", "never"):
-        raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    num_prompts = cfg.data.get("num_prompts")
-    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
-        raise ValueError(
-            f"data.num_prompts must be an int >= 1 (prompts per round), or null for the whole training "
-            f"split; got {num_prompts}"
-        )
-    lengths = cfg.data.get("max_prompt_length"), cfg.data.get("max_length")
-    if None not in lengths and lengths[0] >= lengths[1]:
-        raise ValueError(
-            f"data.max_prompt_length ({lengths[0]}) must be below data.max_length ({lengths[1]}), "
-            "or leave both null to measure them from the data"
-        )
-    cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
-    check_targets(cfg)
-    # A bad generation setting, or an engine its interpreter lacks (generation=vllm), fails here.
-    build(cfg.generation)
-    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "
-            "run it on a GPU machine, or use trainer=cpu"
-        )
-
-
 def preflight(cfg: DictConfig):
     """The tokenizer, then every data split read, validated and measured, before any weights load."""
     loaded = build(cfg.model)  # a model that cannot be found fails here; its weights load on first use
-    datamodule = instantiate(
-        own_keys(cfg, "data"), tokenizer=loaded.tokenizer, max_positions=loaded.max_positions
-    )
+    datamodule = build(own_keys(cfg, "data"), tokenizer=loaded.tokenizer, max_positions=loaded.max_positions)
     datamodule.load_rows()
     if (cfg.get("eval") or {}).get("tasks"):  # the benchmarks' tasks and data, before the weights
         build(cfg.eval).check()
@@ -143,36 +79,37 @@ def preflight(cfg: DictConfig):
 def run(cfg: DictConfig, accepted=None) -> dict:
     """Check, then train every round not yet done. `accepted()` is called once the start is
     accepted, before anything is written to the run directory (main: its .hydra/ and log)."""
-    with refusal(EXIT_REFUSED, ValueError, RuntimeError):
-        check_config(cfg)
+    check_config(cfg)
     run_dir = RunDir(cfg.run_dir)
     launching = is_launching_rank()  # ranks 1.. of a multi-process run belong to rank 0's job
+    had_run = holds_run(run_dir)  # before claim's run.lock: only a run's own start can leave leftovers
     if launching:
-        with refusal(EXIT_BUSY, RunDirInUse), refusal(EXIT_REFUSED, OSError):
-            claim(run_dir)
+        check_not_foreign(run_dir, cfg.allow_foreign_run_dir)
+        claim(run_dir)
     last = run_dir.last_checkpoint
     ckpt = last if last.exists() or last.is_symlink() else None  # a dangling link is reported below
     settings = redact(OmegaConf.to_container(cfg, resolve=True))
     done = finished_rounds(run_dir)
     rounds_done = sum(index >= 0 for index in done)  # round -1: the start model's benchmarks
-    with refusal(EXIT_REFUSED, ValueError, RuntimeError, FileExistsError, OSError):
-        if ckpt is not None and cfg.resume == "never":
-            raise FileExistsError(
-                f"{run_dir.root} already holds a run ({ckpt}); choose another run_dir or name, "
-                "or set resume=auto to continue it"
-            )
-        check_settings(run_dir, settings, rounds_done, record=False)
-        if ckpt is not None and rounds_done < cfg.rounds:
-            check_last_checkpoint(run_dir, rounds_done)
+    if ckpt is not None and cfg.resume == "never":
+        raise RunDirError(
+            f"{run_dir.root} already holds a run ({ckpt}); choose another run_dir or name, "
+            "or set resume=auto to continue it"
+        )
+    check_settings(run_dir, settings, rounds_done, record=False)
+    if ckpt is not None and rounds_done < cfg.rounds:
+        # Only the launching rank reads the whole checkpoint to compare checksums, before any
+        # process group exists: Lightning's launcher starts the others after its verdict, and
+        # torchrun or srun stop them when it refuses. Each of the others checks the structure.
+        check_last_checkpoint(run_dir, rounds_done, checksums=launching)
     if rounds_done < cfg.rounds:
-        with refusal(EXIT_REFUSED, ValueError, RuntimeError, OSError):  # DataError is a ValueError
-            loaded, datamodule = preflight(cfg)
-        with refusal(EXIT_REFUSED, OSError):
-            check_writable(run_dir.root, need_bytes=0)
+        loaded, datamodule = preflight(cfg)
+        check_writable(run_dir.root, need_bytes=0)
     if accepted is not None:
         accepted()
     if launching:
-        remove_leftovers(run_dir)
+        if had_run:
+            remove_leftovers(run_dir)
         record_settings(run_dir, settings)
     if rounds_done >= cfg.rounds:
         log.info("all %d rounds of %s are done; nothing to resume", cfg.rounds, run_dir.root)
@@ -181,13 +118,12 @@ def run(cfg: DictConfig, accepted=None) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     # fp32 weights in the round's HF directory, plus a checkpoint with weights and optimizer state.
-    with refusal(EXIT_REFUSED, OSError):
-        check_writable(run_dir.root, need_bytes=4 * 4 * sum(p.numel() for p in loaded.model.parameters()))
-    module = instantiate(cfg.module, policy=loaded.model)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    check_writable(run_dir.root, need_bytes=4 * 4 * sum(p.numel() for p in loaded.model.parameters()))
+    module = build(cfg.module, policy=loaded.model)
+    callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [build(c) for c in cfg.logger.values() if c is not None]
     callbacks += [c for c in loggers if isinstance(c, L.Callback)]  # their state goes into checkpoints
-    trainer = instantiate(
+    trainer = build(
         cfg.trainer,
         max_epochs=cfg.rounds * cfg.epochs_per_round,
         reload_dataloaders_every_n_epochs=1,
@@ -211,11 +147,7 @@ def run(cfg: DictConfig, accepted=None) -> dict:
             raise Stopped(
                 "stopped by a signal before a checkpoint was saved; run the same command again"
             ) from None
-        raise Stopped(
-            f"stopped by {stopped['signal']} after step {stopped['step']} (round "
-            f"{stopped['epoch'] // cfg.epochs_per_round}); its checkpoint is {run_dir.last_checkpoint}. "
-            "Run the same command again to resume from it."
-        ) from None
+        raise Stopped(stop_message(stopped, cfg, run_dir)) from None
     except RuntimeError as err:
         if trainer.world_size > 1 and any(
             s in str(err) for s in ("Connection closed", "Connection reset", "timed out", "Timeout")
@@ -228,7 +160,23 @@ def run(cfg: DictConfig, accepted=None) -> dict:
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:
         print_summary(summary, run_dir, cfg.objective._target_)
+    saver = next((c for c in callbacks if isinstance(c, RoundCheckpoint)), None)
+    if saver is not None and saver.stopped is not None:  # a signal as the last round ended
+        raise Stopped(stop_message(saver.stopped, cfg, run_dir))
     return summary
+
+
+def stop_message(stopped: dict, cfg: DictConfig, run_dir: RunDir) -> str:
+    """The one line a stopped run ends with: the signal, the step saved and where it falls."""
+    index = stopped["epoch"] // cfg.epochs_per_round
+    ends_round = stopped.get("epoch_end") and (stopped["epoch"] + 1) % cfg.epochs_per_round == 0
+    where = f"the end of round {index}" if ends_round else f"round {index}"
+    head = f"stopped by {stopped['signal']} after step {stopped['step']} ({where})"
+    if ends_round and index == cfg.rounds - 1:
+        return f"{head}: every round is finished and saved in {run_dir.root}; nothing is left to resume."
+    return (
+        f"{head}; its checkpoint is {run_dir.last_checkpoint}. Run the same command again to resume from it."
+    )
 
 
 def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
@@ -245,7 +193,7 @@ def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
     )
 
 
-LAUNCHER_LOG = "lightning.fabric.strategies.launchers.subprocess_script"
+LAUNCHER_LOG = lightning_compat.LAUNCHER_LOG
 
 
 def explain_child_deaths(trainer: L.Trainer, last: Path):
@@ -254,7 +202,7 @@ def explain_child_deaths(trainer: L.Trainer, last: Path):
     Its log record is the last moment rank 0 runs, so the explanation is printed from there."""
 
     def explain(record: logging.LogRecord) -> bool:
-        if "terminated with code" in record.getMessage():
+        if lightning_compat.CHILD_DIED in record.getMessage():
             print(peer_stopped(trainer, last, record.getMessage()), file=sys.stderr, flush=True)
         return True
 
@@ -304,6 +252,34 @@ def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
     sys.stdout.flush()
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
+
+
+def own_log_file(cfg: DictConfig, run_dir: RunDir) -> None:
+    """A process other than global rank 0 logs to train_ddp_process_<global rank>.log. Hydra names
+    the file after the job: train.log for the first process of another node, which would write
+    into rank 0's log on a shared file system, and train_ddp_process_<local rank>.log for the
+    processes Lightning's launcher starts, a name every node would share."""
+    devices = cfg.trainer.get("devices")
+    per_node = devices if isinstance(devices, int) and devices > 0 else None
+    if per_node is None and os.environ.get("WORLD_SIZE"):
+        per_node = int(os.environ["WORLD_SIZE"]) // max(1, int(cfg.trainer.get("num_nodes") or 1))
+    rank = global_rank(per_node)
+    name = (
+        f"train_ddp_process_{rank}.log"
+        if rank is not None
+        else f"train_node{os.environ.get('NODE_RANK', 0)}_process_{os.environ.get('LOCAL_RANK', 0)}.log"
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()  # opened on the first record (delay: true), now under the new name
+            handler.baseFilename = str((run_dir.root / name).absolute())
+
+
+def in_sweep() -> bool:
+    """Whether this is a job of a Hydra multirun, whose failure must not end the other jobs."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def quiet_console() -> None:
@@ -359,14 +335,19 @@ def save_hydra_config(cfg: DictConfig, run_dir: RunDir) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    held = HeldLog()
-    if not is_launching_rank():
-        quiet_console()
     run_dir = RunDir(cfg.run_dir)
+    if not is_launching_rank():
+        own_log_file(cfg, run_dir)
+        quiet_console()
+    held = HeldLog()
     # Hydra makes the run directory before this runs: empty now means this start made it.
     made_here = not any(run_dir.root.iterdir()) if run_dir.root.is_dir() else False
 
+    started = False
+
     def accepted() -> None:
+        nonlocal started
+        started = True
         held.accept()
         if is_launching_rank():
             save_hydra_config(cfg, run_dir)
@@ -377,18 +358,24 @@ def main(cfg: DictConfig) -> None:
         if is_launching_rank():
             print(stop.message, file=sys.stderr)
         raise
-    except Exception as err:
-        status = getattr(err, "exit_status", None)
-        if status is None:
-            raise
-        held.drop()
-        release(run_dir, restore=True)
-        if made_here and {p.name for p in run_dir.root.iterdir()} <= {run_dir.lock.name}:
-            shutil.rmtree(run_dir.root)  # a refused first start leaves no directory behind
+    except UserError as err:
+        if not started:  # refused: the run directory stays as it was
+            held.drop()
+            release(run_dir, restore=True)
+            if made_here and {p.name for p in run_dir.root.iterdir()} <= {run_dir.lock.name}:
+                shutil.rmtree(run_dir.root)  # a refused first start leaves no directory behind
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             traceback.print_exc()
-        print(f"refused: {err}", file=sys.stderr)
-        raise SystemExit(status) from None
+        message = f"{'error' if started else 'refused'}: {err}"
+        print(message, file=sys.stderr)
+        if not in_sweep():
+            raise SystemExit(err.exit_status) from None
+        record_failure(err.exit_status, message)  # and the sweep's next job runs
+    except Exception as err:
+        if not in_sweep():
+            raise  # Hydra prints it with its traceback: status 1
+        traceback.print_exc()
+        record_failure(1, f"{type(err).__name__}: {err}")
     finally:
         release(run_dir)  # in a multirun, the next jobs run in this process
 

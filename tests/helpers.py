@@ -139,3 +139,52 @@ def step_losses(root) -> dict[int, list[float]]:
     for _, index, loss in steps:
         out.setdefault(index, []).append(loss)
     return out
+
+
+def broken_chat_template(**kwargs):
+    """The tiny model, whose tokenizer's chat templating fails with a bug of its own."""
+    from spinlab.models import tiny_model
+
+    loaded = tiny_model(**kwargs)
+
+    def apply_chat_template(*args, **kwargs):
+        raise RuntimeError("a bug inside the tokenizer's chat templating")
+
+    loaded.tokenizer.apply_chat_template = apply_chat_template
+    return loaded
+
+
+def broken_model(**kwargs):
+    raise RuntimeError("a bug inside model loading")
+
+
+class BrokenSource:
+    """A data source with a bug: reading a split fails."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def load(self, split: str) -> list[dict]:
+        raise RuntimeError(f"a bug inside the data source, reading {split}")
+
+
+class KillBeforeCheckpoint(L.Callback):
+    """SIGKILLs its own process as the checkpoint of epoch `epoch` is about to be written: after
+    the round's model, evaluation and summary.json, before last.ckpt."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.current_epoch == self.epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def missing_model(**kwargs):
+    """A model that cannot be found: the expected error a start refuses."""
+    from spinlab.errors import NotFoundError
+
+    raise NotFoundError("cannot load model 'no/such-model' (Hugging Face hub id): HF_HUB_OFFLINE=1 is set")

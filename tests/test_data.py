@@ -66,6 +66,25 @@ def test_local_jsonl_source_and_validation_messages(tmp_path):
     assert len(kept) == 1 and skipped == 1
 
 
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
+    # Windows tools and Excel's "CSV UTF-8" export start the file with EF BB BF.
+    path = tmp_path / "excel.jsonl"
+    rows = [{"prompt": "1+1?", "response": "2"}, {"prompt": "2+2?", "response": "4"}]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    kept, skipped = validate_rows(LocalFileSource(train=str(path)).load("train"))
+    assert [(r["prompt"], r["response"]) for r in kept] == [("1+1?", "2"), ("2+2?", "4")] and skipped == 0
+
+
+def test_more_prompts_asked_for_than_the_file_holds_is_said(tmp_path, tokenizer, caplog):
+    path = write_jsonl(
+        tmp_path / "small.jsonl", [{"prompt": f"{i}+1?", "response": str(i + 1)} for i in range(3)]
+    )
+    dm = SelfPlayDataModule(LocalFileSource(train=path), tokenizer, num_prompts=10)
+    with caplog.at_level("WARNING", logger="spinlab.data"):
+        assert len(dm.load_split("train")) == 3
+    assert f"data.num_prompts=10, but {path} has only 3 usable rows: each round uses those 3" in caplog.text
+
+
 def test_duplicate_and_missing_fields_are_named():
     rows = [
         {"prompt": "a", "response": "b", "_origin": ("f.jsonl", 0)},

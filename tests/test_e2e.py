@@ -15,6 +15,7 @@ import train
 from spinlab import losses
 from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
+from spinlab.errors import RunDirError
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import PolicyModule
 from spinlab.objectives import SPIN
@@ -258,14 +259,14 @@ def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
 
 def test_resume_never_refuses_an_existing_run(reference, tmp_path):
     run(tmp_path, "run")
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         run(tmp_path, "run", "resume=never")
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lam=0", "lam must be > 0"),
+        ("lam=0", r"lam must be a finite number in \(0, 1e\+06\]"),
         ("rounds=0", "rounds must be >= 1"),
         ("data.max_length=600", "over the model.s position limit of 512"),
         ("+round_overrides.5.lr=1", "round_overrides key"),

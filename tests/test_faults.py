@@ -192,6 +192,51 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path
     assert not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_cached_evaluation_is_reused_only_for_the_weights_it_measured(tmp_path):
+    """Killed between round 0's evaluation and its checkpoint, then resumed on another thread
+    count: round 0 is trained again and comes out with other weights (reductions split over
+    another number of threads round differently), so its cached eval.json is not theirs."""
+    from tests.test_e2e import weights
+
+    run_dir = tmp_path / "run"
+    command = [*train_command(run_dir), "eval.heldout_pairs=8", "eval.task_prompts=0"]
+    kill = "+callbacks.kill={_target_: tests.helpers.KillBeforeCheckpoint, epoch: 0}"
+    killed = subprocess.run([*command, kill], env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    stale = json.loads((run_dir / "rounds" / "round_000" / "eval.json").read_text())
+    stale_weights = weights(run_dir / "hf" / "round_000")
+    assert [s["round"] for s in json.loads((run_dir / "summary.json").read_text())] == [0]
+
+    rerun = subprocess.run(command, env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    final = weights(run_dir / "hf" / "round_000")
+    assert any(not torch.equal(final[k], stale_weights[k]) for k in final)  # round 0 trained again
+    fresh = json.loads((run_dir / "rounds" / "round_000" / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())[0]
+    assert fresh["weights_sha256"] != stale["weights_sha256"]
+    assert {k: v for k, v in summary.items() if k.startswith("eval/")} == {
+        k: v for k, v in fresh.items() if k.startswith("eval/")
+    }
+    # The margin, a small difference of large log-probs, shows the weights' change (a few ulps
+    # of float32 in the log-probs themselves).
+    assert fresh["eval/heldout_margin"] != stale["eval/heldout_margin"]
+    # ... which are these: the policy's mean log-likelihood of the held-out real responses,
+    # recomputed here from hf/round_000 and the held-out pairs.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import response_logp
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf" / "round_000")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf" / "round_000")
+    pairs = [
+        json.loads(x) for x in (run_dir / "rounds" / "round_000" / "heldout.jsonl").read_text().splitlines()
+    ]
+    mean = sum(response_logp(model, tokenizer, p["prompt"], p["real"]) for p in pairs) / len(pairs)
+    assert summary["eval/heldout_logp_real"] == pytest.approx(mean, rel=1e-4)
+
+
 # -- stop signals (preemption): the step is saved, the status says so, the rerun continues ---------
 
 EXIT_STOPPED = 75
@@ -250,6 +295,9 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_matches_an_uninterrupted_run
     assert len(finished) == int(marker.split()[1])  # the round the signal arrived in is not finished
     rerun = subprocess.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The resume after a step is exact, and said once, without Lightning's "not resumable" warning.
+    assert "not resumable" not in rerun.stderr + rerun.stdout
+    assert (rerun.stderr + rerun.stdout).count("of its epoch; the epoch's remaining batches follow") == 1
     assert_same_run(uninterrupted, run_dir)  # synthetic data and round weights bit-identical
     assert_same_history(metric_history(run_dir), metric_history(uninterrupted))  # every row once
     assert not list(run_dir.rglob("*.tmp"))
@@ -260,19 +308,31 @@ def test_a_stop_signal_as_a_round_ends_keeps_the_finished_round_and_generates_no
     uninterrupted, tmp_path
 ):
     """The checkpoint at a round's end holds the finished round; the next round starts (and
-    generates) only in the next epoch's loader, where an agreed stop ends the run first."""
+    generates) only in the next epoch's loader, where an agreed stop ends the run first. The rerun
+    is stopped as the last round ends: every round is finished, and the run still says it stopped."""
     from tests.test_reliability import assert_same_history
 
     run_dir = tmp_path / "run"
     proc, _, err = stop_at(train_command(run_dir), run_dir, "round 0: saving the policy", 1, signal.SIGTERM)
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    # The step saved is round 0's last: round 1 never started.
+    assert (
+        err.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 4 (the end of round 0); its ")
+    )
     assert [s["round"] for s in json.loads((run_dir / "summary.json").read_text())] == [0]
     assert not (run_dir / "rounds" / "round_001").exists()  # nothing of round 1 was generated
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     self_play = next(v for k, v in state["callbacks"].items() if "SelfPlayCallback" in k)
     assert sorted(self_play["rounds"]) == [0] and self_play["epoch_batches"] == 0
     assert state["global_step"] == self_play["rounds"][0]["total_steps"]
-    rerun = subprocess.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun, out, err = stop_at(
+        train_command(run_dir), run_dir, "round 1: saving the policy", 1, signal.SIGUSR1
+    )
+    assert rerun.returncode == EXIT_STOPPED, err[-3000:]
+    assert "SPIN rounds" in out  # the table of the finished rounds, then the stop line
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGUSR1 after step 8 (the end of round 1): every round is finished and saved in "
+        f"{run_dir}; nothing is left to resume."
+    )
     assert_same_run(uninterrupted, run_dir)
     assert_same_history(metric_history(run_dir), metric_history(uninterrupted))

@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 import train
+from spinlab.errors import ConfigError
 from spinlab.harness import TASKS_DIR, Harness, arithmetic_benchmark_rows, flatten
 from spinlab.models import LoadedModel, tiny_model
 from tests.conftest import compose_cfg
@@ -49,7 +50,7 @@ def test_flatten_names_metrics_and_skips_missing_stderr():
 def test_config_mistakes_fail_at_construction(tmp_path):
     with pytest.raises(ValueError, match="num_fewshot names"):
         Harness(tasks=["arithmetic_mc"], num_fewshot={"gsm8k": 5})
-    with pytest.raises(FileNotFoundError, match="include_path"):
+    with pytest.raises(ConfigError, match="include_path"):
         Harness(tasks=["arithmetic_mc"], include_path=str(tmp_path / "missing"))
 
 

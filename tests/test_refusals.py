@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import train
 from spinlab.config import check_restart, redact
+from spinlab.errors import UserError
 from tests.conftest import ROOT, compose_cfg
 from tests.test_e2e import NUM_PROMPTS, run
 from tests.test_reliability import subprocess_env
@@ -97,10 +98,45 @@ def test_an_accepted_start_writes_the_hydra_record_and_the_log(finished, tmp_pat
     assert "all 2 rounds of" in (root / "train.log").read_text()
 
 
-def test_an_unexpected_error_keeps_its_traceback(tmp_path):
-    # A loss whose code fails: a defect, not bad input. Hydra's report of an error it did not
-    # expect either: exit status 1, its short traceback and the hint; the whole traceback with
-    # HYDRA_FULL_ERROR=1.
+def test_a_directory_holding_other_files_is_refused_and_keeps_them(tmp_path):
+    """The reproduction of issue 28: a run must never delete what it did not write."""
+    root = tmp_path / "mydir"
+    (root / "project" / "backup.old").mkdir(parents=True)
+    (root / "project" / "backup.old" / "thesis.tex").write_text("x\n")
+    (root / ".draft.tmp").touch()
+    before = snapshot(root)
+    out = start(root, "~eval", "rounds=1")
+    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.stderr.startswith(
+        f"refused: {root} is not empty (.draft.tmp, project) and holds no spinlab run"
+    )
+    assert "allow_foreign_run_dir=true" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == [".draft.tmp", "project"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model._target_=tests.helpers.broken_model", "a bug inside model loading"),
+        ("model._target_=tests.helpers.broken_chat_template", "a bug inside the tokenizer's chat templating"),
+        ("data.source._target_=tests.helpers.BrokenSource", "a bug inside the data source, reading train"),
+    ],
+)
+def test_a_bug_while_loading_the_model_or_data_is_not_a_refusal(tmp_path, override, message):
+    # Raised inside the start checks, where the expected errors (spinlab.errors) are refusals: a
+    # RuntimeError of any other code is a defect, and main lets it reach Hydra with its traceback
+    # (in a constructor, inside Hydra's InstantiationException naming the node).
+    with pytest.raises(Exception, match=message) as err:
+        train.run(compose_cfg([*COMMAND, override], tmp_path / "run"))
+    assert not isinstance(err.value, UserError)
+    assert not (tmp_path / "run" / "run_config.yaml").exists()  # raised before the start was accepted
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_status_1(tmp_path):
+    # A defect, not bad input: Hydra's report of an error it did not expect either: exit status 1,
+    # its short traceback and the hint; the whole traceback with HYDRA_FULL_ERROR=1. A loss whose
+    # code fails (after the start), and a tokenizer whose chat templating fails (inside the start
+    # checks, which call it on every prompt).
     (tmp_path / "broken_loss.py").write_text(
         "def loss(margin):\n    raise ZeroDivisionError('inside the loss')\n"
     )
@@ -111,6 +147,12 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     assert "Error executing job" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
     full = start(tmp_path / "run2", "loss._target_=broken_loss.loss", PYTHONPATH=path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
+    root = tmp_path / "run3"
+    bug = start(root, "model._target_=tests.helpers.broken_chat_template", HYDRA_FULL_ERROR="1")
+    assert bug.returncode == 1 and "refused:" not in bug.stderr, bug.stderr[-3000:]
+    assert "Traceback (most recent call last)" in bug.stderr
+    assert "RuntimeError: a bug inside the tokenizer's chat templating" in bug.stderr
+    assert "in apply_chat_template" in bug.stderr  # where it was raised
 
 
 @pytest.mark.parametrize(
@@ -145,9 +187,19 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lam=nan", "lam must be > 0 and finite"),
-        ("lam=inf", "lam must be > 0 and finite"),
-        ("lam=-1", "lam must be > 0 and finite"),
+        ("lam=nan", r"lam must be a finite number in \(0, 1e\+06\]"),
+        ("lam=inf", r"lam must be a finite number in \(0, 1e\+06\]"),
+        ("lam=-1", r"lam must be a finite number in \(0, 1e\+06\]"),
+        (
+            "lam=1e30",
+            r"got 1e\+30 \(larger λ make the margin and the gradients, squared by the optimizer, overflow",
+        ),
+        ("round_overrides.1.lam=1e30", r"round_overrides.1.lam must be a finite number in \(0, 1e\+06\]"),
+        ("round_overrides.1.lr=nan", r"round_overrides.1.lr must be a finite number >= 0"),
+        ("seed=-1", r"seed must be an int in \[0, 2\*\*32 - 1\]"),
+        ("seed=4294967296", r"seed must be an int in \[0, 2\*\*32 - 1\]"),
+        ("data.seed=-3", r"data.seed must be an int in \[0, 2\*\*32 - 1\].*got -3"),
+        ("optimizer.lr=-1e-5", r"optimizer.lr must be a finite number >= 0"),
         ("warmup_ratio=1.5", r"warmup_ratio must be in \[0, 1\]"),
         ("warmup_ratio=-0.1", r"warmup_ratio must be in \[0, 1\]"),
         ("data.batch_size=0", "data.batch_size must be an int >= 1"),
@@ -164,6 +216,19 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
 def test_impossible_values_are_refused_at_start(override, message):
     with pytest.raises(ValueError, match=message):
         train.check_config(compose_cfg(["debug=fast", *override.split()]))
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["optimizer.lr=0"], "rounds 0, 1 train with lr 0 (optimizer.lr=0)"),
+        (["round_overrides.1.lr=0"], "round 1 trains with lr 0 (optimizer.lr=0.001, round_overrides)"),
+    ],
+)
+def test_a_round_with_lr_0_is_said_at_start(overrides, said, caplog):
+    with caplog.at_level("WARNING", logger="spinlab.config"):
+        train.check_config(compose_cfg(["debug=fast", *overrides]))
+    assert said in caplog.text and "the policy stays as the round began" in caplog.text
 
 
 # -- every setting that changes training is compared, whichever path sets it -------------------

@@ -22,9 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import train
-from spinlab import rundir
+from spinlab import config, rundir
 from spinlab.config import check_settings, redact
 from spinlab.config import round_overrides as typed_round_overrides
+from spinlab.errors import RunDirError
 from spinlab.loggers import MetricsFile
 from spinlab.rounds import round_settings
 from tests.conftest import ROOT, compose_cfg
@@ -284,6 +285,47 @@ def test_only_global_rank_zero_takes_the_lock(monkeypatch, env, launching):
     assert rundir.is_launching_rank() is launching
 
 
+@pytest.mark.parametrize(
+    "env, devices, name",
+    [
+        ({"LOCAL_RANK": "1"}, 2, "train_ddp_process_1.log"),  # Lightning's launcher, node 0
+        (
+            {"NODE_RANK": "1", "LOCAL_RANK": "0"},
+            1,
+            "train_ddp_process_1.log",
+        ),  # 2 nodes x 1: Hydra says train.log
+        (
+            {"NODE_RANK": "1", "LOCAL_RANK": "1"},
+            2,
+            "train_ddp_process_3.log",
+        ),  # Hydra: node 0's rank 1's name
+        (
+            {"NODE_RANK": "1", "LOCAL_RANK": "0"},
+            "auto",
+            "train_node1_process_0.log",
+        ),  # processes per node unknown
+        ({"RANK": "5", "LOCAL_RANK": "1"}, 4, "train_ddp_process_5.log"),  # torchrun
+        ({"SLURM_PROCID": "6", "SLURM_LOCALID": "2"}, 4, "train_ddp_process_6.log"),  # srun
+    ],
+)
+def test_every_process_but_rank_0_logs_to_a_file_of_its_own(tmp_path, monkeypatch, env, devices, name):
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    handler = logging.FileHandler(tmp_path / "train.log", delay=True)  # as Hydra sets it up
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        train.own_log_file(compose_cfg(["debug=fast", f"trainer.devices={devices}"]), rundir.RunDir(tmp_path))
+        logging.getLogger("spinlab.test").warning("a line of this process")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / name).read_text() == "a line of this process\n"
+    assert not (tmp_path / "train.log").exists()  # rank 0's log gets none of it
+
+
 # -- per-round overrides from the command line -----------------------------------------------------
 
 
@@ -328,7 +370,7 @@ def test_round_override_values_are_typed():
         ("round_overrides.1.mix_previous_rounds=1.5", "round_overrides.1.mix_previous_rounds must be an int"),
         ("round_overrides.1.beta=1", r"round_overrides.1.beta: unknown setting"),
         ("round_overrides.5.lr=1e-4", r"round_overrides key '5' is not a round index in \[0, 2\)"),
-        ("round_overrides.1.lam=0", r"round_overrides.1.lam must be > 0"),
+        ("round_overrides.1.lam=0", r"round_overrides.1.lam must be a finite number in \(0, 1e\+06\]"),
     ],
 )
 def test_bad_round_overrides_fail_at_start_naming_them(override, message):
@@ -340,31 +382,102 @@ def test_bad_round_overrides_fail_at_start_naming_them(override, message):
 # -- leftovers and damaged checkpoints -------------------------------------------------------------
 
 
-def test_leftovers_of_interrupted_writes_are_removed_at_start(tmp_path, caplog):
+def mkstemp_name(directory, name):
+    """A temporary name as rundir._atomic makes it for `name` in `directory` (the file is created)."""
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return rundir.Path(path)
+
+
+def test_leftovers_of_interrupted_writes_are_removed_at_start_and_nothing_else(tmp_path, caplog):
     root = tmp_path / "run"
-    files = [
-        root / "checkpoints" / ".last.ckpt.k2j3h4ab.tmp",  # a kill while the checkpoint was written
-        root / "rounds" / "round_000" / ".synthetic.jsonl.x81f.tmp",
-        root / ".summary.json.q0z.tmp",
+    ckpt = root / "checkpoints"
+    files = [  # what each writer leaves when killed, where it writes it
+        mkstemp_name(root, "summary.json"),
+        mkstemp_name(root, "run_config.yaml"),
+        mkstemp_name(root / ".hydra", "config.yaml"),
+        mkstemp_name(root / "csv", "metrics.csv"),
+        mkstemp_name(root / "rounds", "proto.jsonl"),
+        mkstemp_name(root / "rounds" / "round_000", "synthetic.jsonl"),
+        mkstemp_name(root / "rounds" / "round_001" / "mt_bench", "run-round001.jsonl"),
+        mkstemp_name(ckpt, "last.ckpt.sha256"),
+        mkstemp_name(ckpt / "epoch0000-step0000004-0123abcd.ckpt", rundir.CHECKSUMS),
+        root / f".wandb_id.{'5f' * 16}.tmp",  # loggers.run_id
+        root / ".write_probe",  # check_writable
+        ckpt / f".last.ckpt.{os.getpid()}.tmp",  # AtomicCheckpointIO: a full-size checkpoint
     ]
-    dirs = [root / "hf" / "round_001.tmp", root / "hf" / "round_000.old"]  # replace_dir, interrupted
-    kept = [
-        root / "rounds" / "round_001" / "synthetic.partial.jsonl",  # resume data, not a leftover
+    dirs = [  # replace_dir, interrupted: a model directory being written or being replaced
+        root / "hf" / "round_001.tmp",
+        root / "hf" / "round_000.old",
+        root / "engine" / "policy_after_002.tmp",
+    ]
+    kept = [  # the user's files, with the same patterns at several depths; and the run's own
+        root / ".draft.tmp",
         root / "notes.tmp",
+        root / "backup.old" / "thesis.tex",
+        root / "project" / ".draft.tmp",
+        root / "project" / "backup.old" / "thesis.tex",
+        root / "project" / "a" / "b" / "c.old" / "x.tex",
+        root / "project" / "a" / "b" / ".d.tmp",
+        root / "project" / ".summary.json.abcdefgh.tmp",  # a run's temporary name, another place
+        root / "project" / "hf" / "round_000.old" / "model.safetensors",
+        root / "project" / "checkpoints" / ".last.ckpt.123.tmp",
+        root / ".notes.txt.abcdefgh.tmp",  # mkstemp-shaped, but no file a run writes at the top
+        root / "rounds" / "round_000" / "draft.tmp",
+        root / "rounds" / "notes" / ".x.abcdefgh.tmp",
+        root / "rounds" / "round_001" / "synthetic.partial.jsonl",  # resume data, not a leftover
         root / "hf" / "round_000" / "model.safetensors",
+        root / "hf" / "mine.old" / "model.safetensors",
+        root / "checkpoints" / ".last.ckpt.tmp",
+        root / "checkpoints" / "backup.old" / "last.ckpt",
         root / "wandb" / "run-x" / ".files.tmp",  # W&B's own
+        tmp_path / "elsewhere" / ".x.abcdefgh.tmp",
     ]
     for path in files + kept + [d / "model.safetensors" for d in dirs]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * 1000)
+    link = ckpt / ".last.ckpt.link.tmp"  # the sharded checkpoint's link, before its rename
+    link.symlink_to("epoch0000-step0000004-0123abcd.ckpt")
+    files.append(link)
+    # A link with a leftover's name keeps what it names: the user's directory.
+    (root / "hf" / "round_002.old").symlink_to(tmp_path / "elsewhere")
+    kept.append(root / "hf" / "round_002.old")
     # Both rounds are finished, so the start has nothing else to do.
     (root / "summary.json").write_text(json.dumps([{"round": 0}, {"round": 1}]))
     with caplog.at_level(logging.WARNING, logger="spinlab.rundir"):
         train.run(compose_cfg(["debug=fast"], root))
-    assert not [p for p in files + dirs if p.exists()]
-    assert all(p.exists() for p in kept)
+    assert [p for p in files + dirs if p.exists() or p.is_symlink()] == []
+    assert [p for p in kept if not p.exists()] == []
     for path in files + dirs:
         assert f"removed {path}, left by an interrupted write" in caplog.text
+    assert caplog.text.count("left by an interrupted write") == len(files + dirs)
+
+
+def test_a_directory_with_files_but_no_run_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    root = tmp_path / "mine"
+    (root / "project" / "backup.old").mkdir(parents=True)
+    (root / "project" / "backup.old" / "thesis.tex").write_text("x")
+    (root / ".draft.tmp").touch()
+    monkeypatch.setattr(config, "instantiate", no_model)
+    with pytest.raises(
+        RunDirError, match=rf"^{root} is not empty \(.draft.tmp, project\) and holds no spinlab run"
+    ):
+        train.run(compose_cfg(["debug=fast"], root))
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        ".draft.tmp",
+        "project",
+        "project/backup.old",
+        "project/backup.old/thesis.tex",
+    ]
+    rundir.check_not_foreign(rundir.RunDir(root), allow_foreign=True)  # said explicitly: accepted
+    rundir.check_not_foreign(rundir.RunDir(tmp_path / "empty"), allow_foreign=False)  # not made yet
+    (tmp_path / "empty").mkdir()
+    rundir.check_not_foreign(rundir.RunDir(tmp_path / "empty"), allow_foreign=False)  # as Hydra makes it
+    (root / "run.lock").touch()  # a run's directory: its files and the user's may live together
+    rundir.check_not_foreign(rundir.RunDir(root), allow_foreign=False)
 
 
 def checkpoint_bytes() -> bytes:
@@ -435,11 +548,35 @@ def test_a_changed_byte_is_found_by_the_checksum_saved_with_the_checkpoint(tmp_p
     )
 
 
+def test_a_sharded_save_hashes_each_file_as_it_writes_it(tmp_path, monkeypatch):
+    from spinlab.strategy import FSDP2Strategy
+
+    read = []
+    monkeypatch.setattr(rundir, "sha256_file", lambda path: read.append(path))  # no read-back
+    strategy = FSDP2Strategy()
+    optimizer = {"state": {0: {"square_avg": torch.rand(300)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    target = tmp_path / "epoch0000-step0000004-0123abcd.ckpt"
+    strategy.save_checkpoint(
+        {"state_dict": {"w": torch.rand(4000)}, "optimizer_states": [optimizer], "epoch": 0}, target
+    )
+    monkeypatch.undo()
+    path, digests = strategy.saved_digests
+    assert path == target and read == []
+    assert (
+        sorted(digests)
+        == sorted(p.name for p in target.iterdir())
+        == [".metadata", "__0_0.distcp", "meta.pt"]
+    )
+    assert digests == {name: rundir.sha256_file(target / name) for name in digests}  # the bytes on disk
+    (target / rundir.CHECKSUMS).write_text(json.dumps(digests))
+    assert rundir.checkpoint_problem(target) is None
+
+
 def test_a_dangling_last_checkpoint_link_is_refused_not_ignored(tmp_path, monkeypatch):
     root = tmp_path / "run"
     (root / "checkpoints").mkdir(parents=True)
     (root / "checkpoints" / "last.ckpt").symlink_to("epoch0000-step0000004-0123abcd.ckpt")
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(
         RuntimeError, match="it is a link to epoch0000-step0000004-0123abcd.ckpt, which does not"
     ):
@@ -459,7 +596,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkey
         ckpt.mkdir()
         (ckpt / "__0_0.distcp").write_bytes(b"x" * 100)
     (root / "summary.json").write_text(json.dumps([{"round": 0}]))  # round 0 finished, round 1 not
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(RuntimeError) as err:
         train.run(compose_cfg(["debug=fast"], root))
     message = str(err.value)
@@ -487,7 +624,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkey
 )
 def test_changed_settings_are_refused_naming_the_setting(finished, tmp_path, monkeypatch, override, message):
     shutil.copytree(finished, tmp_path / "run")
-    monkeypatch.setattr(train, "instantiate", no_model)
+    monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(ValueError, match=message):
         run(tmp_path, "run", override)
 

@@ -5,6 +5,7 @@ batch of 4 pairs per step either way: one process at batch 4, or 2 processes at 
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -36,9 +37,14 @@ def command(run_dir, *overrides):
     return [sys.executable, str(ROOT / "train.py"), *BASE, *overrides, f"hydra.run.dir={run_dir}"]
 
 
-def train(run_dir, *overrides):
+def train(run_dir, *overrides, environ=None):
     out = subprocess.run(
-        command(run_dir, *overrides), env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT
+        command(run_dir, *overrides),
+        env=environ or env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SPIN rounds" in out.stdout
@@ -206,12 +212,73 @@ def test_generation_on_the_shards_in_lockstep_gives_the_same_synthetic_data(runs
     ).read_bytes()
 
 
+# Every process of a run counts the bytes the checksum code reads (spinlab.rundir's file reads),
+# one line per read: PID, bytes, file.
+COUNT_READS = """
+import builtins, os
+from spinlab import rundir
+
+class Counted:
+    def __init__(self, f, name):
+        self.f, self.name = f, name
+    def read(self, n=-1):
+        data = self.f.read(n)
+        with builtins.open(os.environ["SPINLAB_TEST_READS"], "a") as log:
+            log.write(f"{os.getpid()} {len(data)} {self.name}\\n")
+        return data
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+def counting_open(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    return Counted(f, str(path)) if "r" in mode else f
+
+rundir.open = counting_open
+"""
+
+
+def bytes_read(log) -> dict[int, int]:
+    """Bytes read by the checksum code, by process."""
+    per_process: dict[int, int] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        pid, size, _ = line.split(" ", 2)
+        per_process[int(pid)] = per_process.get(int(pid), 0) + int(size)
+    return per_process
+
+
 def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
     """Sharded strategies restore weights and callback state only after on_fit_start: the round
-    that a resumed or extended run starts with must still begin from the restored state."""
+    that a resumed or extended run starts with must still begin from the restored state.
+
+    Also counts the bytes the checksum code reads (not the time it takes): a save hashes what it
+    writes as it writes it and reads nothing back; a two-process restart reads each file of the
+    checkpoint once, in one process, not once per process."""
     tmp, _ = runs
-    train(tmp_path / "extended", *SHARDED, "rounds=1")
-    train(tmp_path / "extended", *SHARDED, "rounds=2")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(COUNT_READS)
+    counted = {**env(), "PYTHONPATH": f"{tmp_path / 'site'}:{env()['PYTHONPATH']}"}
+    train(
+        tmp_path / "extended",
+        *SHARDED,
+        "rounds=1",
+        environ={**counted, "SPINLAB_TEST_READS": str(tmp_path / "save")},
+    )
+    assert bytes_read(tmp_path / "save") == {}  # the save of round 0: digests from the stream written
+    last = (tmp_path / "extended" / "checkpoints" / "last.ckpt").resolve()
+    listed = json.loads((last / "checksums.json").read_text())
+    assert sorted(listed) == sorted(p.name for p in last.iterdir() if p.name != "checksums.json")
+    size = sum((last / name).stat().st_size for name in listed)
+    train(
+        tmp_path / "extended",
+        *SHARDED,
+        "rounds=2",
+        environ={**counted, "SPINLAB_TEST_READS": str(tmp_path / "restart")},
+    )
+    read = bytes_read(tmp_path / "restart")
+    print(f"checkpoint {size} bytes; read at the restart: {read}")
+    assert list(read.values()) == [size]  # one process read the checkpoint, once
     r1 = "rounds/round_001/synthetic.jsonl"
     assert (tmp_path / "extended" / r1).read_bytes() == (tmp / "sharded" / r1).read_bytes()
     a, b = weights(tmp_path / "extended" / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
@@ -222,7 +289,7 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
 @pytest.mark.parametrize(
     "signum, marker, whole_group",
     [(signal.SIGTERM, "round 1 step 5", True), (signal.SIGUSR1, "round 0 step 1", False)],
-    ids=["SIGTERM to every process", "SIGUSR1 to rank 0 alone"],
+    ids=["SIGTERM to every process", "SIGUSR1 to rank 1 alone"],
 )
 def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
     runs, tmp_path, signum, marker, whole_group
@@ -236,8 +303,11 @@ def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
         if marker in line:
             if whole_group:
                 os.killpg(proc.pid, signum)  # a preempted job: every rank at once
-            else:
-                proc.send_signal(signum)  # the others learn it at the step's end
+            else:  # rank 0 learns it at the step's end, and names this signal, not another
+                (child,) = subprocess.run(
+                    ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+                ).stdout.split()
+                os.kill(int(child), signum)
             break
     try:
         seen += proc.communicate(timeout=300)[0]

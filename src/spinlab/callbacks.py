@@ -13,7 +13,6 @@ being made again. Every process takes part in every step (see spinlab.collective
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,11 +29,13 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spinlab import lightning_compat
 from spinlab.cards import write_round_cards
-from spinlab.collective import save_policy
+from spinlab.collective import all_gather_objects, save_policy
 from spinlab.config import round_overrides as typed_round_overrides
+from spinlab.errors import ConfigError, RunDirError
 from spinlab.rounds import Round, round_settings
-from spinlab.rundir import CHECKSUMS, RunDir, record_checksum, sha256_file, write_json
+from spinlab.rundir import CHECKSUMS, HashingStream, RunDir, record_checksum, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                writer = _Hashing(f)
+                writer = HashingStream(f)
                 torch.save(checkpoint, writer)
                 f.flush()
                 os.fsync(f.fileno())
-            record_checksum(path, writer.digest.hexdigest())
+            record_checksum(path, writer.hexdigest())
             os.replace(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+            raise RunDirError(f"cannot write {path}: {err.strerror}", err.errno) from err
         except RuntimeError as err:  # torch.save's zip writer: a failed write (full disk), no path
             tmp.unlink(missing_ok=True)
             raise write_error(path, err) from err
@@ -76,19 +77,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def write_error(path: Path, err: BaseException) -> OSError:
+def write_error(path: Path, err: BaseException) -> RunDirError:
     """A failed checkpoint write, naming the path and the space left (torch's own message does not)."""
     try:
         free = f"{shutil.disk_usage(path.parent).free} bytes free there"
     except OSError:
         free = "free space unknown"
-    return OSError(errno.EIO, f"cannot write {path} ({free}): {err}")
+    return RunDirError(f"cannot write {path} ({free}): {err}", errno.EIO)
 
 
 # -- stopping on a signal ---------------------------------------------------------------------
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []  # the stop signals this process got, in order
+_agreed: list[int] = []  # the one signal every process of the run names, once they agreed to stop
 
 
 def _on_signal(signum, frame) -> None:
@@ -104,29 +106,22 @@ def stop_agreed(trainer: L.Trainer) -> bool:
     the current step or at the epoch's end."""
     if trainer.received_sigterm:
         return True
-    local = bool(_received)
-    agreed = local if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(local, all=False)
-    if agreed:
-        trainer._signal_connector.received_sigterm = True
-    return agreed
+    local = _received[0] if _received else 0
+    if trainer.world_size > 1:
+        # Agree on the signal too, the smallest number any process got (SIGUSR1, Slurm's requeue
+        # signal, before SIGTERM): rank 0 names it and decides on a requeue with it, also when
+        # only another process received it.
+        mine = torch.tensor(local or 1 << 16, device=trainer.strategy.root_device)  # 1 << 16: none
+        local = int(trainer.strategy.reduce(mine, reduce_op="min")) % (1 << 16)
+    if local:
+        _agreed[:] = [local]
+        lightning_compat.request_stop(trainer)
+    return bool(local)
 
 
 def received_signal() -> int | None:
-    return _received[0] if _received else None
-
-
-class _Hashing:
-    """A file, written through, with the sha256 of what was written."""
-
-    def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
+    """The signal the processes agreed to stop on; before they agreed, the first this one got."""
+    return _agreed[0] if _agreed else _received[0] if _received else None
 
 
 class RoundCheckpoint(L.Callback):
@@ -155,11 +150,12 @@ class RoundCheckpoint(L.Callback):
     # -- signals ----------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # Lightning installs its own handlers after on_fit_start; ours take their place.
-        trainer._signal_connector.register_signal_handlers = lambda: None
+        lightning_compat.keep_signal_handlers_out(trainer)
         _received.clear()
+        _agreed.clear()
         self.stopped = None
         signals = set(STOP_SIGNALS)
-        env = trainer._accelerator_connector.cluster_environment
+        env = lightning_compat.cluster_environment(trainer)
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             signals.add(env.requeue_signal)
         for signum in signals:
@@ -171,15 +167,14 @@ class RoundCheckpoint(L.Callback):
         self._previous_handlers = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        last = loop.batch_progress.is_last_batch
+        processed, last = lightning_compat.batch_position(trainer)
         # Stop only where the optimizer has stepped: accumulated gradients are not checkpointed.
         # Several processes agree through a collective, which waits for the device: once per
         # logging window, as the module reads its metrics, not after every step.
         every = trainer.accumulate_grad_batches * (
             1 if trainer.world_size == 1 else trainer.log_every_n_steps
         )
-        if last or loop.batch_progress.current.processed % every == 0:
+        if last or processed % every == 0:
             stop_agreed(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -196,16 +191,18 @@ class RoundCheckpoint(L.Callback):
         finally:
             self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # A signal during the last round's end (its model saved, evaluated, checkpointed): every
+        # round is finished and saved, and the run still ends as a stopped one (status 75).
+        if stop_agreed(trainer):
+            self.stopped = self._stop_record(trainer, at_epoch_end=True)
+
     def stop(self, trainer: L.Trainer, pl_module) -> None:
         if not self.saved_at_epoch_end:
             self.save(trainer, pl_module)
-        signum = received_signal() or signal.SIGTERM
-        self.stopped = {
-            "signal": signal.Signals(signum).name,
-            "step": trainer.global_step,
-            "epoch": trainer.current_epoch,
-        }
-        env = trainer._accelerator_connector.cluster_environment
+        self.stopped = self._stop_record(trainer, at_epoch_end=self.saved_at_epoch_end)
+        signum = signal.Signals[self.stopped["signal"]]
+        env = lightning_compat.cluster_environment(trainer)
         if (
             isinstance(env, SLURMEnvironment)
             and env.auto_requeue
@@ -213,6 +210,17 @@ class RoundCheckpoint(L.Callback):
             and trainer.is_global_zero
         ):
             requeue()
+
+    @staticmethod
+    def _stop_record(trainer: L.Trainer, at_epoch_end: bool) -> dict:
+        """The signal, the step saved and the epoch that step belongs to: at an epoch's end the
+        epoch just finished (a stop agreed as the next epoch begins falls in no epoch of its own)."""
+        return {
+            "signal": signal.Signals(received_signal() or signal.SIGTERM).name,
+            "step": trainer.global_step,
+            "epoch": lightning_compat.epochs_trained(trainer) - 1 if at_epoch_end else trainer.current_epoch,
+            "epoch_end": at_epoch_end,
+        }
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, trainer: L.Trainer, pl_module) -> None:
@@ -238,7 +246,7 @@ class RoundCheckpoint(L.Callback):
         except (OSError, RuntimeError) as err:
             raise write_error(target, err) from err
         trainer.strategy.barrier("sharded checkpoint")
-        sums = self._checksums(trainer, target)
+        sums = self._checksums(trainer, target, getattr(trainer.strategy, "saved_digests", None))
         if trainer.is_global_zero:
             write_json(target / CHECKSUMS, sums)
             link = self.path.with_name(f".{self.path.name}.link.tmp")
@@ -249,18 +257,16 @@ class RoundCheckpoint(L.Callback):
         trainer.strategy.barrier("checkpoint link")
 
     @staticmethod
-    def _checksums(trainer: L.Trainer, target: Path) -> dict:
-        """sha256 of every file of a sharded checkpoint, each process hashing its share of them."""
-        import torch.distributed as dist
-
-        files = sorted(p.name for p in target.iterdir() if p.is_file())
+    def _checksums(trainer: L.Trainer, target: Path, saved: tuple[Path, dict] | None) -> dict:
+        """sha256 of every file of a sharded checkpoint: the digests each process computed as it
+        wrote its files (FSDP2Strategy), gathered; a file none of them hashed (a strategy that
+        does not hash as it writes) is read back, each process hashing its share of those."""
         rank, world = trainer.global_rank, trainer.world_size
+        written = saved[1] if saved is not None and saved[0] == target else {}
+        known = {k: v for share in all_gather_objects(written, world) for k, v in share.items()}
+        files = sorted(p.name for p in target.iterdir() if p.is_file() and p.name not in known)
         mine = {n: sha256_file(target / n) for n in files[rank::world]}
-        if world == 1 or not dist.is_initialized():
-            return mine
-        shares = [None] * world
-        dist.all_gather_object(shares, mine)
-        return {k: v for share in shares for k, v in share.items()}
+        return {**known, **{k: v for share in all_gather_objects(mine, world) for k, v in share.items()}}
 
 
 def remove_unlinked_checkpoints(directory: Path) -> None:
@@ -314,7 +320,7 @@ class SelfPlayCallback(L.Callback):
         self.num_samples = num_samples
         if isinstance(evaluator, Mapping):  # `~eval` leaves a plain node, not an evaluator
             if evaluator:
-                raise ValueError(
+                raise ConfigError(
                     f"eval was removed but a preset still sets eval keys {sorted(evaluator)}: turn "
                     "evaluation off with eval.heldout_pairs=0 eval.task_prompts=0 instead"
                 )
@@ -355,7 +361,7 @@ class SelfPlayCallback(L.Callback):
         objective = getattr(pl_module, "objective", None)
         provided = tuple(getattr(self.pairs, "kinds", ()))
         if objective is not None and provided != tuple(objective.kinds):
-            raise ValueError(
+            raise ConfigError(
                 f"the objective {type(objective).__name__} trains on the kinds of response "
                 f"{tuple(objective.kinds)}, but the pair builder {type(self.pairs).__name__} provides "
                 f"{provided}: pick the `pairs` option that provides them (pairs=synthetic: real, synthetic; "
@@ -363,12 +369,14 @@ class SelfPlayCallback(L.Callback):
                 "that the objective picks it"
             )
         self._current = None
+        # Lightning calls a resume after a step "not resumable"; it is, and on_train_dataloader says so.
+        lightning_compat.quiet_resume_warning()
 
     @staticmethod
     def epochs_trained(trainer: L.Trainer) -> int:
         """Epochs whose training steps are all done: Lightning's count, which rises before the
         epoch-end hooks and is restored from a checkpoint saved at an epoch's end or after a step."""
-        return trainer.fit_loop.epoch_progress.total.processed
+        return lightning_compat.epochs_trained(trainer)
 
     def on_train_dataloader(self, trainer: L.Trainer, pl_module) -> None:
         """Called by SelfPlayDataModule.train_dataloader at each epoch's start."""
@@ -380,6 +388,13 @@ class SelfPlayCallback(L.Callback):
         self.start_round(trainer, pl_module, index)
         # Resumed from a checkpoint saved after a step: the epoch goes on after that step.
         trainer.datamodule.skip_batches = self.epoch_batches
+        if self.epoch_batches:
+            log.info(
+                "round %d: resuming after batch %d of its epoch; the epoch's remaining batches follow, "
+                "in the order of an uninterrupted run",
+                index,
+                self.epoch_batches,
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.epoch_batches += 1
@@ -462,12 +477,14 @@ class SelfPlayCallback(L.Callback):
                 )
 
     def finish_round(self, trainer: L.Trainer, pl_module, index: int) -> None:
-        save_policy(trainer, pl_module, index, self.run_dir.hf(index), trainer.datamodule.tokenizer)
+        weights = save_policy(trainer, pl_module, index, self.run_dir.hf(index), trainer.datamodule.tokenizer)
         summary = {"round": index, **pl_module.round_means(), **self.started[index].as_dict()}
         summary.pop("index")
         summary.pop("mix_previous_rounds")
         if self.evaluator is not None:
-            results = self.evaluator.evaluate(index, trainer, pl_module, trainer.datamodule, self.run_dir)
+            results = self.evaluator.evaluate(
+                index, trainer, pl_module, trainer.datamodule, self.run_dir, weights=weights
+            )
             summary.update(results)
             for logger in trainer.loggers:
                 logger.log_metrics({**results, "round": index}, step=trainer.global_step)

@@ -15,6 +15,7 @@ no model call is made by rank 0 alone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -182,16 +183,30 @@ def generate_rows(
     return {"rows": gathered, "stats": merged}
 
 
-def save_policy(trainer, module, index: int, out: Path, tokenizer) -> None:
-    """The policy after round `index` as a Hugging Face directory (safetensors + tokenizer)."""
+def save_policy(trainer, module, index: int, out: Path, tokenizer) -> str | None:
+    """The policy after round `index` as a Hugging Face directory (safetensors + tokenizer).
+    Returns the digest of the weights saved (`weights_digest`) on global rank 0, None elsewhere."""
     state_dict = module.full_state_dict()  # a collective under sharding: every process calls it
+    digest = None
     if trainer.is_global_zero:
+        digest = weights_digest(module.policy.state_dict() if state_dict is None else state_dict)
         log.info("round %d: saving the policy to %s", index, out)
         tmp = out.with_name(out.name + ".tmp")
         module.policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)
     trainer.strategy.barrier("round model")
+    return digest
+
+
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, from memory (no file is read)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def policy_weights(trainer, module, tokenizer, run_dir: RunDir, trained_rounds: int) -> Path:

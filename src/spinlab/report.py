@@ -13,12 +13,15 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 from hydra.experimental.callback import Callback
+
+from spinlab.sweep import exit_status, failures
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -192,33 +195,55 @@ def write_report(
         ) from err
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out is not None else sweep_dir
-    df = collect(sweep_dir)
-    metrics = list(metrics) if metrics else default_metrics(df)
-    table = summarise(df, metrics)
+    failed = failures(sweep_dir)
+    try:
+        df = collect(sweep_dir)
+    except (FileNotFoundError, ValueError):
+        if not failed:
+            raise
+        df = None  # every job failed before finishing a round: the report lists them
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "report.csv", index=False)
-    for m in metrics:
-        # Figure without pyplot: no global backend state, so importing this module leaves a notebook's alone.
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        plot_metric(table, m, fig.subplots())
-        fig.savefig(out / plot_file(m), dpi=120)
-
-    variants = sorted(df["variant"].unique())
-    shared = f" Shared overrides: `{variants[0]}`." if len(variants) == 1 and variants[0] else ""
-    text = [
-        f"# SPIN sweep: {sweep_dir}",
-        "",
-        f"Runs: {df['run'].nunique()}; losses {', '.join(sorted(df['loss_fn'].unique()))}; "
-        f"λ {', '.join(f'{v:g}' for v in sorted(df['lam'].unique()))}; "
-        f"seeds {', '.join(str(s) for s in sorted(df['seed'].unique()))}.{shared}",
-        "Each cell: mean ± sample standard deviation (ddof=1) over seeds of the round's summary.json entry; "
-        "a single seed shows the mean alone.",
-        "",
-        markdown(table, metrics),
-        "",
-        *(f"![{m}]({plot_file(m)})" for m in metrics),
-        "",
-    ]
+    text = [f"# SPIN sweep: {sweep_dir}", ""]
+    if df is not None:
+        metrics = list(metrics) if metrics else default_metrics(df)
+        table = summarise(df, metrics)
+        table.to_csv(out / "report.csv", index=False)
+        for m in metrics:
+            # Figure without pyplot: no global backend state, so importing this module leaves a notebook's alone.
+            fig = Figure(figsize=(6, 4), layout="constrained")
+            plot_metric(table, m, fig.subplots())
+            fig.savefig(out / plot_file(m), dpi=120)
+        variants = sorted(df["variant"].unique())
+        shared = f" Shared overrides: `{variants[0]}`." if len(variants) == 1 and variants[0] else ""
+        text += [
+            f"Runs: {df['run'].nunique()}; losses {', '.join(sorted(df['loss_fn'].unique()))}; "
+            f"λ {', '.join(f'{v:g}' for v in sorted(df['lam'].unique()))}; "
+            f"seeds {', '.join(str(s) for s in sorted(df['seed'].unique()))}.{shared}",
+            "Each cell: mean ± sample standard deviation (ddof=1) over seeds of the round's summary.json "
+            "entry; a single seed shows the mean alone.",
+            "",
+            markdown(table, metrics),
+            "",
+            *(f"![{m}]({plot_file(m)})" for m in metrics),
+            "",
+        ]
+    if failed:
+        text += [
+            f"## Failed jobs ({len(failed)})",
+            "",
+            "A failed job's finished rounds, if any, are in the table above; its run directory keeps "
+            "everything it made. Fix what the error names and run the sweep's command again: finished "
+            "jobs have nothing left to do.",
+            "",
+            "| job | overrides | exit status | error |",
+            "|---|---|---|---|",
+            *(
+                f"| {f['job']} | `{' '.join(f['overrides'])}` | {f['status']} | "
+                f"{' '.join(f['error'].split())[:400].replace('|', '/')} |"
+                for f in failed
+            ),
+            "",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(text))
     return path
@@ -250,10 +275,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 class SweepReport(Callback):
-    """Hydra callback: after a multirun, the sweep-level report lands in the sweep directory."""
+    """Hydra callback: after a multirun, the sweep-level report lands in the sweep directory. When
+    jobs failed (spinlab.sweep.record_failure), it lists them and the command ends with status 1
+    (a job failed unexpectedly) or that of the first refused job (2, 3)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        failed = failures(sweep_dir)
         try:
             path = write_report(sweep_dir)
         except (
@@ -262,8 +290,14 @@ class SweepReport(Callback):
             ImportError,
         ) as err:  # e.g. every run failed, or no analysis extra
             log.warning("no sweep report for %s: %s", sweep_dir, err)
-            return
-        log.info("sweep report: %s", path)
+            path = None
+        else:
+            log.info("sweep report: %s", path)
+        if failed:
+            jobs = ", ".join(f"{f['job']} ({' '.join(f['overrides'])})" for f in failed)
+            where = f"; see {path}" if path else ""
+            print(f"sweep: {len(failed)} job(s) failed: {jobs}{where}", file=sys.stderr)
+            raise SystemExit(exit_status(failed))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from spinlab.collective import generate_rows, policy_weights, score_pairs
+from spinlab.errors import ConfigError
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 
@@ -68,7 +69,7 @@ class SyntheticPairs:
 
     def __init__(self, opponent: str = "cached"):
         if opponent not in ("cached", "model"):
-            raise ValueError(f"opponent={opponent!r} is not one of ('cached', 'model')")
+            raise ConfigError(f"opponent={opponent!r} is not one of ('cached', 'model')")
         self.opponent = opponent
 
     def build(self, trainer, module, rnd: Round, run_dir: RunDir, generator, num_samples: int) -> list[dict]:

@@ -7,12 +7,14 @@ one fsynced line at a time, and a torn last line is dropped when they are read b
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -20,6 +22,8 @@ import time
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from spinlab.errors import CheckpointError, RunDirError, RunDirInUse
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +90,15 @@ def check_writable(root: Path, need_bytes: int) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise OSError(
-            err.errno, f"cannot write the run directory {root}: {err.strerror}. Choose another run_dir."
+        raise RunDirError(
+            f"cannot write the run directory {root}: {err.strerror}. Choose another run_dir.", err.errno
         ) from err
     free = shutil.disk_usage(root).free
     if free < need_bytes:
-        raise OSError(
-            errno.ENOSPC,
+        raise RunDirError(
             f"{root} has {free} bytes free, and a round's model and checkpoint needs about {need_bytes}. "
             "Free some space or choose another run_dir.",
+            errno.ENOSPC,
         )
 
 
@@ -111,7 +115,7 @@ def _atomic(path: Path, write) -> None:
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        raise RunDirError(f"cannot write {path}: {err.strerror}", err.errno) from err
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -144,10 +148,11 @@ def read_jsonl(path: Path, drop_torn_tail: bool = False, invalid=None) -> list:
     """Rows of a JSON Lines file; blank lines are skipped.
 
     A line that is not UTF-8 or not JSON raises, naming the file and the line, unless
-    `invalid(line_number, error)` gives a row for it.
+    `invalid(line_number, error)` gives a row for it. A UTF-8 byte order mark at the start (files
+    saved by Windows tools and Excel) is skipped.
     """
     rows = []
-    lines = path.read_bytes().split(b"\n")
+    lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
     complete, tail = lines[:-1], lines[-1]
     if tail and not drop_torn_tail:
         complete.append(tail)
@@ -192,6 +197,19 @@ def is_launching_rank() -> bool:
     )
 
 
+def global_rank(processes_per_node: int | None) -> int | None:
+    """This process's global rank, from the environment, before any process group exists: torchrun's
+    RANK, Slurm's SLURM_PROCID, or NODE_RANK × processes per node + LOCAL_RANK (Lightning's
+    launcher); None where the processes per node are not known."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    node, local = (int(os.environ.get(v, "0") or 0) for v in ("NODE_RANK", "LOCAL_RANK"))
+    if node == 0:
+        return local
+    return node * processes_per_node + local if processes_per_node else None
+
+
 def _holder(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")
@@ -213,11 +231,7 @@ def _alive(pid) -> bool:
     return True
 
 
-class RunDirInUse(RuntimeError):
-    """Another process holds the run directory."""
-
-
-def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RuntimeError:
+def _in_use(run_dir: RunDir, holder: dict, hint: str) -> RunDirInUse:
     return RunDirInUse(
         f"{run_dir.root} is in use by another run ({_describe(holder)}){hint}; two processes on one "
         "run directory would overwrite each other's files. Wait for it to end or stop it, or choose "
@@ -240,9 +254,9 @@ def claim(run_dir: RunDir) -> None:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise OSError(
-            err.errno,
+        raise RunDirError(
             f"cannot write the run directory {run_dir.root}: {err.strerror}. Choose another run_dir.",
+            err.errno,
         ) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -288,31 +302,105 @@ def release(run_dir: RunDir, restore: bool = False) -> None:
         os.close(fd)
 
 
-# -- what an interrupted start leaves behind ----------------------------------------------------
+# -- a directory that holds a run; what an interrupted write leaves behind ------------------------
+
+# Files a spinlab run writes at its directory's top, one of which every run that got past its
+# start holds (run.lock is taken first, run_config.yaml written once the start is accepted).
+RUN_MARKERS = ("run.lock", "run_config.yaml", "summary.json")
+
+
+def holds_run(run_dir: RunDir) -> bool:
+    last = run_dir.last_checkpoint
+    return last.exists() or last.is_symlink() or any((run_dir.root / m).exists() for m in RUN_MARKERS)
+
+
+def check_not_foreign(run_dir: RunDir, allow_foreign: bool) -> None:
+    """Refuse a directory with files in it but no spinlab run: a run writes (and, at its next
+    start, tidies) its own files there, which must never meet someone else's."""
+    root = run_dir.root
+    if allow_foreign or not root.is_dir() or holds_run(run_dir):
+        return
+    names = sorted(p.name for p in root.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise RunDirError(
+            f"{root} is not empty ({shown}) and holds no spinlab run (no {' or '.join(RUN_MARKERS)}): "
+            "choose a new or empty run directory, or set allow_foreign_run_dir=true to write the run "
+            "among these files"
+        )
+
+
+# The temporary names of the writers below, each matched only where its writer puts it.
+_ATOMIC = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")  # _atomic: mkstemp's 8 random characters
+_CHECKPOINT_TMP = re.compile(r"\.last\.ckpt\.(\d+|link)\.tmp")  # AtomicCheckpointIO (PID), the sharded link
+_WANDB_ID_TMP = re.compile(r"\.wandb_id\.[0-9a-f]{32}\.tmp")  # loggers.run_id
+_ROUND = re.compile(r"round_\d{3,}")
+_MODEL_TMP = {  # replace_dir's `<name>.tmp` (being written) and `<name>.old` (being replaced)
+    "hf": re.compile(r"round_\d{3,}\.(tmp|old)"),  # collective.save_policy
+    "engine": re.compile(r"policy_after_\d{3,}\.(tmp|old)"),  # collective.policy_weights
+}
+
+
+def leftovers(run_dir: RunDir) -> list[Path]:
+    """The temporary files and directories that interrupted writes of this run left behind:
+    exactly the names spinlab's writers use, in the places they write them, nothing else."""
+    root = run_dir.root
+    found: list[Path] = []
+
+    def atomic_files(directory: Path, names: Iterable[str] | None = None) -> None:
+        for path in _entries(directory):
+            match = _ATOMIC.fullmatch(path.name)
+            if match and _is_file(path) and (names is None or match["name"] in names):
+                found.append(path)
+
+    atomic_files(root, ("summary.json", "run_config.yaml"))
+    found += [p for p in _entries(root) if _WANDB_ID_TMP.fullmatch(p.name) and _is_file(p)]
+    if _is_file(root / ".write_probe"):  # check_writable
+        found.append(root / ".write_probe")
+    atomic_files(root / ".hydra", ("config.yaml", "hydra.yaml", "overrides.yaml"))
+    atomic_files(root / "csv", ("metrics.csv",))
+    atomic_files(root / "rounds", ("proto.jsonl",))
+    for round_dir in _entries(root / "rounds"):
+        if _ROUND.fullmatch(round_dir.name) and _is_dir(round_dir):
+            atomic_files(round_dir)
+            atomic_files(round_dir / "mt_bench")
+    checkpoints = run_dir.checkpoints
+    atomic_files(checkpoints, ("last.ckpt.sha256",))
+    for path in _entries(checkpoints):
+        if _CHECKPOINT_TMP.fullmatch(path.name) and (_is_file(path) or path.is_symlink()):
+            found.append(path)
+        elif path.name.endswith(".ckpt") and _is_dir(path):  # a sharded checkpoint
+            atomic_files(path, (CHECKSUMS,))
+    for folder, pattern in _MODEL_TMP.items():
+        found += [p for p in _entries(root / folder) if pattern.fullmatch(p.name) and _is_dir(p)]
+    return found
+
+
+def _entries(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if _is_dir(directory) else []
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def remove_leftovers(run_dir: RunDir) -> list[Path]:
-    """Delete what interrupted writes left: `_atomic`'s `.<name>.*.tmp` files and `replace_dir`'s
-    `*.tmp`/`*.old` directories. Call it only while owning the run directory (`claim`)."""
-    removed = []
-    for parent, dirs, files in os.walk(run_dir.root):
-        here = Path(parent)
-        if here == run_dir.root:
-            dirs[:] = [d for d in dirs if d != "wandb"]  # W&B's own files are W&B's business
-        for d in [d for d in dirs if d.endswith((".tmp", ".old"))]:
-            shutil.rmtree(here / d)
-            dirs.remove(d)
-            removed.append(here / d)
-        for f in files:
-            if f.startswith(".") and f.endswith(".tmp"):
-                (here / f).unlink()
-                removed.append(here / f)
+    """Delete `leftovers`, logging each. Call it only while owning the run directory (`claim`)."""
+    removed = leftovers(run_dir)
     for path in removed:
+        if _is_dir(path):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         log.warning("removed %s, left by an interrupted write", path)
     return removed
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
     """What is wrong with a checkpoint, found without loading it; None when it looks whole.
 
     A file is a zip archive (torch.save) whose index sits at its end, so a truncated file has
@@ -323,7 +411,7 @@ def checkpoint_problem(path: Path) -> str | None:
     if path.is_symlink() and not path.exists():
         return f"it is a link to {os.readlink(path)}, which does not exist (deleted or moved)"
     problem = _structure_problem(path)
-    return problem if problem is not None else _checksum_problem(path)
+    return problem if problem is not None or not checksums else _checksum_problem(path)
 
 
 def _structure_problem(path: Path) -> str | None:
@@ -360,6 +448,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class HashingStream:
+    """A binary file, written through, with the sha256 of what was written: a checkpoint's digest
+    without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def checksum_sidecar(path: Path) -> Path:
     """The sha256 of a checkpoint file: `<name>.sha256`, a JSON list of the newest file's digest
     and the one before, written before the file is renamed into place, so that the file on disk
@@ -377,6 +492,7 @@ def record_checksum(path: Path, digest: str) -> None:
 
 
 def _checksum_problem(path: Path) -> str | None:
+    """Reads the whole checkpoint: run it in one process of a job (check_last_checkpoint)."""
     changed = "does not match the checksum saved with it (sha256): it changed after it was written"
     if path.is_dir():
         listed = path / CHECKSUMS
@@ -409,10 +525,13 @@ def _archive_problem(path: Path) -> str | None:
     return None
 
 
-def check_last_checkpoint(run_dir: RunDir, finished_rounds: int) -> None:
-    """Refuse to resume from a damaged `last.ckpt`, saying what is intact and how to go on."""
+def check_last_checkpoint(run_dir: RunDir, finished_rounds: int, checksums: bool = True) -> None:
+    """Refuse to resume from a damaged `last.ckpt`, saying what is intact and how to go on.
+
+    `checksums`: also compare every file with the digests saved with it, which reads the whole
+    checkpoint; one process of a job does that (see train.run), the others check its structure."""
     path = run_dir.last_checkpoint
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, checksums)
     if problem is None:
         return
     redo = (
@@ -430,4 +549,4 @@ def check_last_checkpoint(run_dir: RunDir, finished_rounds: int) -> None:
         )
     else:
         advice = f"No round is finished yet; {redo}."
-    raise RuntimeError(f"cannot resume: the checkpoint {path} is damaged ({problem}). {advice}")
+    raise CheckpointError(f"cannot resume: the checkpoint {path} is damaged ({problem}). {advice}")

@@ -12,16 +12,13 @@ import itertools
 import logging
 from pathlib import Path
 
+from spinlab.errors import ConfigError, DataError, NotFoundError
 from spinlab.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the row and the field."""
 
 
 class _Invalid(str):
@@ -145,7 +142,7 @@ class HubSource:
         try:
             ds = datasets.load_dataset(self.name, split=self.splits[split])
         except (ConnectionError, OSError) as err:
-            raise RuntimeError(
+            raise NotFoundError(
                 f"cannot load data set {self.name!r} split {self.splits[split]!r} from the hub: "
                 "it is not cached and the hub is unreachable (HF_HUB_OFFLINE=1?). Download it on a "
                 "machine with network access or use data=local with a file."
@@ -164,7 +161,7 @@ def validate_rows(
     reading stops once that many rows are kept.
     """
     if bad_rows not in ("error", "skip"):
-        raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+        raise ConfigError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     kept, seen, skipped = [], set(), 0
     for position, row in enumerate(rows):
         if limit is not None and len(kept) >= limit:

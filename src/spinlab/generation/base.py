@@ -23,6 +23,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from spinlab.errors import ConfigError
+
 Rows = list[dict]
 log = logging.getLogger(__name__)
 
@@ -73,20 +75,20 @@ class Generator:
         seed: int = 0,
     ):
         if max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size == "auto":
             if not self.sizes_batches:
-                raise ValueError(
+                raise ConfigError(
                     f"generation.batch_size=auto: generation={self.backend} takes a number (auto: generation=static)"
                 )
         elif not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"generation.batch_size must be an integer >= 1 or auto, got {batch_size!r}")
+            raise ConfigError(f"generation.batch_size must be an integer >= 1 or auto, got {batch_size!r}")
         if do_sample and not temperature > 0:
-            raise ValueError(f"generation.temperature must be > 0 when sampling, got {temperature}")
+            raise ConfigError(f"generation.temperature must be > 0 when sampling, got {temperature}")
         if not 0 < top_p <= 1:
-            raise ValueError(f"generation.top_p must be in (0, 1], got {top_p}")
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
-            raise ValueError(f"generation.top_k must be >= 0 (0: off), got {top_k}")
+            raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {top_k}")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.do_sample = do_sample
@@ -154,7 +156,7 @@ class Generator:
         """
         eos = tokenizer.eos_token_id
         if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id: generation needs one to end responses")
+            raise ConfigError("the tokenizer has no eos_token_id: generation needs one to end responses")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         rank, world = shard
         plan = [b for k, b in enumerate(self.batches(prompt_ids)) if k % world == rank]

@@ -12,6 +12,7 @@ import math
 import torch
 from transformers import GenerationConfig
 
+from spinlab.errors import ConfigError
 from spinlab.generation.base import Generator, Phase, left_pad
 
 
@@ -23,7 +24,7 @@ class HFGenerator(Generator):
     def __init__(self, *args, pad_to_multiple_of: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         if pad_to_multiple_of < 1:
-            raise ValueError(f"generation.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+            raise ConfigError(f"generation.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def _run(self, model, prompt_ids, todo, emit, config, phase: Phase) -> dict | None:

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import GenerationConfig
 
+from spinlab.errors import ConfigError
 from spinlab.generation.base import Generator, Phase, left_pad
 from spinlab.generation.hf import HFGenerator
 
@@ -60,13 +61,13 @@ class StaticCacheGenerator(HFGenerator):
     ):
         super().__init__(*args, pad_to_multiple_of=pad_to_multiple_of, **kwargs)
         if loop not in ("spinlab", "generate"):
-            raise ValueError(f"generation.loop must be 'spinlab' or 'generate', got {loop!r}")
+            raise ConfigError(f"generation.loop must be 'spinlab' or 'generate', got {loop!r}")
         if eos_check_every < 1:
-            raise ValueError(f"generation.eos_check_every must be >= 1, got {eos_check_every}")
+            raise ConfigError(f"generation.eos_check_every must be >= 1, got {eos_check_every}")
         if not 0 < memory_share <= 1:
-            raise ValueError(f"generation.memory_share must be in (0, 1], got {memory_share}")
+            raise ConfigError(f"generation.memory_share must be in (0, 1], got {memory_share}")
         if self.batch_size == "auto" and loop != "spinlab":
-            raise ValueError("generation.batch_size=auto needs generation.loop=spinlab; give a number")
+            raise ConfigError("generation.batch_size=auto needs generation.loop=spinlab; give a number")
         self.loop = loop
         self.cuda_graph = cuda_graph
         self.eos_check_every = eos_check_every

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from spinlab.errors import ConfigError, NotFoundError
 from spinlab.generation.base import Generator, Phase
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,12 @@ def check_interpreter(python: str) -> str:
     try:
         out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
     except FileNotFoundError as err:
-        raise RuntimeError(
+        raise NotFoundError(
             f"generation=vllm: generation.python={python!r} is not an interpreter that exists; {INSTALL_HINT}"
         ) from err
     origin = out.stdout.strip()
     if out.returncode != 0 or not origin:
-        raise RuntimeError(
+        raise NotFoundError(
             f"generation=vllm: vLLM is not importable by generation.python={python!r} "
             f"({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'no module named vllm'}); "
             f"{INSTALL_HINT}; or use generation=hf"
@@ -100,14 +101,14 @@ class VLLMGenerator(Generator):
     ):
         super().__init__(*args, **kwargs)
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"generation.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
         for key, value in (("tensor_parallel_size", tensor_parallel_size), ("max_num_seqs", max_num_seqs)):
             if value < 1:
-                raise ValueError(f"generation.{key} must be >= 1, got {value}")
+                raise ConfigError(f"generation.{key} must be >= 1, got {value}")
         if kv_cache_space_gib <= 0:
-            raise ValueError(f"generation.kv_cache_space_gib must be > 0, got {kv_cache_space_gib}")
+            raise ConfigError(f"generation.kv_cache_space_gib must be > 0, got {kv_cache_space_gib}")
         python = os.path.expanduser(python) if python else sys.executable
         # A path is taken from where the run was started; a bare name is looked up on PATH.
         self.python = os.path.abspath(python) if os.sep in python else python
@@ -149,7 +150,7 @@ class VLLMGenerator(Generator):
         engine["dtype"] = self.dtype or str(model.dtype).removeprefix("torch.")
         engine["max_model_len"] = self.max_model_len or longest + self.max_new_tokens
         if longest + self.max_new_tokens > engine["max_model_len"]:
-            raise ValueError(
+            raise ConfigError(
                 f"generation.max_model_len={engine['max_model_len']} is below the longest prompt ({longest} "
                 f"tokens) plus max_new_tokens ({self.max_new_tokens}); raise it or leave it null"
             )
@@ -195,7 +196,7 @@ class VLLMGenerator(Generator):
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(device_count())]
             if world > 1 and self.tensor_parallel_size > 1:
-                raise ValueError(
+                raise ConfigError(
                     "generation.tensor_parallel_size > 1 needs a single training process: with several, "
                     "each runs its own engine on its own GPU (tensor_parallel_size=1)"
                 )

@@ -23,6 +23,8 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
+from spinlab.errors import ConfigError
+
 SPLITS = ("train", "validation", "test")
 # Highest priority first: a later split may never reuse an earlier split's prompts.
 _PRIORITY = ("test", "validation", "train")
@@ -198,10 +200,12 @@ class ArithmeticTask:
         sizes = {"train": n_train, "validation": n_validation, "test": n_test}
         for split, n in sizes.items():
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"n_{split} must be a non-negative int, got {n!r}")
+                raise ConfigError(f"data.source.n_{split} must be a non-negative int, got {n!r}")
         total = sum(sizes.values())
         if total > PROMPT_SPACE:
-            raise ValueError(f"requested {total} examples but at most {PROMPT_SPACE} distinct prompts exist")
+            raise ConfigError(
+                f"data.source: requested {total} examples but at most {PROMPT_SPACE} distinct prompts exist"
+            )
         self.seed = seed
         self.sizes = sizes
         taken: set[str] = set()
