@@ -47,10 +47,12 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def make_run(root: Path) -> Path:
-    # What train.py's Hydra start writes (train.run alone does not): the command's overrides.
-    (root / ".hydra").mkdir(parents=True)
-    (root / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*RUN, "hydra.run.dir=/secret/place"]))
-    train.run(compose_cfg(RUN, root))
+    def accepted():
+        # What train.py's Hydra start writes once the start is accepted: the command's overrides.
+        (root / ".hydra").mkdir(parents=True)
+        (root / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*RUN, "hydra.run.dir=/secret/place"]))
+
+    train.run(compose_cfg(RUN, root), accepted)
     (root / "wandb_id").write_text("abc123\n")  # what logger=wandb leaves; must not be uploaded
     return root
 
