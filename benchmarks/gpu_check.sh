@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in about 10 minutes on one GPU: generation and training throughput
+# Everything that needs a GPU, in about 11 minutes on one GPU: generation and training throughput
 # against the peers with every speed lever on and off, then the GPU tests (two-round runs with
 # trainer=gpu and trainer=fsdp, compared with the same rounds on the CPU). Not part of `make test`
 # (CI has no GPU), but its --device cpu check is.
@@ -15,7 +15,7 @@
 #
 # Run from the repository root on a machine with one CUDA GPU, after changing the model, the
 # sharding, generation or training code. Every step has its own time limit, so the script ends
-# within ~11 minutes even when a step hangs; a failed or timed-out step is recorded in
+# within ~12 minutes even when a step hangs; a failed or timed-out step is recorded in
 # OUT_DIR/steps.tsv and the others still run. Nothing is installed from the network: packages that
 # the machine lacks are installed from wheels in ./.whl if that folder exists (see
 # benchmarks/README.md, "GPU check").
@@ -101,7 +101,7 @@ step() {
 }
 
 # Order: the figures first (generation, then training at both shapes), the GPU tests last, so a
-# slow test cannot starve a measurement. Limits sum to 660 s.
+# slow test cannot starve a measurement. Limits sum to 720 s.
 
 # 1. generation at the Llama-1B shape (batch 256, prompt 256, 256 new tokens, bf16): our decode
 #    loop with its CUDA graph (static; GEN_BACKENDS=static,static@eager,hf adds the loop without
@@ -110,18 +110,19 @@ step() {
 step generation_throughput 110 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
     --shape llama-1b --batch 256 --batches 2 --backends $GEN_BACKENDS --timeout 60 --check-greedy float32 "${GEN_TOY[@]}"
 
-# 2. training against TRL as SPIN, SmolLM2-135M shape (batch 16 pairs, 256 + 256): TRL's fastest
-#    setting (precomputed reference log-probs) against our defaults (compiled layers, chunk 4096,
-#    no per-step synchronisation) and each lever turned back (Liger's kernels, measured slower on
-#    2026-11-30, are left out: add ";liger" to measure them)
-step train_135m 150 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
-    --shape smollm2-135m --peer-settings precompute_ref_log_probs --timeout 120 \
+# 2. training against TRL as SPIN, SmolLM2-135M shape (batch 16 pairs, 256 + 256): TRL with
+#    precomputed reference log-probs, and with its documented speed options on top (`fastest`:
+#    use_liger_kernel, padding_free), against our defaults (compiled layers, chunk 4096, no
+#    per-step synchronisation) and each lever turned back (our Liger variant, measured slower on
+#    2026-11-30, is left out: add ";liger" to measure it)
+step train_135m 170 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
+    --shape smollm2-135m --peer-settings precompute_ref_log_probs,fastest --timeout 120 \
     --ours-variants "default,eager,sync,chunk256,chunk1024,unchunked,fsdp1" "${TRAIN_TOY[@]}"
 
 # 3. the same at the Llama-1B shape (batch 8 pairs): defaults, and eager layers (~200 s: the peer
 #    and each of ours build a 1.2B model and the peer tokenizes its pairs)
-step train_1b 200 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
-    --shape llama-1b --peer-settings precompute_ref_log_probs --timeout 110 \
+step train_1b 240 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
+    --shape llama-1b --peer-settings precompute_ref_log_probs,fastest --timeout 110 \
     --ours-variants "default;eager" "${TRAIN_TOY[@]}"
 
 # 4. the families beyond Llama (Qwen3 and Gemma-2 at the SmolLM2-135M shape): bf16 with compiled

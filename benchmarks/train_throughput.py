@@ -11,8 +11,12 @@ clipping, fp32 on CPU or fp32 master weights under bf16 autocast on a GPU, and g
 checkpointing set the same way.
 
 - Peer: TRL's DPOTrainer with chosen = real, rejected = synthetic, loss_type sigmoid,
-  beta = lam, run twice: with the reference model in memory, and with
-  precompute_ref_log_probs=True (its precompute time is reported, amortised over the epoch).
+  beta = lam, in up to three settings (`--peer-settings`): `ref_model` (the reference model in
+  memory), `precompute_ref_log_probs` (its precompute time is reported, amortised over the
+  epoch), and `fastest`: precomputed reference log-probs plus TRL's documented speed options,
+  `use_liger_kernel=True` (Liger's layer kernels; they need liger-kernel and triton, so on a
+  machine without them the side runs without, and says so) and `padding_free=True` (TRL 1.16
+  turns it off for DPO with a warning, which the side records).
 - Ours (`ours`, the headline): spinlab.module.PolicyModule(opponent="cached") trained by
   Trainer.fit as train.py sets it up (conf/trainer/, the module's hooks, the round's LR schedule,
   the CSV logger, RoundCheckpoint with AtomicCheckpointIO); the data module holds the same pairs
@@ -52,7 +56,7 @@ DEFAULTS = {
     "smollm2-135m": (16, 256, 256),
     "llama-1b": (8, 256, 256),
 }
-PEER_SETTINGS = ("ref_model", "precompute_ref_log_probs")
+PEER_SETTINGS = ("ref_model", "precompute_ref_log_probs", "fastest")
 
 
 def parse_args(argv=None):
@@ -261,7 +265,9 @@ def run_peer(args) -> dict:
             self.steps.mark()
 
     gpu = args.device == "cuda"
-    precompute = args.peer_setting == "precompute_ref_log_probs"
+    fastest = args.peer_setting == "fastest"
+    precompute = args.peer_setting in ("precompute_ref_log_probs", "fastest")
+    liger = fastest and liger_available(args.device)
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
         config = DPOConfig(
             output_dir=out_dir,
@@ -275,6 +281,8 @@ def run_peer(args) -> dict:
             beta=args.lam,
             loss_type=["sigmoid"],
             precompute_ref_log_probs=precompute,
+            use_liger_kernel=liger,
+            padding_free=fastest,
             gradient_checkpointing=args.gc == "on",
             bf16=gpu,
             use_cpu=not gpu,
@@ -305,10 +313,15 @@ def run_peer(args) -> dict:
         probe = common.HeadProbe(model)
         trainer.train()
         result["lm_head_module_calls_in_training"] = probe.take()
+        padding_free_kept = bool(getattr(trainer, "padding_free", False))
     result["trl_settings"] = {
         "loss_type": ["sigmoid"],
         "beta": args.lam,
         "precompute_ref_log_probs": precompute,
+        "use_liger_kernel": liger
+        if liger or not fastest
+        else "asked for, not available here (liger-kernel needs triton: GPU machines)",
+        "padding_free": padding_free_kept if fastest else False,
         "ref_model": "deepcopy of the policy" if ref_model is not None else None,
         "gradient_checkpointing": args.gc == "on",
         "bf16": gpu,
@@ -319,6 +332,13 @@ def run_peer(args) -> dict:
     }
     result["forward_passes"] = 3 if precompute else 4  # the reference model's forward in every step
     return figures(args, clock.steps.times, result, trainer.precompute_s)
+
+
+def liger_available(device: str) -> bool:
+    """Whether TRL's use_liger_kernel can work here: liger-kernel importable, on a CUDA device."""
+    import importlib.util
+
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
 def make_dataset(datasets, rows: dict):

@@ -184,7 +184,9 @@ def test_gpu_check_runs_every_step_on_the_cpu(jobs):
         ["default", "eager"],
     ]
     for r in train:
-        assert r["device"] == "cpu" and "error" not in r["peer"]["precompute_ref_log_probs"]
+        assert r["device"] == "cpu" and all(
+            "error" not in r["peer"][s] for s in ("precompute_ref_log_probs", "fastest")
+        )
         for name, variant in r["ours_variants"].items():
             assert "error" not in variant, (name, variant.get("error"))
             assert finite(
@@ -204,7 +206,11 @@ def test_train_throughput_cpu_command(jobs):
     for side in (row["ours"], row["ours_bare_loop"], *row["peer"].values()):
         assert "error" not in side, side.get("error")
         assert finite(side["tokens_per_s"], side["tokens_per_cpu_s"], side["peak_memory_gib"])
-    assert sorted(row["peer"]) == ["precompute_ref_log_probs", "ref_model"]
+    assert sorted(row["peer"]) == ["fastest", "precompute_ref_log_probs", "ref_model"]
+    # TRL's speed options: Liger's kernels need triton (absent here), and TRL 1.16 turns padding-free off
+    fastest = row["peer"]["fastest"]["trl_settings"]
+    assert fastest["precompute_ref_log_probs"] is True and fastest["padding_free"] is False
+    assert fastest["use_liger_kernel"].startswith("asked for, not available here")
     assert finite(row["tokens_per_s_ratio"], row["peak_memory_ratio"], row["bare_loop_tokens_per_s_ratio"])
     print(f"ours/TRL at toy size (not a measurement): {row['tokens_per_s_ratio']:.2f}x tokens/s")
 
