@@ -106,6 +106,14 @@ def parse_args(argv=None):
         "float32 (the model cast after timing), or both",
     )
     p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, each backend generates one more batch under torch.profiler: DIR/profile_<backend>.txt "
+        "holds the operators by self time (device time on a GPU), the JSON line the top ones and the time per "
+        "decode step",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -248,6 +256,10 @@ def run_backend(args) -> dict:
     seconds, cpu_s = common.now(args.device) - started, common.cpu_now() - cpu
     result["generator_stats"] = stats
     result = finish(args, result, stats["new_tokens"], seconds, cpu_s)
+    if args.profile:
+        result["profile"] = profile_batch(
+            args, generator, model, tokenizer, prompts[args.batch : 2 * args.batch]
+        )
     if args.check_greedy:
         checked = prompts[args.batch : 2 * args.batch]
         result["greedy_check"] = {}
@@ -257,6 +269,39 @@ def run_backend(args) -> dict:
         if args.check_greedy in ("float32", "both"):
             result["greedy_check"]["float32"] = greedy_check(model.float(), tokenizer, checked, generator)
     return result
+
+
+def profile_batch(args, generator, model, tokenizer, prompts: list[list[int]], top: int = 12) -> dict:
+    """One batch under torch.profiler, after the timed ones (the profiler slows what it watches).
+
+    Writes DIR/profile_<backend>.txt (every operator by self time) and returns the top operators
+    and the wall time per decode step. Under a CUDA graph the replay is one launch: the `@eager`
+    variant of the same backend shows the step's kernels one by one.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    started = common.now(args.device)
+    with profile(activities=activities) as prof:
+        stats = generator.generate(model, tokenizer, prompts, on_batch=lambda rows: None, round_index=2)
+        common.sync(args.device)
+    seconds = common.now(args.device) - started
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=-1)
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_{args.child.replace('@', '_')}.txt").write_text(table)
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    steps = stats.get("decode_steps") or args.new_tokens
+    return {
+        "sort_by": key,
+        "seconds_under_profiler": seconds,
+        "seconds_per_decode_step": seconds / max(steps, 1),
+        "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in events],
+        "torch": torch.__version__,
+    }
 
 
 def greedy_check(model, tokenizer, prompts: list[list[int]], generator, detail: int = 16) -> dict:
@@ -421,6 +466,8 @@ def compare(args) -> None:
         base += ["--threads", str(args.threads)]
     if args.check_greedy:
         base += ["--check-greedy", args.check_greedy]
+    if args.profile:
+        base += ["--profile", str(Path(args.profile).resolve())]
     script = Path(__file__).resolve()
     sides = ["plain", *args.backends]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
@@ -444,6 +491,7 @@ def compare(args) -> None:
                 "dtype": "bf16" if args.device == "cuda" else "fp32",
                 "threads": args.threads,
                 "greedy_check": ours.get("greedy_check"),
+                "profile": ours.get("profile"),
                 "loop": (ours.get("generator_stats") or {}).get("loop"),
                 "cuda_graph": (ours.get("generator_stats") or {}).get("cuda_graph"),
                 "new_tokens_per_s": ours.get("new_tokens_per_s"),

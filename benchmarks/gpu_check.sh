@@ -80,12 +80,13 @@ fi
     git rev-parse HEAD 2>/dev/null
 } >"$DIR/machine.txt" 2>&1
 
-GEN_BACKENDS="${GEN_BACKENDS:-static}"
+GEN_BACKENDS="${GEN_BACKENDS:-static,static@eager}"
 printf 'step\tstatus\tseconds\n' >"$DIR/steps.tsv"
 failed=0
-# Seven files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
+# Nine files in all (a device tool that returns few files gets every one): machine.txt, steps.tsv,
 # log.txt (every step's stderr and the tests' output), pytest_gpu.xml, train_throughput.jsonl
-# (one line per shape), generation_throughput.jsonl, families_check.jsonl.
+# (one line per shape), generation_throughput.jsonl, profile_static.txt, profile_static_eager.txt,
+# families_check.jsonl.
 : >"$DIR/log.txt"
 # step NAME SECONDS STDOUT_FILE COMMAND...: a time limit, stderr to log.txt, a row in steps.tsv
 step() {
@@ -101,14 +102,17 @@ step() {
 }
 
 # Order: the figures first (generation, then training at both shapes), the GPU tests last, so a
-# slow test cannot starve a measurement. Limits sum to 720 s.
+# slow test cannot starve a measurement. Limits sum to 700 s.
 
 # 1. generation at the Llama-1B shape (batch 256, prompt 256, 256 new tokens, bf16): our decode
-#    loop with its CUDA graph (static; GEN_BACKENDS=static,static@eager,hf adds the loop without
-#    the graph and generation=hf, ~45 s each) against plain generate, one warm-up and two timed
-#    batches each; greedy tokens compared with generate's in float32
-step generation_throughput 110 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
-    --shape llama-1b --batch 256 --batches 2 --backends $GEN_BACKENDS --timeout 60 --check-greedy float32 "${GEN_TOY[@]}"
+#    loop with its CUDA graph (static) and the same loop eager (static@eager: the step's kernels one
+#    by one in its profile) against plain generate, one warm-up and two timed batches each; then one
+#    batch under torch.profiler (profile_<backend>.txt: operators by device time) and the greedy
+#    tokens compared with generate's in float32. GEN_BACKENDS=static,static@eager,hf adds
+#    generation=hf (~45 s)
+step generation_throughput 150 "$DIR/generation_throughput.jsonl" "$PY" benchmarks/generation_throughput.py --device cuda \
+    --shape llama-1b --batch 256 --batches 2 --backends $GEN_BACKENDS --timeout 70 --check-greedy float32 \
+    --profile "$DIR" "${GEN_TOY[@]}"
 
 # 2. training against TRL as SPIN, SmolLM2-135M shape (batch 16 pairs, 256 + 256): TRL with
 #    precomputed reference log-probs, and with its documented speed options on top (`fastest`:
@@ -119,11 +123,12 @@ step train_135m 170 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_through
     --shape smollm2-135m --peer-settings precompute_ref_log_probs,fastest --timeout 120 \
     --ours-variants "default,eager,sync,chunk256,chunk1024,unchunked,fsdp1" "${TRAIN_TOY[@]}"
 
-# 3. the same at the Llama-1B shape (batch 8 pairs): defaults, and eager layers (~200 s: the peer
-#    and each of ours build a 1.2B model and the peer tokenizes its pairs)
-step train_1b 240 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
-    --shape llama-1b --peer-settings precompute_ref_log_probs,fastest --timeout 110 \
-    --ours-variants "default;eager" "${TRAIN_TOY[@]}"
+# 3. the same at the Llama-1B shape (batch 8 pairs), our defaults (~180 s: each side builds a 1.2B
+#    model and the peer tokenizes its pairs; eager layers at this shape: 1/1.30 of compiled on
+#    2026-11-30, add ";eager" to measure again)
+step train_1b 180 "$DIR/train_throughput.jsonl" "$PY" benchmarks/train_throughput.py --device cuda \
+    --shape llama-1b --peer-settings precompute_ref_log_probs,fastest --timeout 80 \
+    --ours-variants "default" "${TRAIN_TOY[@]}"
 
 # 4. the families beyond Llama (Qwen3 and Gemma-2 at the SmolLM2-135M shape): bf16 with compiled
 #    layers, the chunked log-prob path's check against the model's own logits, training steps, and

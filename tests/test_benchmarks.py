@@ -178,10 +178,13 @@ def test_gpu_check_runs_every_step_on_the_cpu(jobs):
             and r["shape"] == "toy"
         )
         assert r["greedy_check"]["float32"]["prompts"] == 2
+        # the profile hook: one batch under torch.profiler, its operators in a file of their own
+        assert r["profile"]["top"] and finite(r["profile"]["seconds_per_decode_step"])
+        assert "Self CPU" in (out / f"profile_{r['backend'].replace('@', '_')}.txt").read_text()
     train = records((out / "train_throughput.jsonl").read_text())
     assert [sorted(r["ours_variants"]) for r in train] == [
         sorted(["default", "eager", "sync", "chunk256", "chunk1024", "unchunked", "fsdp1"]),
-        ["default", "eager"],
+        ["default"],
     ]
     for r in train:
         assert r["device"] == "cpu" and all(
