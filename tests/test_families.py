@@ -338,3 +338,20 @@ def test_the_readme_support_table_is_what_the_matrix_shows():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         rows[cells[0]] = tuple(re.sub(r"`", "", c) for c in cells[1:])
     assert rows == SUPPORT
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused_at_start(tmp_path):
+    from transformers import T5Config
+
+    from spinlab.errors import ConfigError
+    from spinlab.models import pretrained
+
+    tokenizer = char_tokenizer()
+    T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=1, num_heads=2).save_pretrained(
+        tmp_path
+    )
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"is an encoder-decoder model, which transformers does not load as a causal"
+    ):
+        pretrained(str(tmp_path))

@@ -230,6 +230,7 @@ def pretrained(
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise _not_found(name_or_path, err) from err
+    check_causal_lm(config, name_or_path, trust_remote_code)
     wrap = with_lora(lora, lambda: module_names(config, trust_remote_code), name_or_path)
 
     def load() -> PreTrainedModel:
@@ -239,6 +240,27 @@ def pretrained(
             raise _not_found(name_or_path, err) from err
 
     return LoadedModel(tokenizer, name_or_path, load, max_positions=position_limit(config, tokenizer))
+
+
+def check_causal_lm(config, name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Refuse at start, from the config alone, a model transformers cannot load as a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if getattr(config, "is_encoder_decoder", False) or not (
+        remote or config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        kind = (
+            "an encoder-decoder"
+            if getattr(config, "is_encoder_decoder", False)
+            else f"a {config.model_type!r}"
+        )
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} is {kind} model, which transformers does not load as a causal "
+            "language model (AutoModelForCausalLM): SPIN scores and samples responses token by token from a "
+            "decoder-only model. Choose one (docs: Model families); a model with its own code needs "
+            "model.trust_remote_code=true"
+        )
 
 
 def _not_found(name_or_path: str, err: OSError) -> NotFoundError:

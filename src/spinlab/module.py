@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from spinlab import lightning_compat
 from spinlab.data import batch_tokens
+from spinlab.errors import ConfigError
 from spinlab.logprobs import (
     IGNORE_INDEX,
     chunked_sequence_logps,
@@ -270,7 +271,7 @@ def shard(scorer: ResponseScorer, mesh, mp_policy) -> None:
 
     layers = decoder_layers(scorer.model)
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"{type(scorer.model).__name__} names no decoder layer classes (_no_split_modules): "
             "cannot shard it layer by layer"
         )
