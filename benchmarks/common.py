@@ -478,3 +478,49 @@ def spin_steps(module, dm, device: str):
         optimizer.step()
         optimizer.zero_grad()
         yield batch, float(out["loss"].detach()), now(device)
+
+
+def lever_side(args, model, **module_settings) -> tuple:
+    """One side of a lever on equal-length random pairs: PolicyModule (SPIN, logistic loss, the
+    cached opponent, RMSprop) with `module_settings` over `model`, warm-up then timed steps.
+    Returns the module and the side's figures."""
+    import functools
+
+    import torch
+
+    from spinlab.data import SelfPlayDataModule
+    from spinlab.losses import logistic
+    from spinlab.module import PolicyModule
+    from spinlab.objectives import SPIN
+
+    module = PolicyModule(
+        policy=model,
+        objective=SPIN(logistic),
+        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
+        opponent="cached",
+        **module_settings,
+    ).to(args.device)
+    dm = SelfPlayDataModule(
+        source=None,
+        tokenizer=build_tokenizer(args.shape),
+        batch_size=args.batch,
+        max_length=args.prompt_len + args.response_len,
+        max_prompt_length=args.prompt_len,
+        seed=args.seed,
+    )
+    dm.encoded = random_pairs(
+        args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
+    )
+    cache_opponent(module, dm, args.device)
+    started = now(args.device)
+    steps = list(spin_steps(module, dm, args.device))
+    times = [t for _, _, t in steps]
+    tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
+    return module, {
+        "side": args.child,
+        "torch_threads": torch.get_num_threads(),
+        "first_step_s": times[0] - started,
+        "tokens_per_s": tokens / (times[-1] - times[args.warmup - 1]),
+        "peak_memory_gib": peak_memory_gib(args.device),
+        "last_loss": steps[-1][1],
+    }

@@ -14,7 +14,6 @@ A lever measurement, ours against ours; bench against TRL with train_throughput.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -39,46 +38,12 @@ def parse_args(argv=None):
 def run_side(args) -> dict:
     import torch
 
-    from spinlab.data import SelfPlayDataModule
-    from spinlab.losses import logistic
-    from spinlab.module import PolicyModule
-    from spinlab.objectives import SPIN
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model = common.build_model(args.shape, args.seed, args.device)
     if args.child == "compiled":
         model.model.forward = torch.compile(model.model.forward, dynamic=True, backend=args.backend)
-    module = PolicyModule(
-        policy=model,
-        objective=SPIN(logistic),
-        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
-        opponent="cached",
-    ).to(args.device)
-    dm = SelfPlayDataModule(
-        source=None,
-        tokenizer=common.build_tokenizer(args.shape),
-        batch_size=args.batch,
-        max_length=args.prompt_len + args.response_len,
-        max_prompt_length=args.prompt_len,
-        seed=args.seed,
-    )
-    dm.encoded = common.random_pairs(
-        args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
-    )
-    common.cache_opponent(module, dm, args.device)
-    started = common.now(args.device)
-    steps = list(common.spin_steps(module, dm, args.device))
-    times, loss = [t for _, _, t in steps], steps[-1][1]
-    tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
-    return {
-        "side": args.child,
-        "torch_threads": torch.get_num_threads(),
-        "first_step_s": times[0] - started,
-        "tokens_per_s": tokens / (times[-1] - times[args.warmup - 1]),
-        "peak_memory_gib": common.peak_memory_gib(args.device),
-        "last_loss": loss,
-    }
+    return common.lever_side(args, model)[1]
 
 
 def main(argv=None) -> None:

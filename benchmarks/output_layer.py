@@ -16,7 +16,6 @@ the model's own logits on the first batch).
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -61,49 +60,20 @@ def build(family: str, shape: str, seed: int, device: str):
 def run_side(args) -> dict:
     import torch
 
-    from spinlab.data import SelfPlayDataModule
-    from spinlab.losses import logistic
-    from spinlab.module import AUTO_CHUNK_SIZE, PolicyModule
-    from spinlab.objectives import SPIN
+    from spinlab.module import AUTO_CHUNK_SIZE
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args.family, args.shape, args.seed, args.device)
     probe = common.HeadProbe(model)
-    module = PolicyModule(
-        policy=model,
-        objective=SPIN(logistic),
-        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
-        opponent="cached",
-        logprob_chunk_size=AUTO_CHUNK_SIZE[args.device] if args.child == "chunked" else None,
-    ).to(args.device)
-    dm = SelfPlayDataModule(
-        source=None,
-        tokenizer=common.build_tokenizer(args.shape),
-        batch_size=args.batch,
-        max_length=args.prompt_len + args.response_len,
-        max_prompt_length=args.prompt_len,
-        seed=args.seed,
-    )
-    dm.encoded = common.random_pairs(
-        args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
-    )
-    common.cache_opponent(module, dm, args.device)
-    started = common.now(args.device)
-    steps = list(common.spin_steps(module, dm, args.device))
-    times, loss = [t for _, _, t in steps], steps[-1][1]
-    tokens = args.steps * 2 * args.batch * (args.prompt_len + args.response_len)
+    chunk = AUTO_CHUNK_SIZE[args.device] if args.child == "chunked" else None
+    module, result = common.lever_side(args, model, logprob_chunk_size=chunk)
     return {
-        "side": args.child,
+        **result,
         "family": args.family,
         "model_class": type(model).__name__,
         "chunked_matches": getattr(module.scorer, "chunked_matches", None),
         "full_output_layer_calls": probe.take(),
-        "torch_threads": torch.get_num_threads(),
-        "first_step_s": times[0] - started,
-        "tokens_per_s": tokens / (times[-1] - times[args.warmup - 1]),
-        "peak_memory_gib": common.peak_memory_gib(args.device),
-        "last_loss": loss,
     }
 
 
