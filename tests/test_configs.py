@@ -301,7 +301,7 @@ def test_unknown_key_fails_at_compose():
 )
 def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, monkeypatch):
     """The length limits follow the model's tokenizer: every row fits, none is cut, no weights needed."""
-    import train
+    import spinlab.run
 
     monkeypatch.setenv("SPINLAB_CACHE", str(Path.home() / ".cache" / "spinlab"))
     if "model=hf" in overrides:
@@ -314,7 +314,7 @@ def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, m
             '{"prompt": "Name a colour.", "response": "' + "Red, the colour of the sunset. " * 8 + '"}\n'
         )
         overrides = [*overrides, f"model.name_or_path={tmp_path / 'm'}", f"data.source.train={data}"]
-    loaded, dm = train.preflight(compose_cfg(overrides))
+    loaded, dm = spinlab.run.preflight(compose_cfg(overrides))
     assert not loaded.weights_loaded
     rows = [r for split in ("train", "validation", "test") for r in dm.load_split(split)]
     pairs = [{"prompt": r["prompt"], "real": r["response"], "synthetic": "x"} for r in rows]

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-import train
+import spinlab.run
 from spinlab.errors import ConfigError
 from spinlab.harness import TASKS_DIR, Harness, arithmetic_benchmark_rows, flatten
 from spinlab.models import LoadedModel, tiny_model
@@ -167,9 +167,9 @@ def test_a_run_benchmarks_the_start_and_every_round_once_across_a_crash(tmp_path
     monkeypatch.setattr(Harness, "evaluate", crash_before_round_1)
     cfg = compose_cfg(RUN, tmp_path / "run")
     with pytest.raises(Crash):
-        train.run(cfg)
+        spinlab.run.run(cfg)
     assert calls == ["start", "round 0", "round 1"]
-    train.run(compose_cfg(RUN, tmp_path / "run"))
+    spinlab.run.run(compose_cfg(RUN, tmp_path / "run"))
     assert calls[3:] == ["round 1"]  # the start and round 0 are not evaluated again
 
     run_dir = tmp_path / "run"
@@ -228,7 +228,7 @@ def test_offline_builtin_task_without_cached_data_fails_before_weights_load(tmp_
     monkeypatch.setattr(LoadedModel, "model", property(no_weights))
     cfg = compose_cfg(["debug=fast", "eval=lm_eval", "eval.tasks=[arithmetic_mc,arc_easy]"], tmp_path / "run")
     with pytest.raises(RuntimeError, match="arc_easy") as err:
-        train.run(cfg)
+        spinlab.run.run(cfg)
     message = str(err.value)
     assert "hub reachable" in message and "local task" in message and "include_path" in message
 

@@ -98,15 +98,6 @@ def flatten(task: str, numbers: dict, main_metric: str | None) -> dict[str, floa
     return out
 
 
-def main_columns(summaries: dict) -> list[str]:
-    """Summary keys of the benchmarks' main metrics (`bench/<task>`, the average), in order."""
-    keys: dict[str, None] = {}
-    for s in summaries.values():
-        keys.update({k: None for k in s if k.startswith(PREFIX) and k.count("/") == 1})
-    keys.pop(f"{PREFIX}seconds", None)
-    return list(keys)
-
-
 # -- the harness ----------------------------------------------------------------------------------
 class Harness:
     """Runs lm-eval tasks on a model object.
