@@ -436,7 +436,8 @@ def check_lr(cfg) -> None:
 
 def check_module(node) -> None:
     """The policy module's settings, which PolicyModule checks only once the weights are loaded."""
-    from spinlab.module import NONFINITE_POLICIES, OPPONENT_MODES
+    from spinlab.module import OPPONENT_MODES
+    from spinlab.steps import NONFINITE_POLICIES
 
     if node.get("opponent", "cached") not in OPPONENT_MODES:
         raise ConfigError(f"opponent={node.opponent!r} is not one of {OPPONENT_MODES}")
