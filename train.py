@@ -4,6 +4,8 @@ Hydra composes conf/train.yaml with the command line's overrides; spinlab.cli ru
 (spinlab.run) and ends with the run's exit status. Running the same command again resumes.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    cli.check_command_line(sys.argv[1:])
     main()

@@ -164,7 +164,7 @@ def test_an_unexpected_error_keeps_its_traceback_and_status_1(tmp_path):
         ),
         (["model=hf", "model.name_or_path=MISSING_DIR"], "cannot load model"),
         (
-            ["eval=lm_eval", "eval.tasks=[arc_challenge]"],
+            ["eval=lm_eval", "eval.benchmarks.tasks=[arc_challenge]"],
             "lm-eval task 'arc_challenge': its data is not in the local datasets cache",
         ),
     ],

@@ -19,10 +19,23 @@ import traceback
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from spinlab.errors import Stopped, UserError
+from spinlab.config import check_renamed, picked_choices
+from spinlab.errors import ConfigError, Stopped, UserError
 from spinlab.run import run
 from spinlab.rundir import RunDir, global_rank, is_launching_rank, release, write_bytes
 from spinlab.sweep import record_failure
+
+log = logging.getLogger("spinlab")
+
+
+def check_command_line(args: list[str]) -> None:
+    """Before Hydra composes the config: an override of a renamed key is refused (status 2),
+    naming its new name."""
+    try:
+        check_renamed(args)
+    except ConfigError as err:
+        print(f"refused: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_status) from None
 
 
 def main(cfg: DictConfig) -> None:
@@ -33,6 +46,7 @@ def main(cfg: DictConfig) -> None:
         own_log_file(cfg, run_dir)
         quiet_console()
     held = HeldLog()
+    record_picks(cfg)
     # Hydra makes the run directory before this runs: empty now means this start made it.
     made_here = not any(run_dir.root.iterdir()) if run_dir.root.is_dir() else False
 
@@ -71,6 +85,32 @@ def main(cfg: DictConfig) -> None:
         record_failure(1, f"{type(err).__name__}: {err}")
     finally:
         release(run_dir)  # in a multirun, the next jobs run in this process
+
+
+def record_picks(cfg: DictConfig) -> None:
+    """A group's choice made by another group's config (conf/trainer/gpu.yaml picks
+    generation=static) is said in one line at start and recorded in the run's config under
+    `picked`: {group: {choice, by}}, written to run_config.yaml and .hydra/config.yaml."""
+    if not HydraConfig.initialized():
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra_cfg = HydraConfig.get()
+    picks = picked_choices(hydra_cfg.job.config_name, list(hydra_cfg.overrides.task))
+    loader = GlobalHydra.instance().config_loader()
+    for group, pick in picks.items():
+        where = os.path.relpath(pick["file"])
+        options = ", ".join(loader.get_group_options(group))
+        log.info(
+            "%s=%s, picked by %s (%s); set %s=... on the command line to choose another (%s)",
+            group,
+            pick["choice"],
+            pick["by"],
+            pick["file"] if where.startswith("..") else where,
+            group,
+            options,
+        )
+    cfg.picked = {group: {"choice": p["choice"], "by": p["by"]} for group, p in picks.items()}
 
 
 def in_sweep() -> bool:

@@ -47,8 +47,9 @@ def preflight(cfg: DictConfig):
     loaded = build(cfg.model)  # a model that cannot be found fails here; its weights load on first use
     datamodule = build(own_keys(cfg, "data"), tokenizer=loaded.tokenizer, max_positions=loaded.max_positions)
     datamodule.load_rows()
-    if (cfg.get("eval") or {}).get("tasks"):  # the benchmarks' tasks and data, before the weights
-        build(cfg.eval).check()
+    benchmarks = (cfg.get("eval") or {}).get("benchmarks")
+    if benchmarks is not None:  # the benchmarks' tasks and data, before the weights
+        build(benchmarks).check()
     return loaded, datamodule
 
 
