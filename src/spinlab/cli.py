@@ -1,6 +1,6 @@
 """What `python train.py ...` does around the run (spinlab.run): its logs, its record of the
 config in <run_dir>/.hydra/, and its exit status (spinlab.errors: 0 done, 1 an unexpected error
-with its traceback, 2 refused, 3 run directory in use, 75 stopped by a signal).
+with its traceback, 2 a user error, at start or later, 3 run directory in use, 75 stopped by a signal).
 
 A refused start leaves the run directory as it was: Hydra's log file is held back and .hydra/ is
 written only once the start is accepted. In a Hydra multirun a failed job is recorded
