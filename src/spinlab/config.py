@@ -213,6 +213,7 @@ BENCHMARK_KEYS = (  # issue 30: lm-eval's settings went from `eval` into `eval.b
     "apply_chat_template",
 )
 RENAMED = {f"eval.{key}": f"eval.benchmarks.{key}" for key in BENCHMARK_KEYS}
+WHY_RENAMED = "the lm-eval settings moved into eval.benchmarks, which eval=lm_eval and eval=open_llm_v1 set"
 
 
 def renamed_key(key: str) -> str | None:
@@ -231,8 +232,7 @@ def check_renamed(overrides: list[str]) -> None:
         new = renamed_key(key)
         if new is not None:
             raise ConfigError(
-                f"{key} is now {new}" + (f" ({new}={value})" if value else "") + ": the lm-eval settings "
-                "moved into eval.benchmarks, which eval=lm_eval and eval=open_llm_v1 set"
+                f"{key} is now {new}" + (f" ({new}={value})" if value else "") + f": {WHY_RENAMED}"
             )
 
 
@@ -356,11 +356,11 @@ def check_targets(cfg) -> None:
                 names = params
                 ignored = HYDRA_KEYS | set(READ_ELSEWHERE.get(path, ()))
                 unknown = sorted(k for k in node if k not in names and k not in ignored)
-                moved = [(f"{path}.{k}", renamed_key(f"{path}.{k}")) for k in unknown]
-                for old, new in moved:
+                for key in unknown:
+                    new = renamed_key(f"{path}.{key}")
                     if new is not None:
                         raise ConfigError(
-                            f"{old} is now {new} ({target} takes no key {old.split('.')[-1]!r})"
+                            f"{path}.{key} is now {new} ({target} takes no key {key!r}): {WHY_RENAMED}"
                         )
                 if unknown:
                     raise ConfigError(
