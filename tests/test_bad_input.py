@@ -178,7 +178,7 @@ def no_weights(monkeypatch):
 
 
 def test_bad_validation_file_fails_before_the_model_loads(tmp_path, no_weights):
-    import train
+    import spinlab.run
 
     good = tmp_path / "train.jsonl"
     write(good, [{"prompt": f"q{i}", "response": "a"} for i in range(4)])
@@ -189,7 +189,7 @@ def test_bad_validation_file_fails_before_the_model_loads(tmp_path, no_weights):
         tmp_path / "run",
     )
     with pytest.raises(DataError, match=r"val\.jsonl: row 2: field 'response' is missing"):
-        train.run(cfg)
+        spinlab.run.run(cfg)
     assert no_weights == []
     assert not (tmp_path / "run" / "rounds").exists()
 
@@ -215,10 +215,10 @@ def test_bad_validation_file_fails_before_the_model_loads(tmp_path, no_weights):
 def test_mistyped_group_key_fails_at_start_naming_group_class_and_key(
     tmp_path, no_weights, override, message
 ):
-    import train
+    import spinlab.run
 
     with pytest.raises(ValueError, match=message):
-        train.run(compose_cfg(["debug=fast", override], tmp_path / "run"))
+        spinlab.run.run(compose_cfg(["debug=fast", override], tmp_path / "run"))
     assert no_weights == []
 
 

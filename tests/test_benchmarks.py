@@ -229,10 +229,13 @@ def test_round_footprint(jobs):
     out = finished(jobs, "test_round_footprint")
     listed = json.loads((jobs[0] / "footprint.json").read_text())
     assert (
-        "run" in listed["files"]["train.py"]
+        "run" in listed["files"]["src/spinlab/run.py"]
         and "PolicyModule.training_step" in listed["files"]["src/spinlab/module.py"]
     )
-    assert listed["lines_src"] > 1000 and f"src/spinlab/*.py: {listed['lines_src']} lines" in out
+    assert listed["lines_src"] > 1000 and f"src/spinlab/**/*.py: {listed['lines_src']} lines" in out
+    # A function's lines are within its file's, and a round runs a part of the files it touches.
+    assert all(listed["lines_run"][f] > 0 for f in listed["files"])
+    assert sum(listed["lines_run"].values()) < listed["lines_files"] < listed["lines_src"]
 
 
 def test_sharding(jobs):

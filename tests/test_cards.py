@@ -18,7 +18,7 @@ from huggingface_hub import DatasetCard, HfApi, ModelCard, ModelCardData, RepoCa
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import validate_repo_id
 
-import train
+import spinlab.run
 from spinlab import push
 from spinlab.cards import SMOLLM2, Publication, Run, model_card, start_model
 from spinlab.rundir import read_jsonl
@@ -52,7 +52,7 @@ def make_run(root: Path) -> Path:
         (root / ".hydra").mkdir(parents=True)
         (root / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*RUN, "hydra.run.dir=/secret/place"]))
 
-    train.run(compose_cfg(RUN, root), accepted)
+    spinlab.run.run(compose_cfg(RUN, root), accepted)
     (root / "wandb_id").write_text("abc123\n")  # what logger=wandb leaves; must not be uploaded
     return root
 

@@ -1,18 +1,25 @@
 """Every config in conf/ composes and is instantiated (the README's commands run in test_readme.py)."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from spinlab.callbacks import SelfPlayCallback
-from spinlab.config import own_keys
+from spinlab.cards import Run
+from spinlab.config import check_config, check_restart, own_keys, redact, renamed_settings
 from spinlab.data import SelfPlayDataModule
+from spinlab.errors import EXIT_REFUSED, ConfigError
 from spinlab.models import tiny_model
 from spinlab.module import PolicyModule, RoundSchedule
 from spinlab.rounds import Round, round_settings
@@ -301,7 +308,7 @@ def test_unknown_key_fails_at_compose():
 )
 def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, monkeypatch):
     """The length limits follow the model's tokenizer: every row fits, none is cut, no weights needed."""
-    import train
+    import spinlab.run
 
     monkeypatch.setenv("SPINLAB_CACHE", str(Path.home() / ".cache" / "spinlab"))
     if "model=hf" in overrides:
@@ -314,7 +321,7 @@ def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, m
             '{"prompt": "Name a colour.", "response": "' + "Red, the colour of the sunset. " * 8 + '"}\n'
         )
         overrides = [*overrides, f"model.name_or_path={tmp_path / 'm'}", f"data.source.train={data}"]
-    loaded, dm = train.preflight(compose_cfg(overrides))
+    loaded, dm = spinlab.run.preflight(compose_cfg(overrides))
     assert not loaded.weights_loaded
     rows = [r for split in ("train", "validation", "test") for r in dm.load_split(split)]
     pairs = [{"prompt": r["prompt"], "real": r["response"], "synthetic": "x"} for r in rows]
@@ -329,9 +336,11 @@ def test_model_and_data_choices_start_without_hand_tuning(overrides, tmp_path, m
 def test_eval_configs(evaluation):
     from spinlab.evaluation import RoundEvaluator
 
-    evaluator = instantiate(compose_cfg([f"eval={evaluation}"]).eval)
+    evaluator = instantiate(compose_cfg([f"eval={evaluation}", "eval.batch_size=5"]).eval)
     assert isinstance(evaluator, RoundEvaluator)
     harness = evaluator.harness
+    if harness is not None:  # eval.benchmarks.batch_size follows eval.batch_size
+        assert harness.batch_size == evaluator.batch_size == 5
     if evaluation == "lm_eval":
         assert (
             harness.tasks == ["arithmetic_gen", "arithmetic_mc"]
@@ -351,3 +360,124 @@ def test_eval_configs(evaluation):
         assert harness.main_metrics["gsm8k"] == "exact_match_strict-match"
     else:
         assert harness is None
+
+
+# The lm-eval settings as `eval` held them before they moved into `eval.benchmarks` (issue 30).
+OLD_LM_EVAL = {
+    "tasks": ["arithmetic_gen", "arithmetic_mc"],
+    "num_fewshot": None,
+    "limit": None,
+    "include_path": None,
+    "main_metrics": None,
+    "average": None,
+    "bootstrap_iters": 1000,
+    "apply_chat_template": False,
+}
+
+
+def test_a_renamed_eval_key_is_refused_naming_its_new_name(tmp_path):
+    # On the command line: before Hydra composes (its own error would not name the new key).
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "debug=fast", "eval=lm_eval", "eval.limit=4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
+    out = subprocess.run(
+        [*command, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == EXIT_REFUSED, out.stderr[-3000:]
+    assert out.stderr.startswith(
+        "refused: eval.limit is now eval.benchmarks.limit (eval.benchmarks.limit=4): the lm-eval settings "
+        "moved into eval.benchmarks"
+    ), out.stderr[-3000:]
+    assert not run_dir.exists()
+    # In a YAML file (one's own preset): the start's config check.
+    with pytest.raises(ConfigError, match=r"^eval.num_fewshot is now eval.benchmarks.num_fewshot \("):
+        check_config(compose_cfg(["debug=fast", "eval=lm_eval", "+eval.num_fewshot={gsm8k: 5}"]))
+
+
+@pytest.mark.parametrize("evaluation", ["default", "lm_eval"])
+def test_a_run_recorded_before_the_benchmarks_moved_restarts_and_cards_read_it(evaluation, tmp_path):
+    now = redact(OmegaConf.to_container(compose_cfg(["debug=fast", f"eval={evaluation}"]), resolve=True))
+    before = {**now, "eval": {k: v for k, v in now["eval"].items() if k != "benchmarks"}}
+    if evaluation == "lm_eval":
+        before["eval"] |= OLD_LM_EVAL
+    assert check_restart(renamed_settings(before), now, finished=1, started=1) == []
+    if evaluation == "lm_eval":  # a benchmark setting changed since is refused, under its new name
+        changed = {**before, "eval": {**before["eval"], "limit": 8}}
+        with pytest.raises(ConfigError, match="eval.benchmarks.limit: 8 when the run was started, None now"):
+            check_restart(renamed_settings(changed), now, finished=1, started=1)
+        (tmp_path / "run_config.yaml").write_text(yaml.safe_dump(changed))
+        assert Run(tmp_path).benchmarks()["limit"] == 8  # what the model card says
+    else:
+        (tmp_path / "run_config.yaml").write_text(yaml.safe_dump(before))
+        assert Run(tmp_path).benchmarks() == {}
+
+
+def overrides_of(path: Path) -> list[str]:
+    """The groups a config file's defaults list overrides (`- override /generation@...: static`)."""
+    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+    keys = [k for entry in defaults if isinstance(entry, dict) for k in entry if k.startswith("override /")]
+    return [k.removeprefix("override /").split("@")[0] for k in keys]
+
+
+def test_a_choice_made_by_another_groups_config_is_named():
+    from hydra import initialize_config_dir
+
+    from spinlab.config import picked_choices
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        gpu = picked_choices("train", ["trainer=gpu"])
+        chosen = picked_choices("train", ["trainer=gpu", "generation=hf"])
+        zephyr = picked_choices("train", ["model=zephyr"])
+        files = {(p.parent.name, p.stem): overrides_of(p) for p in CONF.glob("*/*.yaml")}
+        found = {(g, o): picked_choices("train", [f"{g}={o}"]) for (g, o), groups in files.items() if groups}
+    assert gpu == {
+        "generation": {"choice": "static", "by": "trainer=gpu", "file": str(CONF / "trainer/gpu.yaml")}
+    }
+    assert chosen == {}  # the command line's choice is the user's own
+    assert {g: (p["choice"], p["by"]) for g, p in zephyr.items()} == {
+        "trainer": ("fsdp", "model=zephyr"),
+        "generation": ("static", "trainer=fsdp"),  # a pick of a pick
+    }
+    # Every config that overrides another group's choice is seen doing it.
+    assert {("trainer", "gpu"), ("trainer", "fsdp"), ("objective", "sft"), ("debug", "fast")} <= set(found)
+    for (group, option), picks in found.items():
+        for picked in files[group, option]:
+            assert picks[picked]["by"] == f"{group}={option}", (group, option, picks)
+
+
+def test_a_run_says_and_records_what_another_group_picked_and_an_older_run_restarts(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "debug=fast", "objective=sft", "rounds=1", "~eval"]
+    command += ["data.num_prompts=4", f"hydra.run.dir={run_dir}"]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}",
+    }
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = [
+        line.split(" - ", 1)[1]
+        for line in (run_dir / "train.log").read_text().splitlines()
+        if "picked by" in line
+    ]
+    assert said == [
+        "model=tiny, picked by debug=fast (conf/debug/fast.yaml); set model=... on the command line to "
+        "choose another (hf, smollm2_135m, tiny, zephyr)",
+        "pairs=real, picked by objective=sft (conf/objective/sft.yaml); set pairs=... on the command line to "
+        "choose another (real, synthetic, triplets)",
+    ]
+    picked = {
+        "model": {"choice": "tiny", "by": "debug=fast"},
+        "pairs": {"choice": "real", "by": "objective=sft"},
+    }
+    for record in ("run_config.yaml", ".hydra/config.yaml"):
+        assert yaml.safe_load((run_dir / record).read_text())["picked"] == picked
+    # A run started before `picked` was recorded restarts (here: finds its one round done).
+    settings = yaml.safe_load((run_dir / "run_config.yaml").read_text())
+    del settings["picked"]
+    (run_dir / "run_config.yaml").write_text(yaml.safe_dump(settings))
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "all 1 rounds of" in again.stdout, again.stderr[-3000:]
+    assert yaml.safe_load((run_dir / "run_config.yaml").read_text())["picked"] == picked

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-import train
+import spinlab.run
 from spinlab import losses
 from spinlab.collective import score_pairs
 from spinlab.data import SelfPlayDataModule
@@ -32,7 +32,7 @@ def run(tmp_path, name, *overrides, extra_callbacks=None, generator=None):
             cfg.callbacks[key] = value
         if generator is not None:
             cfg.callbacks.self_play.generator = generator
-    return train.run(cfg), cfg
+    return spinlab.run.run(cfg), cfg
 
 
 def weights(path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import train
+import spinlab.run
 from spinlab.data import SelfPlayDataModule
 from spinlab.generation import HFGenerator, StaticCacheGenerator
 from spinlab.logprobs import chunked_sequence_logps
@@ -141,7 +141,7 @@ ROUND = [
 @pytest.mark.parametrize("name", NAMES)
 def test_a_spin_round_trains_saves_and_caches_the_opponents_own_logprobs(name, family_dirs, tmp_path):
     start = family_dirs[name]
-    summary = train.run(compose_cfg([*ROUND, f"model.name_or_path={start}"], tmp_path / "run"))
+    summary = spinlab.run.run(compose_cfg([*ROUND, f"model.name_or_path={start}"], tmp_path / "run"))
     assert torch.isfinite(torch.tensor(summary[0]["loss"])) and summary[0]["pairs"] == 8
 
     saved_dir = tmp_path / "run" / "hf" / "round_000"
@@ -251,7 +251,7 @@ def test_a_sharded_round_matches_the_single_process_opponent(name, family_dirs, 
     # 2 processes of 2 pairs: the single process's global batch of 4
     sharded_train(tmp_path / "sharded", "trainer=fsdp_cpu", *overrides, "data.batch_size=2")
     single = compose_cfg(overrides, tmp_path / "single")
-    train.run(single)
+    spinlab.run.run(single)
     for run in ("sharded", "single"):
         assert (tmp_path / run / "hf" / "round_000" / "model.safetensors").exists()
     logps = [

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from spinlab import rundir
-from spinlab.module import NonFiniteError
+from spinlab.steps import NonFiniteError
 from tests.conftest import ROOT
 from tests.test_e2e import NUM_PROMPTS, assert_same_run, run, weights
 

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 import spinlab.generation.static as static_backend
-import train
+import spinlab.run
 from spinlab.generation import HFGenerator, StaticCacheGenerator
 from spinlab.generation.static import (
     _mix32,
@@ -303,7 +303,7 @@ def run(path, generator=None):
     with open_dict(cfg):
         if generator is not None:
             cfg.callbacks.self_play.generator = generator
-    train.run(cfg)
+    spinlab.run.run(cfg)
     return cfg
 
 

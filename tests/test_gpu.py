@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+import spinlab.run
 from spinlab.models import tiny_model
 from tests.conftest import compose_cfg
 
@@ -25,7 +25,7 @@ def one_thread():
 # generation=static, as the GPU trainers pick it: its draws come from (seed, round, prompt, step),
 # so the CPU run samples the same responses where the logits agree.
 def two_rounds(path, *overrides):
-    summary = train.run(compose_cfg(["debug=fast", "generation=static", *overrides], path))
+    summary = spinlab.run.run(compose_cfg(["debug=fast", "generation=static", *overrides], path))
     return summary, {r: load_file(str(path / "hf" / f"round_{r:03d}" / "model.safetensors")) for r in (0, 1)}
 
 

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-import train
+import spinlab.run
 from spinlab.errors import ConfigError
 from spinlab.harness import TASKS_DIR, Harness, arithmetic_benchmark_rows, flatten
 from spinlab.models import LoadedModel, tiny_model
@@ -112,7 +112,7 @@ def greedy(model, tok, prompt: str, max_new: int) -> str:
 
 
 def test_generate_exact_match_counts_correct_greedy_answers_of_a_local_task(tiny, tmp_path):
-    """A local task (eval.include_path) whose reference is the model's own greedy answer for every
+    """A local task (eval.benchmarks.include_path) whose reference is the model's own greedy answer for every
     other row: lm-eval's exact match is then the share of those rows. The prompts end in the
     answer's digits, which the random model repeats: answers differ from row to row."""
     model, tok = tiny
@@ -144,8 +144,8 @@ def test_generate_exact_match_counts_correct_greedy_answers_of_a_local_task(tiny
 
 
 # -- inside a run ---------------------------------------------------------------------------------
-RUN = ["debug=fast", "data.num_prompts=8", "eval=lm_eval", f"eval.limit={LIMIT // 3}", "eval.task_prompts=0",
-       "eval.heldout_pairs=4", "eval.average=arithmetic"]  # fmt: skip
+RUN = ["debug=fast", "data.num_prompts=8", "eval=lm_eval", f"eval.benchmarks.limit={LIMIT // 3}", "eval.task_prompts=0",
+       "eval.heldout_pairs=4", "eval.benchmarks.average=arithmetic"]  # fmt: skip
 
 
 def bench_rows(run_dir) -> list[dict]:
@@ -167,9 +167,9 @@ def test_a_run_benchmarks_the_start_and_every_round_once_across_a_crash(tmp_path
     monkeypatch.setattr(Harness, "evaluate", crash_before_round_1)
     cfg = compose_cfg(RUN, tmp_path / "run")
     with pytest.raises(Crash):
-        train.run(cfg)
+        spinlab.run.run(cfg)
     assert calls == ["start", "round 0", "round 1"]
-    train.run(compose_cfg(RUN, tmp_path / "run"))
+    spinlab.run.run(compose_cfg(RUN, tmp_path / "run"))
     assert calls[3:] == ["round 1"]  # the start and round 0 are not evaluated again
 
     run_dir = tmp_path / "run"
@@ -226,9 +226,11 @@ def test_offline_builtin_task_without_cached_data_fails_before_weights_load(tmp_
         raise AssertionError("the weights loaded before the benchmarks' data was checked")
 
     monkeypatch.setattr(LoadedModel, "model", property(no_weights))
-    cfg = compose_cfg(["debug=fast", "eval=lm_eval", "eval.tasks=[arithmetic_mc,arc_easy]"], tmp_path / "run")
+    cfg = compose_cfg(
+        ["debug=fast", "eval=lm_eval", "eval.benchmarks.tasks=[arithmetic_mc,arc_easy]"], tmp_path / "run"
+    )
     with pytest.raises(RuntimeError, match="arc_easy") as err:
-        train.run(cfg)
+        spinlab.run.run(cfg)
     message = str(err.value)
     assert "hub reachable" in message and "local task" in message and "include_path" in message
 
@@ -239,7 +241,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     the numbers of one process (the start exactly; after training, weights agree to ~1e-5)."""
     from tests.test_sharded import SHARDED, train
 
-    bench = ["eval=lm_eval", "eval.limit=4", "eval.task_prompts=0", "eval.heldout_pairs=4"]
+    bench = ["eval=lm_eval", "eval.benchmarks.limit=4", "eval.task_prompts=0", "eval.heldout_pairs=4"]
     train(tmp_path / "sharded", *SHARDED, *bench)
     train(tmp_path / "single", "data.batch_size=4", *bench)
     sharded, single = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("sharded", "single"))

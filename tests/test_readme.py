@@ -259,7 +259,7 @@ def test_readme_command(session, index):
 def test_readme_train_command_passes_the_start_checks(command):
     """The quick part: each train.py command composes and passes check_config, or a cluster
     command stops there with its documented message (the slow test above runs them)."""
-    import train
+    from spinlab.config import check_config
 
     code, comment = split_comment(command)
     words = shell_words(code)
@@ -268,6 +268,6 @@ def test_readme_train_command_passes_the_start_checks(command):
     no_gpu = cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available()
     if no_gpu and comment.startswith("cluster:"):
         with pytest.raises(RuntimeError, match=MESSAGES["gpu"]):
-            train.check_config(cfg)
+            check_config(cfg)
     else:
-        train.check_config(cfg)
+        check_config(cfg)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import train
-from spinlab.config import check_restart, redact
-from spinlab.errors import UserError
+import spinlab.run
+from spinlab.config import check_config, check_restart, redact
+from spinlab.errors import EXIT_BUSY, EXIT_REFUSED, UserError
 from tests.conftest import ROOT, compose_cfg
 from tests.test_e2e import NUM_PROMPTS, run
 from tests.test_reliability import subprocess_env
@@ -50,7 +50,7 @@ def test_a_changed_setting_is_refused_with_status_2_one_message_and_nothing_chan
     shutil.copytree(finished, root)
     before = snapshot(root)
     out = start(root, "rounds=3", "lam=0.5", "loss=hinge")
-    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.returncode == EXIT_REFUSED, out.stderr[-3000:]
     assert out.stderr.startswith("refused: this run directory holds a run started with other settings")
     assert "lam: 0.1 when the run was started, 0.5 now" in out.stderr
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
@@ -61,7 +61,7 @@ def test_hydra_full_error_keeps_the_traceback_of_a_refusal(finished, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(finished, root)
     out = start(root, "callbacks.self_play.lam=0.5", HYDRA_FULL_ERROR="1")
-    assert out.returncode == train.EXIT_REFUSED
+    assert out.returncode == EXIT_REFUSED
     assert "Traceback (most recent call last)" in out.stderr
     assert "callbacks.self_play.lam: 0.1 when the run was started, 0.5 now" in out.stderr
 
@@ -78,7 +78,7 @@ def test_a_busy_run_directory_is_refused_with_status_3_and_nothing_changed(finis
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(root)
         out = start(root, "rounds=3")
-        assert out.returncode == train.EXIT_BUSY, out.stderr[-3000:]
+        assert out.returncode == EXIT_BUSY, out.stderr[-3000:]
         assert out.stderr.startswith(f"refused: {root} is in use by another run (host ")
         assert f"PID {holder.pid}" in out.stderr and "Traceback" not in out.stderr
         assert snapshot(root) == before
@@ -106,7 +106,7 @@ def test_a_directory_holding_other_files_is_refused_and_keeps_them(tmp_path):
     (root / ".draft.tmp").touch()
     before = snapshot(root)
     out = start(root, "~eval", "rounds=1")
-    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.returncode == EXIT_REFUSED, out.stderr[-3000:]
     assert out.stderr.startswith(
         f"refused: {root} is not empty (.draft.tmp, project) and holds no spinlab run"
     )
@@ -127,7 +127,7 @@ def test_a_bug_while_loading_the_model_or_data_is_not_a_refusal(tmp_path, overri
     # RuntimeError of any other code is a defect, and main lets it reach Hydra with its traceback
     # (in a constructor, inside Hydra's InstantiationException naming the node).
     with pytest.raises(Exception, match=message) as err:
-        train.run(compose_cfg([*COMMAND, override], tmp_path / "run"))
+        spinlab.run.run(compose_cfg([*COMMAND, override], tmp_path / "run"))
     assert not isinstance(err.value, UserError)
     assert not (tmp_path / "run" / "run_config.yaml").exists()  # raised before the start was accepted
 
@@ -164,7 +164,7 @@ def test_an_unexpected_error_keeps_its_traceback_and_status_1(tmp_path):
         ),
         (["model=hf", "model.name_or_path=MISSING_DIR"], "cannot load model"),
         (
-            ["eval=lm_eval", "eval.tasks=[arc_challenge]"],
+            ["eval=lm_eval", "eval.benchmarks.tasks=[arc_challenge]"],
             "lm-eval task 'arc_challenge': its data is not in the local datasets cache",
         ),
     ],
@@ -178,7 +178,7 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
     overrides = [o.replace("MISSING_DIR", str(tmp_path / "no_such_model")) for o in overrides]
     root = tmp_path / "outputs" / "run"
     out = start(root, *overrides)
-    assert out.returncode == train.EXIT_REFUSED, out.stderr[-3000:]
+    assert out.returncode == EXIT_REFUSED, out.stderr[-3000:]
     assert out.stderr.startswith("refused: ") and message in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
     assert not root.exists()  # Hydra made it for this start; the refusal takes it away again
@@ -215,7 +215,7 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
 )
 def test_impossible_values_are_refused_at_start(override, message):
     with pytest.raises(ValueError, match=message):
-        train.check_config(compose_cfg(["debug=fast", *override.split()]))
+        check_config(compose_cfg(["debug=fast", *override.split()]))
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def test_impossible_values_are_refused_at_start(override, message):
 )
 def test_a_round_with_lr_0_is_said_at_start(overrides, said, caplog):
     with caplog.at_level("WARNING", logger="spinlab.config"):
-        train.check_config(compose_cfg(["debug=fast", *overrides]))
+        check_config(compose_cfg(["debug=fast", *overrides]))
     assert said in caplog.text and "the policy stays as the round began" in caplog.text
 
 

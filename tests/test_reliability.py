@@ -21,9 +21,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import train
-from spinlab import config, rundir
-from spinlab.config import check_settings, redact
+import spinlab.run
+from spinlab import cli, config, rundir
+from spinlab.config import check_config, check_settings, redact
 from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.errors import RunDirError
 from spinlab.loggers import MetricsFile
@@ -317,7 +317,7 @@ def test_every_process_but_rank_0_logs_to_a_file_of_its_own(tmp_path, monkeypatc
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        train.own_log_file(compose_cfg(["debug=fast", f"trainer.devices={devices}"]), rundir.RunDir(tmp_path))
+        cli.own_log_file(compose_cfg(["debug=fast", f"trainer.devices={devices}"]), rundir.RunDir(tmp_path))
         logging.getLogger("spinlab.test").warning("a line of this process")
     finally:
         root.removeHandler(handler)
@@ -357,7 +357,7 @@ def test_paper_recipe_commands_compose_as_written(override, setting, expected):
 
 def test_round_override_values_are_typed():
     cfg = compose_cfg(["debug=fast", "round_overrides.1.lr=1", "round_overrides.1.mix_previous_rounds=1"])
-    train.check_config(cfg)
+    check_config(cfg)
     settings = OmegaConf.to_container(cfg.round_overrides)[1]
     assert settings == {"lr": 1.0, "mix_previous_rounds": 1}
     assert type(settings["lr"]) is float and type(settings["mix_previous_rounds"]) is int
@@ -376,7 +376,7 @@ def test_round_override_values_are_typed():
 def test_bad_round_overrides_fail_at_start_naming_them(override, message):
     cfg = compose_cfg(["debug=fast", override])
     with pytest.raises(ValueError, match=message):
-        train.check_config(cfg)
+        check_config(cfg)
 
 
 # -- leftovers and damaged checkpoints -------------------------------------------------------------
@@ -448,7 +448,7 @@ def test_leftovers_of_interrupted_writes_are_removed_at_start_and_nothing_else(t
     # Both rounds are finished, so the start has nothing else to do.
     (root / "summary.json").write_text(json.dumps([{"round": 0}, {"round": 1}]))
     with caplog.at_level(logging.WARNING, logger="spinlab.rundir"):
-        train.run(compose_cfg(["debug=fast"], root))
+        spinlab.run.run(compose_cfg(["debug=fast"], root))
     assert [p for p in files + dirs if p.exists() or p.is_symlink()] == []
     assert [p for p in kept if not p.exists()] == []
     for path in files + dirs:
@@ -465,7 +465,7 @@ def test_a_directory_with_files_but_no_run_is_refused_before_anything_is_written
     with pytest.raises(
         RunDirError, match=rf"^{root} is not empty \(.draft.tmp, project\) and holds no spinlab run"
     ):
-        train.run(compose_cfg(["debug=fast"], root))
+        spinlab.run.run(compose_cfg(["debug=fast"], root))
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
         ".draft.tmp",
         "project",
@@ -580,7 +580,7 @@ def test_a_dangling_last_checkpoint_link_is_refused_not_ignored(tmp_path, monkey
     with pytest.raises(
         RuntimeError, match="it is a link to epoch0000-step0000004-0123abcd.ckpt, which does not"
     ):
-        train.run(compose_cfg(["debug=fast"], root))
+        spinlab.run.run(compose_cfg(["debug=fast"], root))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "sharded, no metadata"])
@@ -598,7 +598,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkey
     (root / "summary.json").write_text(json.dumps([{"round": 0}]))  # round 0 finished, round 1 not
     monkeypatch.setattr(config, "instantiate", no_model)
     with pytest.raises(RuntimeError) as err:
-        train.run(compose_cfg(["debug=fast"], root))
+        spinlab.run.run(compose_cfg(["debug=fast"], root))
     message = str(err.value)
     assert f"the checkpoint {ckpt} is damaged" in message
     assert f"model.name_or_path={root / 'hf' / 'round_000'}" in message  # where to go on from
@@ -635,7 +635,7 @@ def test_settings_a_restart_may_change(finished, tmp_path, caplog):
 
     def check(*overrides):
         cfg = compose_cfg(["debug=fast", f"data.num_prompts={NUM_PROMPTS}", *overrides], root)
-        train.check_config(cfg)
+        check_config(cfg)
         check_settings(rundir.RunDir(root), settings(cfg), finished=2, record=False)
 
     check("rounds=4", "round_overrides.2.lr=1e-4", "round_overrides.3.lam=1.0", "logger=wandb")
@@ -648,7 +648,7 @@ def test_settings_a_restart_may_change(finished, tmp_path, caplog):
 def test_a_start_that_made_nothing_may_change_its_settings(tmp_path):
     root = tmp_path / "run"
     first = compose_cfg(["debug=fast"], root)
-    train.check_config(first)
+    check_config(first)
     check_settings(rundir.RunDir(root), settings(first), finished=0, record=True)
     second = compose_cfg(["debug=fast", "lam=0.5"], root)
     check_settings(rundir.RunDir(root), settings(second), finished=0, record=True)
@@ -666,7 +666,7 @@ def test_a_dead_child_process_is_explained_before_lightning_kills_rank_0(tmp_pat
     observer = logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script")
     filters = list(observer.filters)
     try:
-        train.explain_child_deaths(SimpleNamespace(global_rank=0, world_size=2), tmp_path / "last.ckpt")
+        spinlab.run.explain_child_deaths(SimpleNamespace(global_rank=0, world_size=2), tmp_path / "last.ckpt")
         observer.info("[rank: 1] Child process with PID 4242 terminated with code -9. Forcefully ...")
         observer.info("an unrelated record")
     finally:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-import train
+import spinlab.run
 from spinlab import report
 from tests.conftest import compose_cfg
 
@@ -29,8 +29,8 @@ def build_sweep(root: Path) -> Path:
             overrides = [*COMMON, f"loss={loss}", f"seed={seed}"]
             run_dir = root / ",".join(sorted(overrides))  # Hydra's override_dirname
             cfg = compose_cfg([*overrides, "~eval"], run_dir)  # train metrics only: eval keys are added below
-            train.run(cfg)
-            # train.run outside @hydra.main writes no .hydra/; write what Hydra would.
+            spinlab.run.run(cfg)
+            # spinlab.run.run outside @hydra.main writes no .hydra/; write what Hydra would.
             (run_dir / ".hydra").mkdir(exist_ok=True)
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
             OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-import train
+import spinlab.run
 from spinlab.config import own_keys
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import tiny_model
@@ -93,7 +93,7 @@ def test_one_module_config_builds_spin_and_sft():
 def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft") / "run"
     cfg = compose_cfg(["debug=fast", "objective=sft", "optimizer=adamw", "optimizer.lr=3e-3"], root)
-    return root, train.run(cfg), cfg
+    return root, spinlab.run.run(cfg), cfg
 
 
 def test_sft_rounds_train_on_real_responses_and_generate_nothing(sft_run):
@@ -137,7 +137,7 @@ def test_sft_and_spin_rounds_see_the_same_tokens_of_real_data(sft_run, tmp_path)
     """Same prompts and epochs: SPIN's training tokens are SFT's plus the synthetic sequences."""
     _, sft_summary, _ = sft_run
     cfg = compose_cfg(["debug=fast", "rounds=1"], tmp_path / "spin")
-    spin_summary = train.run(cfg)
+    spin_summary = spinlab.run.run(cfg)
     synthetic = [
         json.loads(x) for x in (tmp_path / "spin/rounds/round_000/synthetic.jsonl").read_text().splitlines()
     ]
@@ -151,4 +151,4 @@ def test_resumed_sft_run_changes_nothing(sft_run):
     root, summary, cfg = sft_run
     with open_dict(cfg):
         cfg.run_dir = str(root)
-    assert train.run(cfg) == summary
+    assert spinlab.run.run(cfg) == summary

@@ -13,12 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-import train
+import spinlab.run
 from spinlab import losses
 from spinlab.data import SelfPlayDataModule
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import PolicyModule
 from spinlab.objectives import SFT, SPIN, TSPIN
+from spinlab.report import print_summary
 from spinlab.rounds import RealPairs, Round, SyntheticPairs, TripletPairs
 from spinlab.rundir import RunDir
 from tests.conftest import CONF, compose_cfg
@@ -46,7 +47,7 @@ def run(tmp_path, name, *overrides, extra_callbacks=None):
     with open_dict(cfg):
         for key, value in (extra_callbacks or {}).items():
             cfg.callbacks[key] = value
-    return train.run(cfg), cfg
+    return spinlab.run.run(cfg), cfg
 
 
 # -- the config group ----------------------------------------------------------------------------
@@ -236,6 +237,6 @@ def test_tspin_resume_after_round_zero_keeps_the_proto_responses(tspin_run, tmp_
 )
 def test_the_closing_table_names_the_method_that_trained(target, heading, capsys, tmp_path):
     summaries = {0: {"loss": 0.5, "margin": 0.25, "accuracy": 0.75, "pairs": 8, "seconds": 1.0}}
-    train.print_summary(summaries, RunDir(tmp_path), target)
+    print_summary(summaries, RunDir(tmp_path), target)
     out = capsys.readouterr().out
     assert f"\n{heading}" in out and "0.2500" in out

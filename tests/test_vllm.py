@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import train
+import spinlab.run
 from spinlab.collective import generate_rows, policy_weights
 from spinlab.generation import HFGenerator
 from spinlab.generation.vllm import VLLMGenerator
@@ -105,7 +105,7 @@ def test_vllm_missing_for_the_interpreter_fails_at_start_with_no_side_effects(tm
     monkeypatch.setattr("spinlab.models.LoadedModel.model", property(lambda self: loads.append(1)))
     started = time.perf_counter()
     with pytest.raises(RuntimeError) as err:
-        train.run(cfg)
+        spinlab.run.run(cfg)
     seconds = time.perf_counter() - started
     message = str(err.value)
     assert f"vLLM is not importable by generation.python={sys.executable!r}" in message

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
-from spinlab.config import REDACTED, SECRET, round_overrides
+from spinlab.config import REDACTED, SECRET, renamed_settings, round_overrides
 from spinlab.rounds import round_settings
 from spinlab.rundir import RunDir, write_bytes
 
@@ -137,7 +137,7 @@ class Run:
         if not path.is_file():
             raise CardError(f"{path} is missing: {self.dir.root} is not a spinlab run directory")
         try:
-            self.settings = yaml.safe_load(path.read_text()) or {}
+            self.settings = renamed_settings(yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError as err:
             raise CardError(f"{path} is not valid YAML ({err})") from err
         self.summaries: dict[int, dict] = {}
@@ -156,6 +156,10 @@ class Run:
     def node(self, key: str) -> dict:
         value = self.settings.get(key)
         return value if isinstance(value, dict) else {}
+
+    def benchmarks(self) -> dict:
+        """The lm-eval settings (`eval.benchmarks`); {} when no benchmark ran."""
+        return self.node("eval").get("benchmarks") or {}
 
     def objective(self) -> str:
         target = self.node("objective").get("_target_", "spinlab.objectives.SPIN")
@@ -395,7 +399,7 @@ def _bench(summary: dict) -> list[tuple[str, str, float, float | None]]:
 
 def _eval_results(run: Run, index: int, source: Source) -> list[EvalResult]:
     summary = run.summaries[index]
-    shots = (run.node("eval").get("num_fewshot") or {}) if run.node("eval") else {}
+    shots = run.benchmarks().get("num_fewshot") or {}
     results = [
         EvalResult(
             task_type="text-generation",
@@ -573,11 +577,11 @@ def _model_body(run, index, publication, title, base, base_words, source, settin
             )
             for task, metric, value, stderr in bench
         ]
-        limit = run.node("eval").get("limit")
+        limit = run.benchmarks().get("limit")
         parts.append(
             "## Benchmarks (lm-evaluation-harness)\n\n"
             + _table(("task", "metric", "start model", f"round {index}", "stderr"), rows)
-            + (f"\n\nOn {limit} examples per task (`eval.limit`)." if limit else "")
+            + (f"\n\nOn {limit} examples per task (`eval.benchmarks.limit`)." if limit else "")
         )
     history = [k for k in ("loss", "margin", "accuracy", "eval/heldout_accuracy", "eval/task_accuracy")]
     history += sorted(

@@ -3,9 +3,9 @@ wrongly typed value when the config is composed, wherever it comes from (command
 experiment preset, your own YAML). The groups (model, data, ...) are checked by `check_targets`
 before anything is built: a key that the `_target_` does not take fails at start, naming the
 group, the class and the key (except the keys another part reads, READ_ELSEWHERE, which
-`own_keys` leaves out when the group is built). `round_overrides` is checked and typed at start
-(`round_overrides`), and a restarted run's settings against those it was started with
-(`check_restart`).
+`own_keys` leaves out when the group is built), and a key that was renamed (RENAMED) names its new
+name. `round_overrides` is checked and typed at start (`round_overrides`), and a restarted run's
+settings against those it was started with (`check_restart`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class TrainConfig:
     logger: Any = MISSING
     callbacks: Any = MISSING
     eval: Any = None
+    picked: dict[str, Any] = field(default_factory=dict)
 
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def round_overrides(overrides: dict, rounds: int) -> dict[int, dict]:
 # other key is compared, the nodes the top-level keys reach by interpolation included
 # (`callbacks.self_play.lam` is `${lam}`), so that a setting changed through either path is refused.
 RESTART_FREE = (
+    "picked",  # a record of how the groups were chosen; what they chose is compared
     "resume",
     "logger",
     "run_name",
@@ -197,6 +199,59 @@ def check_restart(before: dict, now: dict, finished: int, started: int) -> list[
     return warnings
 
 
+# Keys renamed since a run may have been started (old -> new). A config that sets an old key is
+# refused at start, naming the new one (`check_renamed` for the command line, `check_targets` for a
+# YAML file), and a restart reads the settings its run recorded under the new names (`renamed_settings`).
+BENCHMARK_KEYS = (  # issue 30: lm-eval's settings went from `eval` into `eval.benchmarks`
+    "tasks",
+    "num_fewshot",
+    "limit",
+    "include_path",
+    "main_metrics",
+    "average",
+    "bootstrap_iters",
+    "apply_chat_template",
+)
+RENAMED = {f"eval.{key}": f"eval.benchmarks.{key}" for key in BENCHMARK_KEYS}
+WHY_RENAMED = "the lm-eval settings moved into eval.benchmarks, which eval=lm_eval and eval=open_llm_v1 set"
+
+
+def renamed_key(key: str) -> str | None:
+    """The new name of `key` (a dotted key, or one below it) if it was renamed, else None."""
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return None
+
+
+def check_renamed(overrides: list[str]) -> None:
+    """Refuse a command-line override of a renamed key, naming its new name (Hydra's own error
+    would only say that the key is not in the config)."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        new = renamed_key(key)
+        if new is not None:
+            raise ConfigError(
+                f"{key} is now {new}" + (f" ({new}={value})" if value else "") + f": {WHY_RENAMED}"
+            )
+
+
+def renamed_settings(settings: dict) -> dict:
+    """A run's recorded settings (run_config.yaml) under today's names: a run started before the
+    lm-eval settings moved into `eval.benchmarks` holds them in `eval`."""
+    node = settings.get("eval")
+    if not isinstance(node, dict) or "benchmarks" in node:
+        return settings
+    node = dict(node)
+    old = {key: node.pop(key) for key in BENCHMARK_KEYS if key in node}
+    node["benchmarks"] = (  # it ran benchmarks only when it named tasks
+        {"_target_": "spinlab.harness.Harness", **old, "batch_size": node.get("batch_size")}
+        if old.get("tasks")
+        else None
+    )
+    return {**settings, "eval": node}
+
+
 def check_settings(run_dir: RunDir, now: dict, finished: int, record: bool) -> None:
     """Hold a restart to the settings its run directory was started with (`check_restart`), then
     (`record`) store `now` as the run's settings (`record_settings`).
@@ -206,7 +261,7 @@ def check_settings(run_dir: RunDir, now: dict, finished: int, record: bool) -> N
     last = run_dir.last_checkpoint
     began = last.is_symlink() or any(p.exists() for p in (last, run_dir.summary, run_dir.root / "rounds"))
     if began and run_dir.run_config.exists():
-        before = OmegaConf.to_container(OmegaConf.load(run_dir.run_config))
+        before = renamed_settings(OmegaConf.to_container(OmegaConf.load(run_dir.run_config)))
         check_restart(before, now, finished, finished + (finished < before["rounds"]))
     if record:
         record_settings(run_dir, now)
@@ -301,6 +356,12 @@ def check_targets(cfg) -> None:
                 names = params
                 ignored = HYDRA_KEYS | set(READ_ELSEWHERE.get(path, ()))
                 unknown = sorted(k for k in node if k not in names and k not in ignored)
+                for key in unknown:
+                    new = renamed_key(f"{path}.{key}")
+                    if new is not None:
+                        raise ConfigError(
+                            f"{path}.{key} is now {new} ({target} takes no key {key!r}): {WHY_RENAMED}"
+                        )
                 if unknown:
                     raise ConfigError(
                         f"{path}: {target} takes no key {unknown[0]!r} ({path}.{unknown[0]}); "
@@ -310,6 +371,34 @@ def check_targets(cfg) -> None:
             walk(child, f"{path}.{key}" if path else str(key))
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def picked_choices(config_name: str, overrides: list[str]) -> dict[str, dict]:
+    """The config groups whose choice another group's config made, not the command line or the
+    primary config's defaults (`override /generation@_global_.generation: static` in
+    conf/trainer/gpu.yaml): {group: {"choice": "static", "by": "trainer=gpu", "file": <its path>}}.
+
+    Read from Hydra's defaults list, which records which config made each override (Hydra
+    offers no public accessor for that record; hydra-core is pinned to 1.3). Needs Hydra
+    initialised (GlobalHydra), as it is inside @hydra.main and `initialize_config_dir`."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    loader = GlobalHydra.instance().config_loader()
+    found = loader.compute_defaults_list(config_name, list(overrides), RunMode.RUN)
+    choices = {d.override_key: d.config_path for d in found.defaults if d.override_key}
+    picked = {}
+    for group, made in found.overrides.override_metadata.items():
+        by = made.containing_config_path
+        if made.external_override or not made.used or by in (None, config_name) or group not in choices:
+            continue
+        source = next((s for s in loader.get_sources() if s.is_config(by)), None)
+        picked[group] = {
+            "choice": choices[group].removeprefix(group + "/"),
+            "by": "=".join(by.rsplit("/", 1)),
+            "file": f"{source.path}/{by}.yaml" if source is not None else f"{by}.yaml",
+        }
+    return picked
 
 
 def build(node, **kwargs):
@@ -436,7 +525,8 @@ def check_lr(cfg) -> None:
 
 def check_module(node) -> None:
     """The policy module's settings, which PolicyModule checks only once the weights are loaded."""
-    from spinlab.module import NONFINITE_POLICIES, OPPONENT_MODES
+    from spinlab.module import OPPONENT_MODES
+    from spinlab.steps import NONFINITE_POLICIES
 
     if node.get("opponent", "cached") not in OPPONENT_MODES:
         raise ConfigError(f"opponent={node.opponent!r} is not one of {OPPONENT_MODES}")

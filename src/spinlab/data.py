@@ -138,7 +138,7 @@ class SelfPlayDataModule(L.LightningDataModule):
     def load_rows(self) -> None:
         """Read and validate every split, then fix the length limits (measuring those left None).
 
-        Needs the tokenizer, not the model: train.py runs it before any weights are loaded.
+        Needs the tokenizer, not the model: spinlab.run runs it before any weights are loaded.
         """
         if self.rows:
             return

@@ -24,6 +24,7 @@ import torch
 from spinlab.collective import SingleProcess, generate_rows, policy_weights, score_pairs
 from spinlab.errors import NotFoundError
 from spinlab.generation import HFGenerator
+from spinlab.harness import Harness
 from spinlab.rundir import RunDir, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ def length_ratio(texts: list[str], references: list[str]) -> float:
 
 
 class RoundEvaluator:
+    """`benchmarks`: the lm-eval tasks to run on the start model and after every round
+    (conf/eval/lm_eval.yaml builds one from `eval.benchmarks`), or None."""
+
     def __init__(
         self,
         heldout_pairs: int = 32,
@@ -77,14 +81,7 @@ class RoundEvaluator:
         mtbench: bool = False,
         mtbench_questions: int | None = None,
         mtbench_max_new_tokens: int = 512,
-        tasks: list[str] | None = None,
-        num_fewshot: dict[str, int] | None = None,
-        limit: int | float | None = None,
-        include_path: str | None = None,
-        main_metrics: dict[str, str] | None = None,
-        average: str | None = None,
-        bootstrap_iters: int = 1000,
-        apply_chat_template: bool = False,
+        benchmarks: Harness | None = None,
     ):
         self.heldout_pairs = heldout_pairs
         self.task_prompts = task_prompts
@@ -96,26 +93,7 @@ class RoundEvaluator:
         self.mtbench_limit = mtbench_questions
         self.mtbench_max_new_tokens = mtbench_max_new_tokens
         self.batch_size = batch_size
-        self.harness = None
-        if tasks:
-            from spinlab.harness import Harness
-
-            self.harness = Harness(
-                tasks=list(tasks),
-                num_fewshot=num_fewshot,
-                limit=limit,
-                batch_size=batch_size,
-                include_path=include_path,
-                main_metrics=main_metrics,
-                average=average,
-                bootstrap_iters=bootstrap_iters,
-                apply_chat_template=apply_chat_template,
-            )
-
-    def check(self) -> None:
-        """At the start of a run, before any weights load: the benchmarks' tasks and data."""
-        if self.harness is not None:
-            self.harness.check()
+        self.harness = benchmarks
 
     # -- held-out pairs: synthetic responses from the opponent --------------------------------
     def _heldout_path(self, run_dir: RunDir, index: int) -> Path:

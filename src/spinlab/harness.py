@@ -5,6 +5,7 @@ a copy of the tokenizer (HFLM sets or adds a pad token on the one it gets). HFLM
 model to eval mode and lm-eval seeds the global random generators: both are put back afterwards,
 so training goes on as it would have without the benchmarks.
 
+`eval.benchmarks` (conf/eval/lm_eval.yaml) builds a Harness for the run's RoundEvaluator.
 Tasks are lm-eval names (built-in, from `include_path`, or the project's own in
 `spinlab/lm_eval_tasks/`). Every task is built once at the start of a run: that loads its data,
 so a built-in task whose data is not in the local datasets cache fails then, not after the first
@@ -91,20 +92,11 @@ def flatten(task: str, numbers: dict, main_metric: str | None) -> dict[str, floa
     main = f"{PREFIX}{task}/{main_metric}" if main_metric else metrics[0]
     if main not in out:
         raise ConfigError(
-            f"eval.main_metrics.{task}={main_metric!r} is not among the task's metrics "
+            f"eval.benchmarks.main_metrics.{task}={main_metric!r} is not among the task's metrics "
             f"{[m.removeprefix(f'{PREFIX}{task}/') for m in metrics]}"
         )
     out[f"{PREFIX}{task}"] = out[main]
     return out
-
-
-def main_columns(summaries: dict) -> list[str]:
-    """Summary keys of the benchmarks' main metrics (`bench/<task>`, the average), in order."""
-    keys: dict[str, None] = {}
-    for s in summaries.values():
-        keys.update({k: None for k in s if k.startswith(PREFIX) and k.count("/") == 1})
-    keys.pop(f"{PREFIX}seconds", None)
-    return list(keys)
 
 
 # -- the harness ----------------------------------------------------------------------------------
@@ -131,21 +123,23 @@ class Harness:
     ):
         self.tasks = list(tasks)
         if not self.tasks:
-            raise ConfigError("eval.tasks is empty: name at least one lm-eval task, or use eval=default")
+            raise ConfigError(
+                "eval.benchmarks.tasks is empty: name at least one lm-eval task, or use eval=default"
+            )
         self.num_fewshot = dict(num_fewshot or {})
         self.main_metrics = dict(main_metrics or {})
         for key, where in ((self.num_fewshot, "num_fewshot"), (self.main_metrics, "main_metrics")):
             unknown = sorted(set(key) - set(self.tasks))
             if unknown:
                 raise ConfigError(
-                    f"eval.{where} names {unknown}, which are not in eval.tasks {self.tasks}: "
-                    "add them to eval.tasks or remove their entries"
+                    f"eval.benchmarks.{where} names {unknown}, which are not in eval.benchmarks.tasks "
+                    f"{self.tasks}: add them to eval.benchmarks.tasks or remove their entries"
                 )
         self.limit = limit
         self.batch_size = batch_size
         self.include_path = str(Path(include_path).resolve()) if include_path else None
         if self.include_path and not Path(self.include_path).is_dir():
-            raise ConfigError(f"eval.include_path={include_path}: no such directory of task YAMLs")
+            raise ConfigError(f"eval.benchmarks.include_path={include_path}: no such directory of task YAMLs")
         self.average = average
         self.bootstrap_iters = bootstrap_iters
         self.apply_chat_template = apply_chat_template
@@ -168,8 +162,8 @@ class Harness:
                 unknown = [t for t in self.tasks if t not in own and t not in self._manager.all_tasks]
                 if unknown:
                     raise NotFoundError(
-                        f"eval.tasks: {unknown} are not lm-eval tasks, groups or tags (nor in "
-                        f"eval.include_path={self.include_path}); `lm-eval ls tasks` lists them"
+                        f"eval.benchmarks.tasks: {unknown} are not lm-eval tasks, groups or tags (nor in "
+                        f"eval.benchmarks.include_path={self.include_path}); `lm-eval ls tasks` lists them"
                     )
         return self._manager
 
@@ -201,7 +195,7 @@ class Harness:
                 f"lm-eval task {task!r}: its data is not in the local datasets cache and the hub is "
                 "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Either run once with the hub reachable "
                 "so that the data is downloaded and cached, or use a local task (a YAML with "
-                f"dataset_path: json in eval.include_path). ({type(err).__name__}: {err})"
+                f"dataset_path: json in eval.benchmarks.include_path). ({type(err).__name__}: {err})"
             )
         return f"lm-eval task {task!r} could not be loaded: {type(err).__name__}: {err}"
 

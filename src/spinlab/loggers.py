@@ -4,7 +4,7 @@ Lightning's CSVLogger deletes `metrics.csv` when it opens a run directory that h
 resumed run kept only what it logged itself. Here the file is kept, and cut back to the rows
 that existed when the checkpoint the run resumes from was written: the rows logged after it
 are logged again by the redone steps, so every row appears once. The logger is also a callback
-so that its row count travels inside the checkpoint (train.py lists it among the callbacks).
+so that its row count travels inside the checkpoint (spinlab.run lists it among the callbacks).
 
 W&B: the run id is kept in `<run_dir>/wandb_id`, so every start of a run directory continues
 the same W&B run (`resume="allow"`).

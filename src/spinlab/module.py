@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -27,8 +26,6 @@ from torch import nn
 from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, SumMetric
 
-from spinlab import lightning_compat
-from spinlab.data import batch_tokens
 from spinlab.errors import ConfigError
 from spinlab.logprobs import (
     IGNORE_INDEX,
@@ -39,20 +36,11 @@ from spinlab.logprobs import (
 )
 from spinlab.objectives import Objective
 from spinlab.rounds import Round
+from spinlab.steps import StepRecord
 
 log = logging.getLogger(__name__)
 
 OPPONENT_MODES = ("cached", "model")
-NONFINITE_POLICIES = ("stop", "skip")
-_NO_STEP = 2**62  # "no bad step yet": above any step index, exact in float64
-_STOP_ADVICE = (
-    "The run stops here; the last good checkpoint is kept. Lower the learning rate or lam, check the "
-    "data, or set module.on_nonfinite=skip to skip such batches (they are counted)."
-)
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinite loss or gradient; the last good checkpoint is kept."""
 
 
 def warmup_linear_decay(step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -309,8 +297,9 @@ class RoundSchedule(torch.optim.lr_scheduler.LRScheduler):
 
 class PolicyModule(L.LightningModule):
     """The policy, its optimizer and per-round schedule, response log-probs, the opponent,
-    sharding, non-finite handling and the per-round metric means. The objective turns per-kind
-    log-probs (and the opponent's, when it uses them) into the loss and the metrics."""
+    sharding and the per-round metric means. The objective turns per-kind log-probs (and the
+    opponent's, when it uses them) into the loss and the metrics; what the host learns of each
+    step (finiteness, the metrics the loggers get) is `steps`' (spinlab.steps)."""
 
     def __init__(
         self,
@@ -340,12 +329,6 @@ class PolicyModule(L.LightningModule):
         # Sharded runs: decode on the full weights gathered once (fast; needs the whole model's
         # memory on every device), or on the shards with every process stepping in lockstep.
         self.gather_for_generation = gather_for_generation
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
-        self.on_nonfinite = on_nonfinite
-        # True: the host reads the finiteness vote and the metrics after every step (the behaviour
-        # before windows, kept to measure against); False: once per logging window (see training).
-        self.sync_every_step = sync_every_step
         self.objective = objective
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
@@ -371,11 +354,7 @@ class PolicyModule(L.LightningModule):
         for metric in self._round_metrics():
             metric.persistent(True)  # a resumed round's summary still covers the whole round
         self.round: Round | None = None  # owned by SelfPlayCallback, read here
-        self._batch_started = 0.0
-        self._last_settings: dict[str, float] = {}
-        self._first_bad: dict[str, torch.Tensor] = {}
-        self._unchecked = False  # steps ran since the host last read the finiteness record
-        self._reset_window()
+        self.steps = StepRecord(self, on_nonfinite, sync_every_step)
         self.opponent_scorer = None
         if opponent == "model":
             self.opponent_scorer = copy.deepcopy(self.scorer).requires_grad_(False).eval()
@@ -517,31 +496,15 @@ class PolicyModule(L.LightningModule):
         return out
 
     # -- training ---------------------------------------------------------------------------
-    # With sync_every_step=False a training step never waits for the device: the finiteness of
-    # each step's loss and gradients is kept on the device (the first bad step, a min over steps),
-    # the metrics are summed there, and the host reads both once per logging window
-    # (trainer.log_every_n_steps steps), at each epoch's end and before any checkpoint is written.
-    # on_nonfinite=skip must decide before each optimizer step, so it reads one flag per step.
     def on_train_start(self) -> None:
-        self._first_bad = {k: self._no_step() for k in ("loss", "gradient")}
-        self._unchecked = False
+        self.steps.start()
 
     def on_train_epoch_start(self) -> None:
         self.lr_schedulers().refresh()  # the round (and its lr) may have changed since the last step
-        self._reset_window()  # a logging window never spans two epochs (or two rounds)
+        self.steps.reset_window()  # a logging window never spans two epochs (or two rounds)
 
     def on_train_batch_start(self, batch, batch_idx):
-        self._batch_started = time.perf_counter()
-        if self._window_started is None:
-            self._window_started = self._batch_started
-
-    def _nonfinite(self, what: str) -> None:
-        where = f"round {self.round_index}, step {self.global_step}"
-        if self.on_nonfinite == "stop":
-            raise NonFiniteError(f"{where}: the {what} is not finite (NaN or inf). {_STOP_ADVICE}")
-        log.warning("%s: non-finite %s, batch skipped (module.on_nonfinite=skip)", where, what)
-        self.skipped.update(1.0)
-        self.log("train/skipped_batches", self.skipped.compute(), batch_size=1)
+        self.steps.batch_started()
 
     def loss_and_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
         """The objective on one batch (SPIN: Eq. 4.7); per-pair tensors and the loss."""
@@ -559,183 +522,27 @@ class PolicyModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.loss_and_metrics(batch)
-        if self.sync_every_step:
-            return self._synced_training_step(batch, out)
+        if not self.steps.after_loss(batch, out):
+            return None  # a skipped step (module.on_nonfinite=skip): no backward, no update
         log.debug("round %d step %d", self.round_index, self.global_step)
-        # Read now: by on_train_batch_end the scheduler has already set the next step's rate.
-        self._last_settings = self._step_settings()
-        names = self.objective.metric_names
-        step = {
-            "values": torch.stack([out[n].detach().float().mean() for n in names]),
-            "per_pair": {n: out[n].detach() for n in names},
-            "pairs": len(batch["index"]),
-        }
-        finite = torch.isfinite(out["loss"].detach())
-        if self.on_nonfinite == "skip":
-            # Kept until the step's one synchronisation says whether the update is applied.
-            self._pending.append(step)
-            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-        else:
-            self._note_bad("loss", ~finite)
-            self._add_to_window(step)
         return out["loss"]
-
-    def _synced_training_step(self, batch, out):
-        names = self.objective.metric_names
-        # One collective per step: the finiteness vote and the metrics' means across processes.
-        local = torch.stack(
-            [torch.isfinite(out["loss"]).float()] + [out[n].detach().float().mean() for n in names]
-        )
-        reduced = (
-            self.trainer.strategy.reduce(local, reduce_op="mean") if self.trainer.world_size > 1 else local
-        )
-        values = reduced.tolist()  # the step's one host synchronisation
-        if values[0] < 1.0:  # every process must agree, or one would skip a step the others take
-            self._nonfinite("loss")
-            return None
-        log.debug("round %d step %d", self.round_index, self.global_step)
-        pairs = len(batch["index"])
-        for name in names:
-            self.means[name].update(out[name].detach())
-        self.log_dict(
-            {f"train/{n}": v for n, v in zip(names, values[1:], strict=True)} | self._step_settings(),
-            batch_size=pairs,
-        )
-        return out["loss"]
-
-    def _step_settings(self) -> dict[str, float]:
-        return {
-            "round": float(self.round_index),
-            "train/lam": float(self.lam),
-            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-        }
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        tokens = batch_tokens(batch, wait=self.sync_every_step)
-        if self.sync_every_step:
-            seconds = time.perf_counter() - self._batch_started
-            self.tokens.update(float(tokens))
-            self.log("perf/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
-            return
-        # A fill with a host number: no copy from the host, so no wait for the device either.
-        count = tokens.float() if torch.is_tensor(tokens) else torch.full((), tokens, device=self.device)
-        self.tokens.update(count)
-        self._window_tokens += tokens
-        trainer = self.trainer
-        # Lightning writes a step's metrics to the loggers on these steps only (and at a stop).
-        if lightning_compat.is_logging_step(trainer):
-            self._log_window()
+        self.steps.after_batch(batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
-        if self.sync_every_step:
-            # One fused norm over all gradients: a single host synchronisation, not one per tensor.
-            local = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
-            if not self.trainer.strategy.reduce_boolean_decision(local, all=True):
-                self._nonfinite("gradient")
-                optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
-            return
-        finite = (
-            torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
-            if grads
-            else torch.ones((), dtype=torch.bool, device=self.device)
-        )
-        if self.on_nonfinite == "stop":
-            self._note_bad("gradient", ~finite)
-            return
-        loss_finite = self._loss_finite if self._loss_finite is not None else torch.ones_like(finite)
-        verdict = self._all_reduce(torch.stack([loss_finite, finite]).int(), ReduceOp.MIN)
-        loss_ok, grads_ok = verdict.tolist()  # skip: the step's one host synchronisation
-        pending, self._pending, self._loss_finite = self._pending, [], None
-        if not (loss_ok and grads_ok):
-            self._nonfinite("loss" if not loss_ok else "gradient")
-            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
-            return
-        for step in pending:
-            self._add_to_window(step)
+        self.steps.before_optimizer_step(optimizer)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if a step since the last check had a non-finite loss or gradient.
+        Called before every checkpoint and Hugging Face save, so a non-finite update is never saved."""
+        self.steps.check()
 
     def on_train_end(self) -> None:
         self.check_finite()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # a non-finite update is never saved
-
-    # -- the device-side record of the steps ------------------------------------------------
-    def _no_step(self) -> torch.Tensor:
-        return torch.full((), _NO_STEP, dtype=torch.long, device=self.device)
-
-    def _reset_window(self) -> None:
-        self._window_sums: torch.Tensor | None = None  # per metric, summed over the window's steps
-        self._window_steps = 0
-        self._window_pairs = 0
-        self._window_tokens = 0
-        self._window_started: float | None = None
-        self._pending: list[dict] = []
-        self._loss_finite: torch.Tensor | None = None
-
-    def _note_bad(self, what: str, bad: torch.Tensor) -> None:
-        step = torch.where(bad, self.global_step, _NO_STEP)
-        self._first_bad[what] = torch.minimum(self._first_bad[what], step)
-        self._unchecked = True
-
-    def _add_to_window(self, step: dict) -> None:
-        values = step["values"]
-        self._window_sums = values if self._window_sums is None else self._window_sums + values
-        self._window_steps += 1
-        self._window_pairs += step["pairs"]
-        for name, value in step["per_pair"].items():
-            self.means[name].update(value)
-
-    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
-        # torch.distributed directly: Lightning's strategy.reduce adds a barrier, which waits for the device
-        if self.trainer.world_size > 1:
-            torch.distributed.all_reduce(tensor, op=op)
-        return tensor
-
-    def _first_bad_across_processes(self) -> torch.Tensor:
-        return self._all_reduce(
-            torch.stack([self._first_bad["loss"], self._first_bad["gradient"]]), ReduceOp.MIN
-        )
-
-    def check_finite(self) -> None:
-        """Raise NonFiniteError if a step since the last check had a non-finite loss or gradient
-        (module.on_nonfinite=stop, sync_every_step=false): one host synchronisation, none when no
-        step ran since. Called before every checkpoint and Hugging Face save, so a non-finite
-        update is never saved."""
-        if self.sync_every_step or not self._unchecked:
-            return
-        self._raise_if_bad(self._first_bad_across_processes().tolist())
-
-    def _raise_if_bad(self, first_bad: list) -> None:
-        self._unchecked = False
-        loss_step, gradient_step = (int(x) for x in first_bad)
-        step = min(loss_step, gradient_step)
-        if step >= _NO_STEP:
-            return
-        what = "loss" if loss_step <= gradient_step else "gradient"
-        raise NonFiniteError(
-            f"round {self.round_index}, step {step}: the {what} is not finite (NaN or inf); noticed after "
-            f"step {self.global_step - 1} (module.sync_every_step=false checks every "
-            f"trainer.log_every_n_steps={self.trainer.log_every_n_steps} steps and before every save). "
-            f"{_STOP_ADVICE}"
-        )
-
-    def _log_window(self) -> None:
-        """The window's metric means and token rate to the loggers, and the finiteness check."""
-        names = self.objective.metric_names
-        first_bad = self._first_bad_across_processes().double()
-        sums = self._window_sums if self._window_sums is not None else first_bad.new_zeros(len(names))
-        sums = self._all_reduce(sums.double(), ReduceOp.SUM)
-        values = torch.cat([first_bad, sums]).tolist()  # the window's one host synchronisation
-        self._raise_if_bad(values[:2])
-        seconds = time.perf_counter() - self._window_started  # the device has caught up by now
-        metrics = {"perf/tokens_per_s": float(self._window_tokens) / max(seconds, 1e-9)}
-        if self._window_steps:
-            steps = self._window_steps * self.trainer.world_size
-            metrics |= {f"train/{n}": v / steps for n, v in zip(names, values[2:], strict=True)}
-        self.log_dict(metrics | self._last_settings, batch_size=max(1, self._window_pairs))
-        self._reset_window()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

@@ -1,6 +1,7 @@
-"""Tables and plots of a sweep: `python -m spinlab.report multirun/spin [--out DIR] [--metrics ...]`.
+"""Tables of a run and of a sweep.
 
-A run directory is any directory under the sweep holding `summary.json` (one entry per finished
+`print_summary`: the per-round table a run ends with. `python -m spinlab.report multirun/spin
+[--out DIR] [--metrics ...]`: the tables and plots of a sweep. A run directory is any directory under the sweep holding `summary.json` (one entry per finished
 round) and `.hydra/config.yaml`. Runs are grouped into cells by loss, λ and their other
 overrides (the variant; e.g. `optimizer.lr=...` in a sweep over it), and each cell's per-round
 metrics are averaged over seeds. `collect` and `summarise` are the same steps for a notebook.
@@ -20,7 +21,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 
+from spinlab.rundir import RunDir
 from spinlab.sweep import exit_status, failures
 
 if TYPE_CHECKING:
@@ -37,6 +40,53 @@ EVAL_PREFIXES = ("eval/", "val/", "bench/")
 NOT_VARIANT = {"loss", "lam", "seed", "resume", "name", "run_dir", "run_name"}
 
 
+# -- a run's table --------------------------------------------------------------------------------
+def main_columns(summaries: dict) -> list[str]:
+    """Summary keys of the benchmarks' main metrics (`bench/<task>`, the average), in order."""
+    keys: dict[str, None] = {}
+    for s in summaries.values():
+        keys.update({k: None for k in s if k.startswith("bench/") and k.count("/") == 1})
+    keys.pop("bench/seconds", None)
+    return list(keys)
+
+
+def print_summary(summaries: dict, run_dir: RunDir, objective: str) -> None:
+    columns = [  # (header, summary key, format)
+        ("loss", "loss", ".4f"),
+        ("margin", "margin", ".4f"),
+        ("accuracy", "accuracy", ".3f"),
+        ("heldout_acc", "eval/heldout_accuracy", ".3f"),
+        ("task_acc", "eval/task_accuracy", ".3f"),
+        ("lam", "lam", "g"),
+        ("pairs", "pairs", "d"),
+        ("seconds", "seconds", ".1f"),
+    ]
+    columns += [(k.removeprefix("bench/"), k, ".3f") for k in main_columns(summaries)]  # lm-eval tasks
+    columns = [c for c in columns if any(c[1] in s for s in summaries.values())]
+    widths = [max(11, len(h)) for h, _, _ in columns]
+    lines = [f"{'round':>5} " + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True))]
+    for index in sorted(summaries):
+        s = summaries[index]
+        cells = (  # "-": not measured for this row (the start model has no training loss)
+            f"{s[k]:>{w}{f}}" if k in s else f"{'-':>{w}}"
+            for (_, k, f), w in zip(columns, widths, strict=True)
+        )
+        lines.append(f"{'start' if index < 0 else index:>5} " + " ".join(cells))
+    method = get_class(objective).name
+    if any("margin" in s for s in summaries.values()):
+        title = f"\n{method} rounds (accuracy = share of pairs with real over synthetic, margin > 0)"
+    else:
+        title = f"\n{method} rounds (loss = mean negative log-likelihood per response token)"
+    lines.insert(0, title)
+    lines.append(f"run directory: {run_dir.root}")
+    # One write: the other processes of a sharded run share this stream, and a table cut by
+    # their lines is unreadable.
+    sys.stdout.flush()
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+# -- a sweep's tables and plots -------------------------------------------------------------------
 def _pandas():
     """pandas, imported when a report is made: a core install (no `analysis` extra) still trains."""
     try:

@@ -529,7 +529,7 @@ def check_last_checkpoint(run_dir: RunDir, finished_rounds: int, checksums: bool
     """Refuse to resume from a damaged `last.ckpt`, saying what is intact and how to go on.
 
     `checksums`: also compare every file with the digests saved with it, which reads the whole
-    checkpoint; one process of a job does that (see train.run), the others check its structure."""
+    checkpoint; one process of a job does that (see spinlab.run.run), the others check its structure."""
     path = run_dir.last_checkpoint
     problem = checkpoint_problem(path, checksums)
     if problem is None:

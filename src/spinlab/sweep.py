@@ -5,7 +5,7 @@ later recorded while the others go on.
 sweep at its start and runs the start's config check on it (spinlab.config.check_config): a bad
 point refuses the whole sweep at once, naming it, before any job runs. A job that fails later (bad
 data, a busy run directory, a non-finite loss, a crash) is written to
-`<sweep dir>/failures/job_<N>.json` (`record_failure`, called by train.py) and the sweep goes on;
+`<sweep dir>/failures/job_<N>.json` (`record_failure`, called by spinlab.cli) and the sweep goes on;
 spinlab.report.SweepReport lists the failures in the report and ends the command with a failure
 status.
 """
