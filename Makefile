@@ -17,7 +17,7 @@ export WANDB_MODE ?= disabled
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: setup vllm demo test lint format clean
+.PHONY: setup vllm demo test lint format docs clean
 
 setup: $(VENV)/.installed
 
@@ -58,5 +58,9 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The reference pages under docs/ as a site in site/ (mkdocs.yml: strict, so a broken link stops it).
+docs: setup
+	$(VENV)/bin/mkdocs build
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) outputs multirun .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs multirun site .pytest_cache .ruff_cache

@@ -5,8 +5,9 @@ head sizes of 32 and up), over the character tokenizer of `spinlab.models.char_t
 output layer's weights are scaled up (and Phi's output bias drawn at random) so that the logits
 are as large as a trained checkpoint's and the soft-cap, the scales and the bias change them.
 
-`SUPPORT` is what the README's support table says for each family; tests/test_families.py checks
-each cell against the family's behaviour, and the table against `SUPPORT`.
+`SUPPORT` is what the support table of docs/model-families.md says for each family;
+tests/test_families.py checks each cell against the family's behaviour, and the table against
+`SUPPORT`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ FAMILIES: dict[str, tuple[type, dict]] = {
 SLIDING = {"Mistral", "Mixtral", "Gemma-2", "Gemma-3"}
 MOE_FAMILIES = {"Mixtral", "Qwen3-MoE"}
 
-# The README's support table, row by row (its cells in order of SUPPORT_COLUMNS).
+# The support table of docs/model-families.md, row by row (its cells in order of SUPPORT_COLUMNS).
 SUPPORT_COLUMNS = (
     "output layer",
     "log-probs",

@@ -1,4 +1,4 @@
-"""Every config in conf/ composes and is instantiated (the README's commands run in test_readme.py)."""
+"""Every config in conf/ composes and is instantiated (the commands of the README and docs/ run in test_readme.py)."""
 
 import math
 import os

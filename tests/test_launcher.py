@@ -1,5 +1,5 @@
 """Sweeps through hydra-submitit-launcher: the Slurm preset as sbatch text. Local subprocess jobs run
-for real in tests/test_readme.py (the README's `hydra/launcher=submitit_local` command)."""
+for real in tests/test_readme.py (the `hydra/launcher=submitit_local` command of docs/sweeps.md)."""
 
 import os
 

@@ -1,14 +1,18 @@
-"""Every command of the README's quick start and sweep sections runs as written (slow; CI runs it).
+"""Every command of the README's and the docs pages' `bash` blocks runs as written (slow; CI runs it).
 
-The commands are taken from the fenced bash blocks of those sections, so a command added there
-is tested without touching this file. They run in README order, as a user would type them (a
-later one may use what an earlier one made: a saved policy, a sweep), in a fresh copy of the repository's runnable part (train.py, conf/) so that what they write
-(outputs/, multirun/, sft.jsonl, reports/) lands there; nothing is added to a command, except
-`debug=fast` (the documented size override) to a `cluster:` command that needs only time, whose
-sweep is also cut to the first two values of each swept key (`toy_size`).
+The commands are taken from the fenced bash blocks of README.md and of the pages of docs/, so a
+command added there is tested without touching this file; a command that is not to run here is
+named in NOT_RUN with the reason, and a command neither run nor named fails the quick test. They
+run in reading order, as a user would type them: the README, then the pages in the order of
+mkdocs.yml's nav (a later one may use what an earlier one made: a saved policy, a sweep), in a
+fresh copy of the repository's runnable part (train.py, conf/) so that what they write (outputs/,
+multirun/, sft.jsonl, reports/) lands there; nothing is added to a command, except `debug=fast`
+(the documented size override) to a `cluster:` command that needs only time, whose sweep is also
+cut to the first two values of each swept key (`toy_size`).
 A `cluster:` command that needs what this machine lacks (GPUs, the hub, Slurm) must stop with
 the message the README documents for it; so must a `python -m spinlab.push` that is not a dry run
-(the session is offline).
+(the session is offline). A `generation=vllm` command runs with `.venv-vllm/` beside the copy, as
+after `make vllm` (skipped, saying why, without SPINLAB_VLLM_PYTHON).
 
 A `python train.py` run must end with its summary table (one row per round), a multirun with
 the sweep report; any other command must succeed.
@@ -28,18 +32,37 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from spinlab.harness import shipped_tasks
 from tests.conftest import ROOT, compose_cfg
 
 README = ROOT / "README.md"
-SECTIONS = (
-    "Quick start",
-    "Sweeps, dashboards and reports",
-    "Benchmarks (lm-evaluation-harness)",
-    "Sharing rounds on the Hub",
-)
+DOCS = ROOT / "docs"
+
+
+def sources() -> list[Path]:
+    """README.md, then the docs pages in the order of mkdocs.yml's nav: the order commands run in."""
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    return [README, *(DOCS / page for item in nav for page in item.values())]
+
+
+# Commands of the README and the docs that do not run here (by their code, comment left out), and why.
+NOT_RUN = {
+    "make demo": "`make setup`, then `python train.py experiment=demo`, the quick start's first command",
+    "make test": "the suite this test is part of",
+    "make vllm": "`make test` builds the same .venv-vllm/ first (SPINLAB_VLLM_PYTHON names it)",
+    "make lint": "tests/test_tooling.py runs what it runs: the pre-commit hooks on every file",
+    "make format": "it rewrites the files; `make lint` checks the same rules",
+    "make docs": "tests/test_docs.py builds the same pages with `mkdocs build --strict`",
+    ".venv/bin/pre-commit install": "it installs a git hook into the clone",
+    ".venv/bin/python benchmarks/round_footprint.py": "tests/test_benchmarks.py runs it (with --json)",
+    '.venv/bin/python -m pytest -m "not slow"': "the quick part of the suite this test is part of",
+    "srun python train.py trainer=fsdp model=... hydra.run.dir=$SCRATCH/spin/run1": (
+        "a line of an sbatch script: srun needs Slurm, and `model=...` is the user's to fill in"
+    ),
+}
 SIZE_OVERRIDE = "debug=fast"
 MESSAGES = {  # what a cluster command stops with where a need is missing; the README documents each
     "gpu": "torch sees no CUDA device",
@@ -54,11 +77,13 @@ TABLE = re.compile(
 )
 
 
-def section_commands(text: str, titles=SECTIONS) -> list[str]:
-    """Commands of the fenced bash blocks under the given `## ` headings, continuation lines joined."""
+def section_commands(text: str, titles=None) -> list[str]:
+    """Commands of the fenced bash blocks under the given `## ` headings (None: the whole text),
+    continuation lines joined."""
     commands = []
-    for section in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
-        if not section.startswith(titles):
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)
+    for number, section in enumerate(sections):
+        if titles is not None and (number == 0 or not section.startswith(titles)):
             continue
         for block in re.findall(r"^```bash\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL):
             pending = ""
@@ -128,7 +153,14 @@ def missing_need(words: list[str], cfg, cwd: Path) -> str | None:
     return None
 
 
-COMMANDS = section_commands(README.read_text())
+def all_commands() -> list[tuple[str, str]]:
+    """(file, command) of every bash block of the README and the docs pages, in reading order."""
+    return [(str(p.relative_to(ROOT)), c) for p in sources() for c in section_commands(p.read_text())]
+
+
+ALL = all_commands()
+RUN = [(where, c) for where, c in ALL if split_comment(c)[0] not in NOT_RUN]
+COMMANDS = [c for _, c in RUN]
 
 
 def test_the_sections_hold_the_commands_a_newcomer_runs():
@@ -136,8 +168,11 @@ def test_the_sections_hold_the_commands_a_newcomer_runs():
     assert any(" -m " in c for c in COMMANDS) and any("cluster:" in c for c in COMMANDS)
     pushes = [c for c in COMMANDS if "spinlab.push" in c]
     assert any("--dry-run" in c for c in pushes) and any("cluster:" in c for c in pushes)
+    assert any("generation=vllm" in c for c in COMMANDS)
+    assert {where for where, _ in RUN} >= {"README.md", "docs/sweeps.md", "docs/evaluation.md"}
     text = "## Quick start\n```bash\na  # x\n# only a comment\nb \\\n  c # cluster: y\n```\n## Other\n```bash\nd\n```\n"
     assert section_commands(text, ("Quick start",)) == ["a  # x", "b \\\n  c # cluster: y"]
+    assert section_commands("```bash\nz\n```\n" + text) == ["z", "a  # x", "b \\\n  c # cluster: y", "d"]
     assert split_comment("printf '%s # not a comment' > f  # a comment") == (
         "printf '%s # not a comment' > f",
         "a comment",
@@ -155,6 +190,17 @@ def test_the_sections_hold_the_commands_a_newcomer_runs():
         "seed=1,2,3",
         SIZE_OVERRIDE,
     ]
+
+
+def test_every_command_of_the_docs_runs_here_or_says_why_not():
+    """A command added to a bash block runs in `test_readme_command`, or NOT_RUN names it."""
+    codes = {split_comment(c)[0] for _, c in ALL}
+    assert not set(NOT_RUN) - codes, f"NOT_RUN names commands no page holds: {sorted(set(NOT_RUN) - codes)}"
+    assert len(RUN) + sum(split_comment(c)[0] in NOT_RUN for _, c in ALL) == len(ALL)
+
+
+def needs_vllm(words: list[str]) -> bool:
+    return "generation=vllm" in words
 
 
 def copy_runnable_part(cwd: Path) -> None:
@@ -187,6 +233,10 @@ class Session:
             code, comment = split_comment(command)
             words = shell_words(code)
             how = "as written"
+            if needs_vllm(words) and not (self.cwd / ".venv-vllm").exists():
+                from tests.test_vllm import vllm_python  # skips, saying why, without the venv
+
+                (self.cwd / ".venv-vllm").symlink_to(Path(vllm_python()).parent.parent)
             overrides = train_overrides(words)
             if overrides is not None and comment.startswith("cluster:"):
                 need = missing_need(words, compose_cfg(overrides), self.cwd)
@@ -209,14 +259,16 @@ class Session:
 def session(tmp_path_factory):
     session = Session(tmp_path_factory.mktemp("readme"))
     yield session
-    print("\nREADME commands, wall time (s):")
+    print("\nREADME and docs commands, wall time (s):")
     for index in sorted(session.results):
         _, seconds, how = session.results[index]
-        print(f"{seconds:8.1f}  {COMMANDS[index]}  [{how}]")
+        print(f"{seconds:8.1f}  {RUN[index][0]}: {COMMANDS[index]}  [{how}]")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[split_comment(c)[0][:80] for c in COMMANDS])
+@pytest.mark.parametrize(
+    "index", range(len(COMMANDS)), ids=[f"{where}: {split_comment(c)[0][:80]}" for where, c in RUN]
+)
 def test_readme_command(session, index):
     result, _, how = session.run(index)
     out = result.stdout + result.stderr
@@ -227,8 +279,13 @@ def test_readme_command(session, index):
         assert result.returncode != 0, tail
         assert MESSAGES[how.removeprefix("needs ")] in out, tail
         return
-    assert result.returncode == 0, tail
     words = shell_words(split_comment(COMMANDS[index])[0])
+    if needs_vllm(words) and result.returncode != 0:
+        from tests.test_vllm import cpu_permitting
+
+        with cpu_permitting():  # skips, saying why, on a CPU vLLM's build cannot run on
+            raise RuntimeError(tail)
+    assert result.returncode == 0, tail
     overrides = train_overrides(words)
     if overrides is None:
         return
@@ -251,23 +308,33 @@ def test_readme_command(session, index):
     if how == "as written":
         rounds = [line for line in table.group(1).splitlines() if not line.startswith("start")]
         assert len(rounds) == compose_cfg(overrides).rounds, tail
+    if needs_vllm(words):  # the rows came from the engine
+        run_dir = session.cwd / re.search(r"^run directory: (.+)$", result.stdout, re.MULTILINE).group(1)
+        stats = json.loads((run_dir / "rounds" / "round_000" / "stats.json").read_text())["generation"]
+        assert stats["backend"] == "vllm" and stats["responses"] == 16, stats
 
 
 @pytest.mark.parametrize(
     "command", [c for c in COMMANDS if train_overrides(shell_words(split_comment(c)[0])) is not None]
 )
-def test_readme_train_command_passes_the_start_checks(command):
+def test_readme_train_command_passes_the_start_checks(command, tmp_path, monkeypatch):
     """The quick part: each train.py command composes and passes check_config, or a cluster
     command stops there with its documented message (the slow test above runs them)."""
     from spinlab.config import check_config
+    from spinlab.errors import NotFoundError
 
     code, comment = split_comment(command)
     words = shell_words(code)
+    if needs_vllm(words):  # its generation.python is relative to the copy, as after `make vllm`
+        from tests.test_vllm import vllm_python
+
+        (tmp_path / ".venv-vllm").symlink_to(Path(vllm_python()).parent.parent)
+        monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(train_overrides(words))
     OmegaConf.resolve(cfg)
     no_gpu = cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available()
     if no_gpu and comment.startswith("cluster:"):
-        with pytest.raises(RuntimeError, match=MESSAGES["gpu"]):
+        with pytest.raises(NotFoundError, match=MESSAGES["gpu"]):
             check_config(cfg)
     else:
         check_config(cfg)

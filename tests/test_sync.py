@@ -32,7 +32,7 @@ SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "u
 # reads it with .item(): that never touches the device, on a GPU either.
 HOST_STATE = str(Path(torch.optim.__file__).parent)
 # transformers prepares the attention mask by reading the position ids on the host (its check for
-# packed sequences, once a forward): not spinlab's, so left out of the count and named in README.
+# packed sequences, once a forward): not spinlab's, so left out of the count and named in docs/faults.md.
 TRANSFORMERS_MASKS = str(Path(transformers.masking_utils.__file__))
 # Frames that only pass a call on (dynamo's disable wrappers, the counting wrappers here): the
 # call is charged to the first frame outside them.

@@ -1,4 +1,4 @@
-"""The developer commands of the README's Development section, as a fresh clone runs them."""
+"""The developer commands of docs/development.md (what `make lint` runs), as a fresh clone runs them."""
 
 from __future__ import annotations
 
