@@ -108,8 +108,8 @@ def test_a_broken_repository_link_stops_the_build(tmp_path, caplog):
 # -- every config key is documented ----------------------------------------------------------------
 
 DICT_KEYS = {  # keys whose value is a mapping of the user's own names, documented as one key
-    "eval.num_fewshot",
-    "eval.main_metrics",
+    "eval.benchmarks.num_fewshot",
+    "eval.benchmarks.main_metrics",
     "data.source.splits",
     "round_overrides",
     "model.lora",
@@ -154,7 +154,13 @@ def config_keys() -> set[str]:
 
 def test_every_config_key_is_documented():
     keys = config_keys()
-    assert {"lam", "module.on_nonfinite", "generation.top_p", "eval.tasks", "trainer.precision"} <= keys
+    assert {
+        "lam",
+        "module.on_nonfinite",
+        "generation.top_p",
+        "eval.benchmarks.tasks",
+        "trainer.precision",
+    } <= keys
     text = "\n".join(p.read_text() for p in pages())
     spans = set(re.findall(r"`([^`\n]+)`", text))
     named = {w for s in spans for w in re.findall(r"[\w./\[\]-]+", s)}

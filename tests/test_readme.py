@@ -147,7 +147,7 @@ def missing_need(words: list[str], cfg, cwd: Path) -> str | None:
         return "gpu"
     if cfg.model._target_ == "spinlab.models.pretrained" and not (cwd / cfg.model.name_or_path).exists():
         return "hub"
-    tasks = (cfg.get("eval") or {}).get("tasks") or []
+    tasks = ((cfg.get("eval") or {}).get("benchmarks") or {}).get("tasks") or []
     if any(task not in shipped_tasks() for task in tasks):  # lm-eval's own tasks: data from the hub
         return "task data"
     return None

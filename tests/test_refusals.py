@@ -211,10 +211,20 @@ def test_a_model_or_benchmark_that_cannot_load_is_refused_and_leaves_no_run_dire
             "data.max_prompt_length=64 data.max_length=64",
             r"data.max_prompt_length \(64\) must be below data.max_length \(64\)",
         ),
+        ("objective=sft opponent=model", "objective SFT uses no opponent log-probs: leave opponent=cached"),
+        (
+            "objective=tspin opponent=model",
+            "objective TSPIN uses no opponent log-probs: leave opponent=cached",
+        ),
+        ("trainer=fsdp_cpu model.lora={r:4}", r"model.lora with a sharded trainer \(fsdp, fsdp_cpu\) is not"),
+        (
+            "module.liger_kernels=true",
+            r"module.liger_kernels=true needs liger-kernel, which is not installed",
+        ),
     ],
 )
 def test_impossible_values_are_refused_at_start(override, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         check_config(compose_cfg(["debug=fast", *override.split()]))
 
 

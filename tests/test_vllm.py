@@ -372,39 +372,3 @@ def test_a_model_vllm_cannot_run_is_named_with_generation_hf_as_the_way_out(tmp_
     with cpu_permitting(), pytest.raises(RuntimeError) as err:
         collect(engine(batch_size=4, max_new_tokens=4), loaded, prompts, weights=tmp_path)
     assert "generation=hf" in str(err.value)
-
-
-@pytest.mark.slow
-def test_the_readme_command_runs_as_written(tmp_path):
-    """README, "generation=vllm": its train.py command, run in a fresh copy of the runnable part
-    with `.venv-vllm/` beside it, as a user who ran `make vllm` would."""
-    from tests.test_readme import (
-        README,
-        TABLE,
-        copy_runnable_part,
-        section_commands,
-        shell_words,
-        split_comment,
-    )
-
-    (command,) = [
-        c
-        for c in section_commands(README.read_text(), ("Run directory",))
-        if c.startswith("python train.py") and "generation=vllm" in c
-    ]
-    venv = Path(vllm_python()).parent.parent
-    copy_runnable_part(tmp_path)
-    (tmp_path / ".venv-vllm").symlink_to(venv)
-    words = shell_words(split_comment(command)[0])
-    assert "generation.python=.venv-vllm/bin/python" in words
-    out = subprocess.run(
-        [sys.executable, *words[1:]], env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600
-    )
-    with cpu_permitting():  # skips, saying why, on a CPU vLLM's build cannot run on
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-3000:])
-    table = TABLE.search(out.stdout)
-    assert table and len(table.group(1).splitlines()) == 1, out.stdout[-2000:]
-    (run_dir,) = (tmp_path / "outputs" / "spin").iterdir()
-    stats = json.loads((run_dir / "rounds" / "round_000" / "stats.json").read_text())["generation"]
-    assert stats["backend"] == "vllm" and stats["responses"] == 16

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -23,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from spinlab.errors import ConfigError, NotFoundError, UserError
 from spinlab.rundir import RunDir, write_bytes
@@ -457,6 +458,7 @@ def check_config(cfg) -> None:
     check_lr(cfg)
     check_targets(cfg)
     check_module(cfg.module)
+    check_combinations(cfg)
     # A bad generation setting, or an engine its interpreter lacks (generation=vllm), fails here.
     build(cfg.generation)
     if cfg.trainer.get("accelerator") == "gpu":
@@ -537,6 +539,31 @@ def check_module(node) -> None:
     chunk = node.get("logprob_chunk_size")
     if chunk not in (None, "auto") and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ConfigError(f"module.logprob_chunk_size must be a positive int, 'auto' or null, got {chunk!r}")
+    if node.get("liger_kernels") and importlib.util.find_spec("liger_kernel") is None:
+        raise NotFoundError(
+            "module.liger_kernels=true needs liger-kernel, which is not installed: on a machine with CUDA and "
+            "triton, pip install -e '.[liger]'; or set module.liger_kernels=false"
+        )
+
+
+def check_combinations(cfg: DictConfig) -> None:
+    """Choices of different groups that cannot go together, refused before the weights load
+    (PolicyModule would meet them only then)."""
+    from hydra.utils import get_class
+
+    objective = get_class(cfg.objective._target_)
+    if cfg.get("opponent") == "model" and not objective.needs_opponent:
+        raise ConfigError(
+            f"opponent=model keeps a frozen copy of the policy, but objective {objective.__name__} uses no "
+            "opponent log-probs: leave opponent=cached (nothing is cached for it)"
+        )
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if cfg.model.get("lora") and target.endswith("FSDP2Strategy"):
+        raise ConfigError(
+            "model.lora with a sharded trainer (fsdp, fsdp_cpu) is not supported: LoRA keeps the weights "
+            "frozen, so train it with trainer=cpu/gpu/ddp_cpu, or drop model.lora to shard"
+        )
 
 
 def register() -> None:

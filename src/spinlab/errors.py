@@ -3,14 +3,14 @@ train.py prints as one line, without a traceback; and `Stopped`, a run stopped b
 
 Each error names what is wrong and what to do. They are raised where the check is made; an error
 of any other type (a defect in spinlab or in a library, whatever its class) keeps its traceback and
-exit status 1, so that a bug never reads as bad input (README "Refused starts and exit statuses").
+exit status 1, so that a bug never reads as bad input (docs/faults.md, "Refused starts and exit statuses").
 Each also derives from the built-in type such an error had before (ValueError, RuntimeError,
 OSError), so that `except ValueError` around a check still catches it.
 """
 
 from __future__ import annotations
 
-# Exit statuses (README "Exit statuses"). 1 is an unexpected error, with its traceback.
+# Exit statuses (docs/faults.md). 1 is an unexpected error, with its traceback.
 EXIT_REFUSED = 2  # a user error: a value, a changed setting, the data, the checkpoint, the directory
 EXIT_BUSY = 3  # another process holds the run directory
 EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint: run the same command to resume

@@ -1,4 +1,4 @@
-"""The run directory, the project's public output contract (README "Run directory").
+"""The run directory, the project's public output contract (docs/run-directory.md).
 
 Every file is written atomically: to a temporary name in the same directory, fsynced, then
 renamed, so a reader never sees half a file. Only `*.partial.jsonl` files grow in place,
