@@ -47,8 +47,12 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $@
 
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py: how the modules are dealt out);
+# TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: setup $(VLLM_VENV)/.installed
-	SPINLAB_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q --durations=15
+	SPINLAB_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q --durations=15 \
+		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The pre-commit hooks (ruff check, ruff format, nbstripout) in their own pinned environments.
 lint: setup

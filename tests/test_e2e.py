@@ -19,14 +19,15 @@ from spinlab.errors import RunDirError
 from spinlab.models import pretrained, tiny_model
 from spinlab.module import PolicyModule
 from spinlab.objectives import SPIN
-from tests.conftest import compose_cfg
+from tests.conftest import REFERENCE, compose_cfg
 from tests.helpers import Crash
 
 NUM_PROMPTS = 16
 
 
 def run(tmp_path, name, *overrides, extra_callbacks=None, generator=None):
-    cfg = compose_cfg(["debug=fast", f"data.num_prompts={NUM_PROMPTS}", *overrides], tmp_path / name)
+    """A run made as conftest's reference run is, with `overrides`."""
+    cfg = compose_cfg([*REFERENCE, *overrides], tmp_path / name)
     with open_dict(cfg):
         for key, value in (extra_callbacks or {}).items():
             cfg.callbacks[key] = value
@@ -54,10 +55,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reference")
-    summary, cfg = run(tmp, "run")
-    return tmp / "run", summary, cfg
+def reference(reference_run):
+    """conftest's reference run, its summaries (read back, as a rerun returns them) and its config."""
+    summaries = {s["round"]: s for s in json.loads((reference_run / "summary.json").read_text())}
+    return reference_run, summaries, compose_cfg(REFERENCE, reference_run)
 
 
 def test_two_rounds_leave_the_documented_run_directory(reference):
@@ -113,19 +114,19 @@ def test_two_rounds_leave_the_documented_run_directory(reference):
         assert float(first["train/margin"]) == pytest.approx(0.0, abs=1e-5)
 
 
-# The per-step losses of the reference run (debug=fast, two rounds of 4 steps, one thread), as
-# printed by the run that wrote this test. A change meant to alter training (data, sampling,
-# initialisation, loss, optimizer) moves them: rerun the test, paste the new numbers from its
-# failure message, and say in the commit why they moved. Steps 0 and 4 start a round: log 2.
+# The per-step losses of the reference run (conftest.REFERENCE: debug=fast, two rounds of 4 steps,
+# one thread), as printed by the run that wrote this test. A change meant to alter training (data,
+# sampling, initialisation, loss, optimizer) moves them: rerun the test, paste the new numbers from
+# its failure message, and say in the commit why they moved. Steps 0 and 4 start a round: log 2.
 REFERENCE_STEP_LOSSES = [
     0.6931471824645996,
-    0.04126498103141785,
-    0.020010173320770264,
-    0.006445106118917465,
+    0.036838285624980927,
+    0.019104385748505592,
+    0.008806641213595867,
     0.6931471824645996,
-    0.7901774048805237,
-    0.06777544319629669,
-    0.0630003958940506,
+    0.7828080058097839,
+    0.06006711348891258,
+    0.0692264512181282,
 ]
 
 

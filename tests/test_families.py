@@ -19,7 +19,7 @@ from spinlab.generation import HFGenerator, StaticCacheGenerator
 from spinlab.logprobs import chunked_sequence_logps
 from spinlab.models import char_tokenizer, module_names, with_lora
 from spinlab.module import ResponseScorer, decoder_layers, output_head
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, made_once
 from tests.families import (
     FAMILIES,
     MOE_FAMILIES,
@@ -46,8 +46,12 @@ def column(name: str, heading: str) -> str:
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {name: save_family(name, root / name) for name in NAMES}
+    def make(root):
+        for name in NAMES:
+            save_family(name, root / name)
+
+    root = made_once(tmp_path_factory, "families", make)
+    return {name: root / name for name in NAMES}
 
 
 # -- a. log-probs ------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from spinlab import rundir
 from spinlab.steps import NonFiniteError
-from tests.conftest import ROOT
+from tests import forked
+from tests.conftest import REFERENCE, ROOT
 from tests.test_e2e import NUM_PROMPTS, assert_same_run, run, weights
 
 
@@ -120,14 +121,11 @@ def test_torn_partial_line_is_dropped(tmp_path):
     assert rundir.read_jsonl(partial, drop_torn_tail=True) == [{"index": 0, "synthetic": "a"}]
 
 
-# -- SIGKILL at several phases of a real training subprocess -------------------------------
+# -- SIGKILL at several phases of a real training process -------------------------------
+# `python train.py` forked from the test process (tests/forked.py): a process of its own that the
+# signal kills, without importing the libraries again.
 
-COMMAND = [
-    "debug=fast",
-    f"data.num_prompts={NUM_PROMPTS}",
-    "generation.batch_size=4",
-    "hydra.verbose=[spinlab.module]",  # per-step log lines to aim the kill at
-]
+COMMAND = [*REFERENCE, "hydra.verbose=[spinlab.module]"]  # per-step log lines to aim the kill at
 PHASES = {
     "round 1 generation": ("round 1: generation batch written", 2),
     "round 1 mid-epoch": ("round 1 step", 2),
@@ -153,9 +151,7 @@ def run_and_kill(run_dir: Path, marker: str, occurrence: int) -> list[str]:
     """Start training, SIGKILL it when the marker shows up for the n-th time."""
     seen, lines = 0, []
     with open(run_dir.parent / f"{run_dir.name}.stderr", "w") as err:
-        proc = subprocess.Popen(
-            train_command(run_dir), stdout=subprocess.PIPE, stderr=err, text=True, env=env()
-        )
+        proc = forked.Popen(train_command(run_dir), stdout=subprocess.PIPE, stderr=err, text=True, env=env())
         for line in proc.stdout:
             lines.append(line)
             if marker in line:
@@ -170,10 +166,8 @@ def run_and_kill(run_dir: Path, marker: str, occurrence: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sigkill") / "reference"
-    subprocess.run(train_command(run_dir), check=True, env=env(), capture_output=True, timeout=600)
-    return run_dir
+def uninterrupted(reference_run):
+    return reference_run  # made with COMMAND's settings, in-process (conftest)
 
 
 @pytest.mark.slow
@@ -182,7 +176,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path
     marker, occurrence = PHASES[phase]
     run_dir = tmp_path / "run"
     run_and_kill(run_dir, marker, occurrence)
-    subprocess.run(train_command(run_dir), check=True, env=env(), capture_output=True, timeout=600)
+    forked.run(train_command(run_dir), check=True, env=env(), capture_output=True, timeout=600)
     assert_same_run(uninterrupted, run_dir)
     for r in ("round_000", "round_001"):
         rows = [json.loads(x) for x in (run_dir / "rounds" / r / "synthetic.jsonl").read_text().splitlines()]
@@ -202,14 +196,14 @@ def test_a_cached_evaluation_is_reused_only_for_the_weights_it_measured(tmp_path
     run_dir = tmp_path / "run"
     command = [*train_command(run_dir), "eval.heldout_pairs=8", "eval.task_prompts=0"]
     kill = "+callbacks.kill={_target_: tests.helpers.KillBeforeCheckpoint, epoch: 0}"
-    killed = subprocess.run([*command, kill], env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True)
+    killed = forked.run([*command, kill], env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
     stale = json.loads((run_dir / "rounds" / "round_000" / "eval.json").read_text())
     stale_weights = weights(run_dir / "hf" / "round_000")
     assert [s["round"] for s in json.loads((run_dir / "summary.json").read_text())] == [0]
 
-    rerun = subprocess.run(command, env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    rerun = forked.run(command, env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     final = weights(run_dir / "hf" / "round_000")
     assert any(not torch.equal(final[k], stale_weights[k]) for k in final)  # round 0 trained again
@@ -248,7 +242,7 @@ def stop_at(command: list[str], run_dir: Path, marker: str, occurrence: int, sig
     seen, lines = 0, []
     err_path = run_dir.parent / f"{run_dir.name}.stderr"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env(), **popen)
+        proc = forked.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env(), **popen)
         for line in proc.stdout:
             lines.append(line)
             seen += marker in line
@@ -293,7 +287,7 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_matches_an_uninterrupted_run
     summary = run_dir / "summary.json"
     finished = json.loads(summary.read_text()) if summary.exists() else []
     assert len(finished) == int(marker.split()[1])  # the round the signal arrived in is not finished
-    rerun = subprocess.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
+    rerun = forked.run(train_command(run_dir), env=env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # The resume after a step is exact, and said once, without Lightning's "not resumable" warning.
     assert "not resumable" not in rerun.stderr + rerun.stdout

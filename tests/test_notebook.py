@@ -7,7 +7,7 @@ import statistics
 import nbformat
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, made_once
 from tests.test_report import LOSSES, ROUNDS, SEEDS, build_sweep
 
 nbclient = pytest.importorskip("nbclient")
@@ -22,7 +22,7 @@ def test_notebook_is_stored_without_outputs():
 
 
 def test_notebook_runs_on_a_sweep(tmp_path_factory, monkeypatch):
-    sweep = build_sweep(tmp_path_factory.getbasetemp() / "tiny_sweep")  # shared with test_report
+    sweep = made_once(tmp_path_factory, "tiny_sweep", build_sweep)  # shared with test_report
     monkeypatch.setenv("SPINLAB_SWEEP_DIR", str(sweep))
     # The kernel is a fresh process: it finds spinlab through PYTHONPATH even without `pip install -e`.
     monkeypatch.setenv(

@@ -14,19 +14,18 @@ from omegaconf import OmegaConf
 import spinlab.run
 from spinlab.config import check_config, check_restart, redact
 from spinlab.errors import EXIT_BUSY, EXIT_REFUSED, UserError
-from tests.conftest import ROOT, compose_cfg
-from tests.test_e2e import NUM_PROMPTS, run
+from tests import forked
+from tests.conftest import REFERENCE, ROOT, compose_cfg
 from tests.test_reliability import subprocess_env
 
-COMMAND = ["debug=fast", f"data.num_prompts={NUM_PROMPTS}"]
+COMMAND = REFERENCE
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(reference_run, tmp_path_factory):
     """A finished two-round run, with the record a command-line start leaves (.hydra/, train.log)."""
-    tmp = tmp_path_factory.mktemp("finished")
-    run(tmp, "run")
-    root = tmp / "run"
+    root = tmp_path_factory.mktemp("finished") / "run"
+    shutil.copytree(reference_run, root)
     (root / ".hydra").mkdir()
     (root / ".hydra" / "config.yaml").write_text("lam: 0.1\nloss:\n  _target_: spinlab.losses.logistic\n")
     (root / ".hydra" / "overrides.yaml").write_text("- debug=fast\n")
@@ -38,9 +37,10 @@ def snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def start(run_dir: Path, *overrides: str, **env) -> subprocess.CompletedProcess:
+def start(run_dir: Path, *overrides: str, fresh=False, **env) -> subprocess.CompletedProcess:
+    """`python train.py ...`, forked from this process (tests/forked.py), or a fresh interpreter."""
     command = [sys.executable, str(ROOT / "train.py"), *COMMAND, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(
+    return (subprocess.run if fresh else forked.run)(
         command, capture_output=True, text=True, timeout=300, env={**subprocess_env(), **env}, cwd=ROOT
     )
 
@@ -49,7 +49,8 @@ def test_a_changed_setting_is_refused_with_status_2_one_message_and_nothing_chan
     root = tmp_path / "run"
     shutil.copytree(finished, root)
     before = snapshot(root)
-    out = start(root, "rounds=3", "lam=0.5", "loss=hinge")
+    # A fresh interpreter: nothing it prints while importing comes before the refusal.
+    out = start(root, "rounds=3", "lam=0.5", "loss=hinge", fresh=True)
     assert out.returncode == EXIT_REFUSED, out.stderr[-3000:]
     assert out.stderr.startswith("refused: this run directory holds a run started with other settings")
     assert "lam: 0.1 when the run was started, 0.5 now" in out.stderr

@@ -28,9 +28,10 @@ from spinlab.config import round_overrides as typed_round_overrides
 from spinlab.errors import RunDirError
 from spinlab.loggers import MetricsFile
 from spinlab.rounds import round_settings
-from tests.conftest import ROOT, compose_cfg
+from tests import forked
+from tests.conftest import REFERENCE, ROOT, compose_cfg
 from tests.helpers import Crash
-from tests.test_e2e import NUM_PROMPTS, run
+from tests.test_e2e import run
 
 
 def metric_rows(run_dir):
@@ -77,11 +78,9 @@ def subprocess_env():
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished two-round run, never interrupted."""
-    tmp = tmp_path_factory.mktemp("finished")
-    run(tmp, "run")
-    return tmp / "run"
+def finished(reference_run):
+    """A finished two-round run, never interrupted (conftest's: read-only)."""
+    return reference_run
 
 
 # -- the metrics history -------------------------------------------------------------------------
@@ -133,12 +132,11 @@ def test_metrics_history_survives_sigkill(finished, tmp_path):
     command = [
         sys.executable,
         str(ROOT / "train.py"),
-        "debug=fast",
-        f"data.num_prompts={NUM_PROMPTS}",
+        *REFERENCE,
         "hydra.verbose=[spinlab.module]",
         f"hydra.run.dir={run_dir}",
     ]
-    proc = subprocess.Popen(
+    proc = forked.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
     )
     seen = 0
@@ -151,7 +149,7 @@ def test_metrics_history_survives_sigkill(finished, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed = metric_rows(run_dir)
     assert any(r.get("train/loss") and r["round"] == "1.0" for r in killed)  # round 1 had begun
-    subprocess.run(command, check=True, env=subprocess_env(), capture_output=True, timeout=600)
+    forked.run(command, check=True, env=subprocess_env(), capture_output=True, timeout=600)
     assert_same_history(metric_rows(run_dir), metric_rows(finished))
 
 
@@ -202,15 +200,13 @@ def test_wandb_continues_the_run_directorys_wandb_run(tmp_path, monkeypatch):
 def test_a_second_start_is_refused_while_the_first_runs_and_a_dead_holder_is_taken_over(tmp_path, caplog):
     run_dir = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"), "debug=fast", "rounds=50", f"hydra.run.dir={run_dir}"]
-    first = subprocess.Popen(
-        command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    first = forked.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not ((run_dir / "run.lock").exists() and (run_dir / "run.lock").read_text()):
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.2)
-        second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        second = forked.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert first.poll() is None  # refused while the first still runs, not after it
         assert second.returncode != 0
         assert (
@@ -634,7 +630,7 @@ def test_settings_a_restart_may_change(finished, tmp_path, caplog):
     shutil.copytree(finished, root)
 
     def check(*overrides):
-        cfg = compose_cfg(["debug=fast", f"data.num_prompts={NUM_PROMPTS}", *overrides], root)
+        cfg = compose_cfg([*REFERENCE, *overrides], root)
         check_config(cfg)
         check_settings(rundir.RunDir(root), settings(cfg), finished=2, record=False)
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import spinlab.run
 from spinlab import report
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, made_once
 
 LOSSES = ("hinge", "logistic")
 SEEDS = (0, 1)
@@ -39,7 +39,7 @@ def build_sweep(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    return build_sweep(tmp_path_factory.getbasetemp() / "tiny_sweep")
+    return made_once(tmp_path_factory, "tiny_sweep", build_sweep)  # shared with test_notebook
 
 
 def by_hand(sweep_dir: Path, metric: str) -> dict:

@@ -1,7 +1,9 @@
 """Sharded rounds: FSDP2 over 2 CPU processes (gloo) through every phase of a round.
 
-Every run here is a real `python train.py ... trainer=fsdp_cpu` with two processes. One global
-batch of 4 pairs per step either way: one process at batch 4, or 2 processes at batch 2.
+Every run here is a real `python train.py ... trainer=fsdp_cpu` with two processes: rank 0 forked
+from the test process (tests/forked.py), rank 1 started by Lightning's launcher as a fresh
+interpreter. One global batch of 4 pairs per step either way: one process at batch 4 (conftest's
+reference run), or 2 processes at batch 2.
 """
 
 import csv
@@ -18,18 +20,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from spinlab.models import tiny_model
-from tests.test_e2e import rows, weights
+from tests import forked
+from tests.conftest import REFERENCE, made_once
+from tests.test_e2e import NUM_PROMPTS, rows, weights
 from tests.test_faults import ROOT, env
 
 pytestmark = pytest.mark.slow
 
-NUM_PROMPTS = 16
-BASE = [
-    "debug=fast",
-    f"data.num_prompts={NUM_PROMPTS}",
-    "generation.batch_size=4",
-    "hydra.verbose=[spinlab.module]",
-]
+BASE = [*REFERENCE, "hydra.verbose=[spinlab.module]"]
 SHARDED = ["trainer=fsdp_cpu", "data.batch_size=2"]
 
 
@@ -37,8 +35,9 @@ def command(run_dir, *overrides):
     return [sys.executable, str(ROOT / "train.py"), *BASE, *overrides, f"hydra.run.dir={run_dir}"]
 
 
-def train(run_dir, *overrides, environ=None):
-    out = subprocess.run(
+def train(run_dir, *overrides, environ=None, fresh=False):
+    """A finished run: rank 0 forked, or (fresh) a fresh interpreter."""
+    out = (subprocess.run if fresh else forked.run)(
         command(run_dir, *overrides),
         env=environ or env(),
         capture_output=True,
@@ -61,7 +60,7 @@ def step_losses(run_dir) -> dict[int, float]:
 
 def start(run_dir, *overrides) -> subprocess.Popen:
     """A run in its own session (so that all its processes can be killed together), output piped."""
-    return subprocess.Popen(
+    return forked.Popen(
         command(run_dir, *overrides),
         env=env(),
         cwd=ROOT,
@@ -86,19 +85,22 @@ def kill_all_at(run_dir, marker: str, *overrides) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sharded")
-    started = time.perf_counter()
-    train(tmp / "sharded", *SHARDED)
-    seconds = time.perf_counter() - started
-    train(tmp / "single", "data.batch_size=4")
-    return tmp, seconds
+def runs(tmp_path_factory, reference_run):
+    """The sharded run, made once per session (every test here compares with it), and the
+    single-process run of the same settings (conftest's reference run). Both read-only."""
+
+    def make(path):
+        started = time.perf_counter()
+        train(path / "sharded", *SHARDED)
+        (path / "seconds").write_text(f"{time.perf_counter() - started:.1f}")
+
+    tmp = made_once(tmp_path_factory, "sharded_run", make)
+    return {"sharded": tmp / "sharded", "single": reference_run, "seconds": (tmp / "seconds").read_text()}
 
 
 def test_two_processes_match_one_process(runs):
-    tmp, seconds = runs
-    print(f"two-process fsdp_cpu run: {seconds:.1f} s")
-    sharded, single = tmp / "sharded", tmp / "single"
+    print(f"two-process fsdp_cpu run: {runs['seconds']} s")
+    sharded, single = runs["sharded"], runs["single"]
     for r in ("round_000", "round_001"):
         assert (sharded / "rounds" / r / "synthetic.jsonl").read_bytes() == (
             single / "rounds" / r / "synthetic.jsonl"
@@ -115,21 +117,19 @@ def test_two_processes_match_one_process(runs):
 
 
 def test_saved_model_holds_full_trained_tensors(runs):
-    tmp, _ = runs
     initial = tiny_model(seed=0).model.state_dict()
-    saved = weights(tmp / "sharded" / "hf" / "round_001")
+    saved = weights(runs["sharded"] / "hf" / "round_001")
     assert saved and all(saved[k].shape == initial[k].shape for k in saved)  # whole tensors, not shards
     moved = [k for k in saved if not torch.equal(saved[k], initial[k])]
     assert len(moved) == len(saved)
-    model = AutoModelForCausalLM.from_pretrained(tmp / "sharded" / "hf" / "round_001")
+    model = AutoModelForCausalLM.from_pretrained(runs["sharded"] / "hf" / "round_001")
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in tiny_model(seed=0).model.parameters()
     )
 
 
 def test_sharded_checkpoint_is_a_directory_behind_a_link(runs):
-    tmp, _ = runs
-    last = tmp / "sharded" / "checkpoints" / "last.ckpt"
+    last = runs["sharded"] / "checkpoints" / "last.ckpt"
     assert last.is_symlink() and last.resolve().name.startswith("epoch0001-step0000008-")
     assert sorted(p.name for p in last.resolve().iterdir()) == [
         ".metadata",
@@ -163,7 +163,7 @@ def test_bf16_mixed_sharded_rounds_finish_and_load(tmp_path):
     "marker", ["round 1: generation batch written", "round 1 step 5"], ids=["generation", "training"]
 )
 def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
-    tmp, _ = runs
+    sharded = runs["sharded"]
     run_dir = tmp_path / "run"
     kill_all_at(run_dir, marker, *SHARDED)
     train(run_dir, *SHARDED)
@@ -171,13 +171,13 @@ def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
         synthetic = rows(run_dir / "rounds" / r / "synthetic.jsonl")
         assert len(synthetic) == NUM_PROMPTS and len({x["prompt"] for x in synthetic}) == NUM_PROMPTS
         assert (run_dir / "rounds" / r / "synthetic.jsonl").read_bytes() == (
-            tmp / "sharded" / "rounds" / r / "synthetic.jsonl"
+            sharded / "rounds" / r / "synthetic.jsonl"
         ).read_bytes()
-    final, reference = weights(run_dir / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
+    final, reference = weights(run_dir / "hf" / "round_001"), weights(sharded / "hf" / "round_001")
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-4)
     # Every step, the redone ones included, saw the same pairs and weights as the uninterrupted run.
-    resumed, uninterrupted = step_losses(run_dir), step_losses(tmp / "sharded")
+    resumed, uninterrupted = step_losses(run_dir), step_losses(sharded)
     assert sorted(resumed) == sorted(uninterrupted) == list(range(8))
     for step in resumed:
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
@@ -205,10 +205,10 @@ def test_one_process_dying_alone_stops_the_other_naming_its_rank(tmp_path):
 
 def test_generation_on_the_shards_in_lockstep_gives_the_same_synthetic_data(runs, tmp_path):
     """module.gather_for_generation=false: the fallback when a model's full weights do not fit."""
-    tmp, _ = runs
+    sharded = runs["sharded"]
     train(tmp_path / "lockstep", *SHARDED, "module.gather_for_generation=false", "rounds=1", "~eval")
     assert (tmp_path / "lockstep" / "rounds" / "round_000" / "synthetic.jsonl").read_bytes() == (
-        tmp / "sharded" / "rounds" / "round_000" / "synthetic.jsonl"
+        sharded / "rounds" / "round_000" / "synthetic.jsonl"
     ).read_bytes()
 
 
@@ -255,7 +255,7 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
     Also counts the bytes the checksum code reads (not the time it takes): a save hashes what it
     writes as it writes it and reads nothing back; a two-process restart reads each file of the
     checkpoint once, in one process, not once per process."""
-    tmp, _ = runs
+    sharded = runs["sharded"]
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(COUNT_READS)
     counted = {**env(), "PYTHONPATH": f"{tmp_path / 'site'}:{env()['PYTHONPATH']}"}
@@ -264,6 +264,7 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
         *SHARDED,
         "rounds=1",
         environ={**counted, "SPINLAB_TEST_READS": str(tmp_path / "save")},
+        fresh=True,  # sitecustomize runs as an interpreter starts: a fork would not count rank 0's reads
     )
     assert bytes_read(tmp_path / "save") == {}  # the save of round 0: digests from the stream written
     last = (tmp_path / "extended" / "checkpoints" / "last.ckpt").resolve()
@@ -275,13 +276,14 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
         *SHARDED,
         "rounds=2",
         environ={**counted, "SPINLAB_TEST_READS": str(tmp_path / "restart")},
+        fresh=True,
     )
     read = bytes_read(tmp_path / "restart")
     print(f"checkpoint {size} bytes; read at the restart: {read}")
     assert list(read.values()) == [size]  # one process read the checkpoint, once
     r1 = "rounds/round_001/synthetic.jsonl"
-    assert (tmp_path / "extended" / r1).read_bytes() == (tmp / "sharded" / r1).read_bytes()
-    a, b = weights(tmp_path / "extended" / "hf" / "round_001"), weights(tmp / "sharded" / "hf" / "round_001")
+    assert (tmp_path / "extended" / r1).read_bytes() == (sharded / r1).read_bytes()
+    a, b = weights(tmp_path / "extended" / "hf" / "round_001"), weights(sharded / "hf" / "round_001")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)
 
@@ -294,7 +296,7 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path):
 def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
     runs, tmp_path, signum, marker, whole_group
 ):
-    tmp, _ = runs
+    sharded = runs["sharded"]
     run_dir = tmp_path / "run"
     proc = start(run_dir, *SHARDED)
     seen = []
@@ -325,13 +327,13 @@ def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
     train(run_dir, *SHARDED)
     for r in ("round_000", "round_001"):
         assert (run_dir / "rounds" / r / "synthetic.jsonl").read_bytes() == (
-            tmp / "sharded" / "rounds" / r / "synthetic.jsonl"
+            sharded / "rounds" / r / "synthetic.jsonl"
         ).read_bytes()
-        final, reference = weights(run_dir / "hf" / r), weights(tmp / "sharded" / "hf" / r)
+        final, reference = weights(run_dir / "hf" / r), weights(sharded / "hf" / r)
         assert final.keys() == reference.keys()
         for key in reference:
             assert torch.equal(final[key], reference[key]), (r, key)
     with open(run_dir / "csv" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert steps == list(range(8))  # every step's row once
-    assert step_losses(run_dir) == step_losses(tmp / "sharded")
+    assert step_losses(run_dir) == step_losses(sharded)

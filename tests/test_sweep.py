@@ -1,7 +1,6 @@
 """A multirun checks every point before its first job, and a job that fails later is recorded in the
 report while the others run."""
 
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from spinlab.sweep import SweepCheck, failures
+from tests import forked
 from tests.conftest import CONF, ROOT
 from tests.test_reliability import subprocess_env
 
@@ -48,7 +48,7 @@ def test_a_job_that_fails_is_reported_and_the_others_run(tmp_path):
     (sweep_dir / "failures" / "job_7.json").write_text("{}")  # an earlier sweep's record
     (sweep_dir / "failures" / "notes.txt").write_text("mine")
     models = "tests.helpers.broken_model,tests.helpers.missing_model,spinlab.models.tiny_model"
-    out = subprocess.run(
+    out = forked.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "debug=fast", "~eval", "rounds=1",
          "data.num_prompts=8", f"model._target_={models}", f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT,

@@ -30,6 +30,7 @@ from spinlab.generation import HFGenerator
 from spinlab.generation.vllm import VLLMGenerator
 from spinlab.models import tiny_model
 from spinlab.rundir import RunDir
+from tests import forked
 from tests.conftest import ROOT, compose_cfg
 from tests.test_faults import env
 from tests.test_generation_backends import (
@@ -287,9 +288,7 @@ def test_sigkill_during_a_vllm_phase_then_rerun_gives_one_row_per_prompt(tmp_pat
         "eval.task_prompts=4",
         "eval.max_new_tokens=16",
     )
-    proc = subprocess.Popen(
-        command, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = forked.Popen(command, env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = run_dir / "rounds" / "round_000" / "synthetic.partial.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -304,7 +303,7 @@ def test_sigkill_during_a_vllm_phase_then_rerun_gives_one_row_per_prompt(tmp_pat
     time.sleep(1)
     assert engines_of(tmp_path) == []  # the engine died with its parent
 
-    out = subprocess.run(command, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = forked.run(command, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "rounds" / "round_000" / "synthetic.jsonl").open()]
     assert len(rows) == prompts
@@ -336,7 +335,7 @@ def test_fsdp_cpu_two_processes_generate_with_their_own_engines_for_two_rounds(t
     command = vllm_command(
         run_dir, "trainer=fsdp_cpu", "data.batch_size=2", "eval.heldout_pairs=0", "eval.task_prompts=0"
     )
-    out = subprocess.run(command, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = forked.run(command, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for index in (0, 1):
         rows = [

@@ -179,6 +179,12 @@ def test_ngram_distance_and_length_ratio_by_hand():
     assert ngram_tv(["a b d"], real) == pytest.approx(0.5)
     assert ngram_tv([""], [""]) == 0.0 and ngram_tv([""], real) == 1.0  # no bigrams at all
     assert length_ratio(["abcd"], ["ab", "ab"]) == 1.0 and length_ratio(["a"], ["abcd"]) == 0.25
+    # Texts sharing no bigram: exactly 1, whatever order the string-hash seed gives the set of
+    # bigrams (a plain sum of these 7 + 3 shares gives 0.9999999999999998, and other texts' sums
+    # differ in the last bit from one process to the next).
+    many = [" ".join(f"w{i}" for i in range(8))]
+    other = [" ".join(f"v{i}" for i in range(4))]
+    assert ngram_tv(many, other) == 1.0
 
 
 def test_task_answers_come_from_the_runs_generation_backend():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -59,7 +60,9 @@ def ngram_tv(texts: list[str], references: list[str], n: int = 2) -> float:
     total_a, total_b = sum(a.values()), sum(b.values())
     if not total_a or not total_b:
         return 1.0 if total_a or total_b else 0.0
-    return 0.5 * sum(abs(a[g] / total_a - b[g] / total_b) for g in a.keys() | b.keys())
+    # fsum: exactly rounded, so the value does not depend on the set's order, which follows the
+    # process's string-hash seed (a rerun in another process must give the same number).
+    return 0.5 * math.fsum(abs(a[g] / total_a - b[g] / total_b) for g in a.keys() | b.keys())
 
 
 def length_ratio(texts: list[str], references: list[str]) -> float:

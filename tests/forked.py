@@ -1,0 +1,167 @@
+"""`python script.py args...` as a fork of the test process instead of a fresh interpreter.
+
+A fresh `python train.py` spends 6-7 CPU-seconds importing torch, Lightning and transformers
+before it reads its first argument; the test process has imported them already. `Popen` and
+`run` here take the same arguments as subprocess's, and for a command `[sys.executable,
+<file>.py, args...]` start a child of this process that runs the script as `__main__` with those
+arguments, environment, working directory and file descriptors, then exits with its status, as
+the interpreter would. The child is a real process: it has its own PID, takes signals (SIGKILL
+included) and starts processes of its own (Lightning's other ranks, vLLM's engine) as a fresh
+interpreter would. Any other command starts as subprocess starts it.
+
+What a fork cannot give, and the tests that need it start a fresh interpreter instead: what
+happens while the libraries are imported (their warnings, a module that fails to import, an
+import blocked for the test), and environment variables read only at import time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import gc
+import inspect
+import logging
+import os
+import random
+import runpy
+import signal
+import subprocess
+import sys
+import traceback
+import warnings
+
+# The interpreter's own warning filters, before pytest's are applied around each test.
+STARTUP_WARNING_FILTERS = list(warnings.filters)
+TORCH_INITIAL_SEED = 67280421310721  # torch.initial_seed() of a fresh interpreter
+# Where start_new_session is among _execute_child's arguments after errwrite (3.11 adds process_group).
+_PARAMETERS = list(inspect.signature(subprocess.Popen._execute_child).parameters)
+NEW_SESSION = _PARAMETERS.index("start_new_session") - _PARAMETERS.index("errwrite") - 1
+
+
+def forkable(args) -> bool:
+    return (
+        isinstance(args, list | tuple)
+        and len(args) >= 2
+        and args[0] == sys.executable
+        and str(args[1]).endswith(".py")
+    )
+
+
+class Popen(subprocess.Popen):
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                       creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
+                       *rest):  # fmt: skip
+        if shell or executable is not None or preexec_fn is not None or not forkable(args):
+            return super()._execute_child(
+                args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, creationflags,
+                shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest,
+            )  # fmt: skip
+        start_new_session = rest[NEW_SESSION]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = child(
+                    [str(a) for a in args[1:]], cwd, env, (p2cread, c2pwrite, errwrite),
+                    (p2cwrite, c2pread, errread), start_new_session,
+                )  # fmt: skip
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        self.pid = pid
+        self._child_created = True
+        self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+
+def child(argv, cwd, env, ours, parents, new_session) -> int:
+    """In the forked process: become `python argv...` and run it; its exit status."""
+    if new_session:
+        os.setsid()
+    for fd, target in zip(ours, (0, 1, 2), strict=True):
+        if fd != -1:
+            os.dup2(fd, target)
+    for fd in {*ours, *parents} - {-1, 0, 1, 2}:
+        os.close(fd)
+    if cwd is not None:
+        os.chdir(cwd)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()})
+    # As the interpreter opens them: stdout block-buffered into a pipe, stderr line by line.
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    faulthandler.disable()  # pytest's, writing to the test's stderr
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    warnings.filters[:] = STARTUP_WARNING_FILTERS
+    warnings.showwarning = warnings._showwarning_orig
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
+    atexit._clear()  # this process's own exit handlers run at its end, not the test process's
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    torch.manual_seed(TORCH_INITIAL_SEED)
+    random.seed()
+    script = os.path.abspath(argv[0])
+    sys.argv = list(argv)
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [os.path.dirname(script), *path]
+    gc.collect()
+    status = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit:
+        status = exit_status(exit.code)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        traceback.print_exc()
+    return status
+
+
+def exit_status(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run(*popenargs, input=None, capture_output=False, timeout=None, check=False, **kwargs):
+    """subprocess.run, with Popen above."""
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    with Popen(*popenargs, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        except BaseException:
+            process.kill()
+            raise
+        retcode = process.poll()
+        if check and retcode:
+            raise subprocess.CalledProcessError(retcode, process.args, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(process.args, retcode, stdout, stderr)
