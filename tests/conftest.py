@@ -115,15 +115,3 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a module's tests keep their order
-
-
-def pytest_runtest_setup(item):
-    # The README's commands after its demo use the SmolLM2 directory the demo converts on a fresh
-    # machine; with the demo in the other worker, it is converted here when missing (convert_gguf
-    # lets several processes convert at once).
-    if item.path.name == "test_readme.py" and item.cls is None and item.originalname == "test_readme_command":
-        from spinlab.models import convert_gguf, default_cache_dir, embedded_gguf_path
-
-        out = default_cache_dir() / "smollm2-135m-instruct"
-        if not (out / "config.json").exists():
-            convert_gguf(embedded_gguf_path(), out)

@@ -46,8 +46,8 @@ def rows(path):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # Every run of this module on one thread, whatever the machine: reductions split over another
-    # thread count round differently, and test_per_step_losses_of_a_whole_run pins literal numbers.
+    # Every run of this module on one thread (as conftest sets it, restated: reductions split over
+    # another thread count round differently, and test_per_step_losses_of_a_whole_run pins numbers).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

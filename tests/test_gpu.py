@@ -12,16 +12,6 @@ from tests.conftest import compose_cfg
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CPU runs on one thread: the tiny model gains nothing from more, and a shared machine's
-    # other jobs slow a thread pool down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # generation=static, as the GPU trainers pick it: its draws come from (seed, round, prompt, step),
 # so the CPU run samples the same responses where the logits agree.
 def two_rounds(path, *overrides):

@@ -21,15 +21,6 @@ LOSSES = {
 CONVERGED = {"steps": 400, "lr": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors of a few hundred numbers: extra threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def dists():
     """p_data (full support) and a nearby p_0: 4 prompts, 5 responses, float64."""
