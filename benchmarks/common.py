@@ -480,26 +480,36 @@ def spin_steps(module, dm, device: str):
         yield batch, float(out["loss"].detach()), now(device)
 
 
-def lever_side(args, model, **module_settings) -> tuple:
-    """One side of a lever on equal-length random pairs: PolicyModule (SPIN, logistic loss, the
-    cached opponent, RMSprop) with `module_settings` over `model`, warm-up then timed steps.
-    Returns the module and the side's figures."""
+def spin_module(model, device: str, lr: float = 5e-7, **module_settings):
+    """The module every benchmark trains: PolicyModule with SPIN's logistic loss, the cached
+    opponent and RMSprop at `lr`, over `model`, on `device`; `module_settings` as PolicyModule's."""
     import functools
 
     import torch
 
-    from spinlab.data import SelfPlayDataModule
     from spinlab.losses import logistic
     from spinlab.module import PolicyModule
     from spinlab.objectives import SPIN
 
-    module = PolicyModule(
+    return PolicyModule(
         policy=model,
         objective=SPIN(logistic),
-        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
+        optimizer=functools.partial(torch.optim.RMSprop, lr=lr),
         opponent="cached",
         **module_settings,
-    ).to(args.device)
+    ).to(device)
+
+
+def lever_side(args, model, **module_settings) -> tuple:
+    """One side of a lever on equal-length random pairs: PolicyModule (SPIN, logistic loss, the
+    cached opponent, RMSprop) with `module_settings` over `model`, warm-up then timed steps.
+    Returns the module and the side's figures."""
+
+    import torch
+
+    from spinlab.data import SelfPlayDataModule
+
+    module = spin_module(model, args.device, **module_settings)
     dm = SelfPlayDataModule(
         source=None,
         tokenizer=build_tokenizer(args.shape),

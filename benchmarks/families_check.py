@@ -18,7 +18,6 @@ Prints one JSON line per family; the exit status is 1 if any check failed.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 from pathlib import Path
@@ -70,24 +69,15 @@ def build(family: str, shape: str, seed: int = 0):
 
 
 def check_training(family: str, args) -> dict:
-    import torch
 
     from spinlab.data import SelfPlayDataModule
-    from spinlab.losses import logistic
-    from spinlab.module import AUTO_COMPILE, PolicyModule, compile_decoder_layers
-    from spinlab.objectives import SPIN
+    from spinlab.module import AUTO_COMPILE, compile_decoder_layers
 
     model = build(family, args.shape).to(args.device).train()
     compiled = args.compile == "on" or (args.compile == "auto" and AUTO_COMPILE[args.device])
     if compiled:
         compile_decoder_layers(model)
-    module = PolicyModule(
-        policy=model,
-        objective=SPIN(logistic),
-        optimizer=functools.partial(torch.optim.RMSprop, lr=1e-6),
-        opponent="cached",
-        logprob_chunk_size="auto",
-    ).to(args.device)
+    module = common.spin_module(model, args.device, lr=1e-6, logprob_chunk_size="auto")
     dm = SelfPlayDataModule(
         source=None, tokenizer=common.build_tokenizer(args.shape), batch_size=args.batch, max_length=96,
         max_prompt_length=48, seed=0,

@@ -16,7 +16,6 @@ This is a lever measurement, ours against ours; bench against TRL with train_thr
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -53,19 +52,11 @@ def run_side(args) -> dict:
     import torch
 
     from spinlab.data import SelfPlayDataModule, batch_tokens
-    from spinlab.losses import logistic
-    from spinlab.module import PolicyModule
-    from spinlab.objectives import SPIN
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = common.build_model(args.shape, args.seed, args.device)
-    module = PolicyModule(
-        policy=model,
-        objective=SPIN(logistic),
-        optimizer=functools.partial(torch.optim.RMSprop, lr=5e-7),
-        opponent="cached",
-    ).to(args.device)
+    module = common.spin_module(model, args.device)
     longest = args.prompt_len + args.response_len
     dm = SelfPlayDataModule(
         source=None,

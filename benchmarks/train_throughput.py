@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import sys
 import tempfile
 import time
@@ -367,13 +366,9 @@ def check_same_tokens(example: dict, pair: dict) -> None:
 def build_ours(args, side: str, variant: str = "default"):
     """The same model, pairs, PolicyModule and SelfPlayDataModule for both of our measurements,
     with the cached opponent's log-probs set (computed once, timed)."""
-    import torch
 
     from spinlab.collective import score_pairs
     from spinlab.data import SelfPlayDataModule
-    from spinlab.losses import logistic
-    from spinlab.module import PolicyModule
-    from spinlab.objectives import SPIN
 
     class GivenPairs(SelfPlayDataModule):
         def setup(self, stage=None) -> None:  # the pairs are given as token ids, there is nothing to read
@@ -396,15 +391,9 @@ def build_ours(args, side: str, variant: str = "default"):
     pairs = common.random_pairs(
         args.shape, args.batch * (args.warmup + args.steps), args.prompt_len, args.response_len, args.seed
     )
-    module = PolicyModule(
-        policy=model,
-        objective=SPIN(logistic),
-        optimizer=functools.partial(torch.optim.RMSprop, lr=args.lr),
-        lam=args.lam,
-        opponent="cached",
-        gradient_checkpointing=args.gc == "on",
-        **kwargs,
-    ).to(args.device)
+    module = common.spin_module(
+        model, args.device, lr=args.lr, lam=args.lam, gradient_checkpointing=args.gc == "on", **kwargs
+    )
     datamodule = GivenPairs(
         source=None,
         tokenizer=tokenizer,

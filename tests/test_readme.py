@@ -36,6 +36,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from spinlab.harness import shipped_tasks
+from spinlab.models import embedded_smollm2_dir
 from tests.conftest import ROOT, compose_cfg
 
 README = ROOT / "README.md"
@@ -227,17 +228,6 @@ class Session:
         }
         self.results: dict[int, tuple[subprocess.CompletedProcess, float, str]] = {}
 
-    @staticmethod
-    def converted_by_make_demo() -> None:
-        """The SmolLM2 directory the README's later commands name, which `make demo` converts on a
-        fresh machine: under pytest-xdist the demo runs in another worker (and has converted it
-        by the time a later command needs it); converted here when it is missing."""
-        from spinlab.models import convert_gguf, default_cache_dir, embedded_gguf_path
-
-        out = default_cache_dir() / "smollm2-135m-instruct"
-        if not (out / "config.json").exists():
-            convert_gguf(embedded_gguf_path(), out)
-
     def run(self, index: int) -> tuple[subprocess.CompletedProcess, float, str]:
         if index not in self.results:
             command = COMMANDS[index]
@@ -249,7 +239,9 @@ class Session:
 
                 (self.cwd / ".venv-vllm").symlink_to(Path(vllm_python()).parent.parent)
             if "smollm2-135m-instruct" in code:
-                self.converted_by_make_demo()
+                # The directory `make demo` converts on a fresh machine: under pytest-xdist the
+                # demo runs in another worker (and has converted it by now); converted here if not.
+                embedded_smollm2_dir()
             overrides = train_overrides(words)
             if overrides is not None and comment.startswith("cluster:"):
                 need = missing_need(words, compose_cfg(overrides), self.cwd)

