@@ -12,6 +12,11 @@ interpreter would. Any other command starts as subprocess starts it.
 What a fork cannot give, and the tests that need it start a fresh interpreter instead: what
 happens while the libraries are imported (their warnings, a module that fails to import, an
 import blocked for the test), and environment variables read only at import time.
+
+What a fork must not share: tqdm's write lock is a multiprocessing lock, one semaphore for a
+process and every process forked from it. A child killed while drawing a progress bar (the tests
+SIGKILL runs mid-round) would leave it taken for good, and every later bar in the test process and
+in every later fork would wait on it forever. The child makes its own (`fresh_tqdm`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import traceback
 import warnings
+import weakref
 
 # The interpreter's own warning filters, before pytest's are applied around each test.
 STARTUP_WARNING_FILTERS = list(warnings.filters)
@@ -97,6 +103,7 @@ def child(argv, cwd, env, ours, parents, new_session) -> int:
     faulthandler.disable()  # pytest's, writing to the test's stderr
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # pytest-timeout's, in the test process
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     warnings.filters[:] = STARTUP_WARNING_FILTERS
@@ -107,6 +114,7 @@ def child(argv, cwd, env, ours, parents, new_session) -> int:
     root.setLevel(logging.WARNING)
     logging.disable(logging.NOTSET)
     atexit._clear()  # this process's own exit handlers run at its end, not the test process's
+    fresh_tqdm()
 
     import torch
     from hydra.core.global_hydra import GlobalHydra
@@ -136,6 +144,28 @@ def child(argv, cwd, env, ours, parents, new_session) -> int:
     except BaseException:
         traceback.print_exc()
     return status
+
+
+def fresh_tqdm() -> None:
+    """tqdm as a fresh interpreter has it: locks of this process's own (the inherited ones may be
+    held by a thread that did not survive the fork, or by a killed sibling), no bars, no monitor."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    lock = std.TqdmDefaultWriteLock
+    lock.th_lock = std.TRLock()
+    if "mp_lock" in vars(lock):
+        del lock.mp_lock  # made again, for this process, by the next bar
+    classes = [std.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if "_lock" in vars(cls):
+            delattr(cls, "_lock")
+        if "monitor" in vars(cls):
+            cls.monitor = None
+        if "_instances" in vars(cls):
+            cls._instances = weakref.WeakSet()
 
 
 def exit_status(code) -> int:
