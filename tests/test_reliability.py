@@ -654,20 +654,53 @@ def test_a_start_that_made_nothing_may_change_its_settings(tmp_path):
         check_settings(rundir.RunDir(root), settings(first), finished=0, record=True)
 
 
-def test_a_dead_child_process_is_explained_before_lightning_kills_rank_0(tmp_path, capsys):
-    """Lightning's launcher SIGKILLs the whole run within 5 s of a child's death, often before
-    rank 0's collective fails: its log record is where rank 0 says what happened and what to do."""
+DIED = "[rank: 1] Child process with PID 4242 terminated with code -9. Forcefully ..."
+
+
+def observed(world_size: int, last, fit) -> None:
+    """`fit` inside `explained_child_deaths`, then Lightning's observer reporting a dead child."""
     from types import SimpleNamespace
 
     observer = logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script")
     filters = list(observer.filters)
     try:
-        spinlab.run.explain_child_deaths(SimpleNamespace(global_rank=0, world_size=2), tmp_path / "last.ckpt")
-        observer.info("[rank: 1] Child process with PID 4242 terminated with code -9. Forcefully ...")
+        try:
+            with spinlab.run.explained_child_deaths(
+                SimpleNamespace(global_rank=0, world_size=world_size), last
+            ) as e:
+                fit(e)
+        except RuntimeError:
+            pass
+        observer.info(DIED)
+        observer.info(DIED)
         observer.info("an unrelated record")
     finally:
         observer.filters[:] = filters
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1
-    assert err[0].startswith("process rank 0 of 2: another process of this run stopped")
-    assert "No checkpoint was written yet" in err[0] and "PID 4242 terminated with code -9" in err[0]
+
+
+def test_a_dead_child_process_is_explained_before_lightning_kills_rank_0(tmp_path, capsys):
+    """Lightning's launcher SIGKILLs the whole run within 5 s of a child's death, often before
+    rank 0's collective fails: its log record is where rank 0 says what happened and what to do,
+    once, whether the fit is still running or has already failed (the record can come after)."""
+
+    def running(explaining):
+        logging.getLogger("lightning.fabric.strategies.launchers.subprocess_script").info(DIED)
+
+    def failed(explaining):
+        raise RuntimeError("an error of rank 0's that names no peer")
+
+    for fit in (running, failed):
+        observed(2, tmp_path / "last.ckpt", fit)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1, fit.__name__
+        assert err[0].startswith("process rank 0 of 2: another process of this run stopped")
+        assert "No checkpoint was written yet" in err[0] and "PID 4242 terminated with code -9" in err[0]
+
+    def said(explaining):  # the collective's error named the dead peer already
+        explaining.said = True
+        raise RuntimeError("...")
+
+    observed(2, tmp_path / "last.ckpt", said)
+    observed(2, tmp_path / "last.ckpt", lambda explaining: None)  # a fit that ended: no filter left
+    observed(1, tmp_path / "last.ckpt", failed)  # one process: nothing to watch
+    assert capsys.readouterr().err == ""

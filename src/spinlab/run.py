@@ -7,6 +7,7 @@ wraps it with the logs and the exit statuses); tests and benchmarks call it on a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -114,25 +115,24 @@ def run(cfg: DictConfig, accepted=None) -> dict:
         logger.log_hyperparams(settings)
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
-    explaining = explain_child_deaths(trainer, last)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    except SIGTERMException:
-        saver = next((c for c in callbacks if isinstance(c, RoundCheckpoint)), None)
-        stopped = saver.stopped if saver is not None else None
-        if stopped is None:
-            raise Stopped(
-                "stopped by a signal before a checkpoint was saved; run the same command again"
-            ) from None
-        raise Stopped(stop_message(stopped, cfg, run_dir)) from None
-    except RuntimeError as err:
-        if trainer.world_size > 1 and any(
-            s in str(err) for s in ("Connection closed", "Connection reset", "timed out", "Timeout")
-        ):
-            raise RuntimeError(peer_stopped(trainer, last, str(err))) from err
-        raise
-    finally:
-        logging.getLogger(lightning_compat.LAUNCHER_LOG).removeFilter(explaining)
+    with explained_child_deaths(trainer, last) as explaining:
+        try:
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True
+            )
+        except SIGTERMException:
+            saver = next((c for c in callbacks if isinstance(c, RoundCheckpoint)), None)
+            stopped = saver.stopped if saver is not None else None
+            if stopped is None:
+                raise Stopped(
+                    "stopped by a signal before a checkpoint was saved; run the same command again"
+                ) from None
+            raise Stopped(stop_message(stopped, cfg, run_dir)) from None
+        except RuntimeError as err:
+            if trainer.world_size > 1 and any(s in str(err) for s in PEER_GONE):
+                explaining.said = True  # the error says it; the observer's record need not again
+                raise RuntimeError(peer_stopped(trainer, last, str(err))) from err
+            raise
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
     if trainer.is_global_zero:
@@ -163,6 +163,11 @@ def stop_message(stopped: dict, cfg: DictConfig, run_dir: RunDir) -> str:
 
 
 # -- a process of a multi-process run that stopped ------------------------------------------------
+# What a collective raises on the process whose peer died (gloo, NCCL): the socket closed or reset
+# while reading, broken while writing, or no answer in time.
+PEER_GONE = ("Connection closed", "Connection reset", "Broken pipe", "timed out", "Timeout")
+
+
 def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
     resume = (
         "The last checkpoint is intact: run the same command again to resume."
@@ -177,17 +182,27 @@ def peer_stopped(trainer: L.Trainer, last: Path, detail: str) -> str:
     )
 
 
-def explain_child_deaths(trainer: L.Trainer, last: Path):
+@contextlib.contextmanager
+def explained_child_deaths(trainer: L.Trainer, last: Path):
     """Lightning's launcher watches the processes it started and, when one dies, SIGKILLs every
     process of the run, often before a collective in flight on rank 0 can fail and be explained.
-    Its log record is the last moment rank 0 runs, so the explanation is printed from there."""
+    Its log record is the last moment rank 0 runs, so the explanation is printed from there. A
+    multi-process fit that failed keeps it: the record may come after the error has left the fit."""
 
     def explain(record: logging.LogRecord) -> bool:
-        if lightning_compat.CHILD_DIED in record.getMessage():
+        if lightning_compat.CHILD_DIED in record.getMessage() and not explain.said:
+            explain.said = True
             print(peer_stopped(trainer, last, record.getMessage()), file=sys.stderr, flush=True)
         return True
 
+    explain.said = False
     observer = logging.getLogger(lightning_compat.LAUNCHER_LOG)
     observer.setLevel(logging.INFO)
     observer.addFilter(explain)
-    return explain  # removed again once the fit ends
+    failed = True
+    try:
+        yield explain
+        failed = False
+    finally:
+        if not failed or trainer.world_size == 1:
+            observer.removeFilter(explain)
