@@ -199,10 +199,10 @@ def explained_child_deaths(trainer: L.Trainer, last: Path):
     observer = logging.getLogger(lightning_compat.LAUNCHER_LOG)
     observer.setLevel(logging.INFO)
     observer.addFilter(explain)
-    failed = True
     try:
         yield explain
-        failed = False
-    finally:
-        if not failed or trainer.world_size == 1:
+    except BaseException:
+        if trainer.world_size == 1:
             observer.removeFilter(explain)
+        raise
+    observer.removeFilter(explain)
