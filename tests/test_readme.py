@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from spinlab.harness import shipped_tasks
 from spinlab.models import embedded_smollm2_dir
+from tests import forked
 from tests.conftest import ROOT, compose_cfg
 
 README = ROOT / "README.md"
@@ -178,6 +179,18 @@ def test_the_sections_hold_the_commands_a_newcomer_runs():
         "printf '%s # not a comment' > f",
         "a comment",
     )
+    python, home = sys.executable, {"HOME": "/home/u"}
+    assert argv("python train.py a=$HOME/m b=${HOME} lam=0.1,1 x=[1,2]", home) == [
+        *[python, "train.py", "a=/home/u/m", "b=/home/u", "lam=0.1,1", "x=[1,2]"]
+    ]
+    for shell in (
+        "python train.py > log",
+        "python train.py a={1,2}",
+        "python train.py a=$UNSET",
+        "python -m x",
+    ):
+        assert argv(shell, home) == ["bash", "-c", shell]
+    assert argv("python train.py a=$HOME", {"HOME": "/my home"})[0] == "bash"
     for message in MESSAGES.values():
         assert message in README.read_text(), message
     assert f"with `{SIZE_OVERRIDE}` appended" in README.read_text()
@@ -198,6 +211,38 @@ def test_every_command_of_the_docs_runs_here_or_says_why_not():
     codes = {split_comment(c)[0] for _, c in ALL}
     assert not set(NOT_RUN) - codes, f"NOT_RUN names commands no page holds: {sorted(set(NOT_RUN) - codes)}"
     assert len(RUN) + sum(split_comment(c)[0] in NOT_RUN for _, c in ALL) == len(ALL)
+
+
+# What bash would read otherwise than shlex: operators, expansions, globs.
+SHELL_SYNTAX = set("|&;<>()$`*?{}~")
+VARIABLE = re.compile(r"\$(?:([A-Za-z_]\w*)|\{([A-Za-z_]\w*)\})")
+
+
+def expand(code: str, env: dict) -> str:
+    """`$NAME` and `${NAME}` replaced as bash would, where the value is set and one plain word."""
+
+    def value(match):
+        text = env.get(match.group(1) or match.group(2)) or ""
+        plain = text and not (set(text) & SHELL_SYNTAX) and shlex.split(text) == [text]
+        return text if plain else match.group(0)
+
+    return VARIABLE.sub(value, code)
+
+
+def plain_python(code: str) -> bool:
+    """A `python script.py args` that bash would only split into words (after `expand`): run as
+    bash would run it, the script in this interpreter (`python` on the session's PATH is it), but
+    forked from this process (tests/forked.py) instead of importing torch again."""
+    words = shell_words(code)
+    return (
+        len(words) >= 2 and words[0] == "python" and words[1].endswith(".py") and not SHELL_SYNTAX & set(code)
+    )
+
+
+def argv(code: str, env: dict) -> list[str]:
+    if plain_python(expand(code, env)):
+        return [sys.executable, *shell_words(expand(code, env))[1:]]
+    return ["bash", "-c", code]
 
 
 def needs_vllm(words: list[str]) -> bool:
@@ -253,8 +298,9 @@ class Session:
                 assert comment.startswith("cluster:"), f"a push reaches the hub: mark it cluster: ({command})"
                 how = "needs hub push"
             start = time.perf_counter()
-            result = subprocess.run(
-                ["bash", "-c", code], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800
+            command_line = argv(code, self.env)
+            result = (forked.run if command_line[0] == sys.executable else subprocess.run)(
+                command_line, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800
             )
             self.results[index] = (result, time.perf_counter() - start, how)
         return self.results[index]

@@ -387,7 +387,13 @@ def picked_choices(config_name: str, overrides: list[str]) -> dict[str, dict]:
 
     loader = GlobalHydra.instance().config_loader()
     found = loader.compute_defaults_list(config_name, list(overrides), RunMode.RUN)
-    choices = {d.override_key: d.config_path for d in found.defaults if d.override_key}
+    # A choice whose config nests another of its group (eval/fast on eval/default) has no override
+    # key: its group is its folder, and the choice the last entry (a config follows what it nests).
+    choices = {}
+    for d in found.defaults:
+        group = d.override_key or d.config_path.rpartition("/")[0]
+        if group:
+            choices[group] = d.config_path
     picked = {}
     for group, made in found.overrides.override_metadata.items():
         by = made.containing_config_path
