@@ -3,7 +3,6 @@
 import math
 import os
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from spinlab.models import tiny_model
 from spinlab.module import PolicyModule, RoundSchedule
 from spinlab.rounds import Round, round_settings
 from spinlab.sources import DataError
+from tests import forked
 from tests.conftest import CONF, ROOT, compose_cfg
 from tests.test_generation_backends import chi_square_p, collect, encode, eos_model, two_token_distribution
 
@@ -380,7 +380,7 @@ def test_a_renamed_eval_key_is_refused_naming_its_new_name(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"), "debug=fast", "eval=lm_eval", "eval.limit=4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
-    out = subprocess.run(
+    out = forked.run(
         [*command, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == EXIT_REFUSED, out.stderr[-3000:]
@@ -455,7 +455,7 @@ def test_a_run_says_and_records_what_another_group_picked_and_an_older_run_resta
         "WANDB_MODE": "disabled",
         "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}",
     }
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    out = forked.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     said = [
         line.split(" - ", 1)[1]
@@ -478,6 +478,6 @@ def test_a_run_says_and_records_what_another_group_picked_and_an_older_run_resta
     settings = yaml.safe_load((run_dir / "run_config.yaml").read_text())
     del settings["picked"]
     (run_dir / "run_config.yaml").write_text(yaml.safe_dump(settings))
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    again = forked.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "all 1 rounds of" in again.stdout, again.stderr[-3000:]
     assert yaml.safe_load((run_dir / "run_config.yaml").read_text())["picked"] == picked
