@@ -94,14 +94,15 @@ LONGEST_FIRST = [
     "test_readme.py",
     "test_vllm.py",
     "test_sharded.py",
-    "test_benchmarks.py",
     "test_families.py",
+    "test_benchmarks.py",
     "test_faults.py",
-    "test_e2e.py",
+    "test_harness.py",
     "test_refusals.py",
     "test_reliability.py",
+    "test_e2e.py",
+    "test_models.py",
     "test_configs.py",
-    "test_harness.py",
 ]
 
 
