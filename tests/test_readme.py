@@ -183,9 +183,11 @@ def test_the_sections_hold_the_commands_a_newcomer_runs():
     assert argv("python train.py a=$HOME/m b=${HOME} lam=0.1,1 x=[1,2]", home) == [
         *[python, "train.py", "a=/home/u/m", "b=/home/u", "lam=0.1,1", "x=[1,2]"]
     ]
+    assert argv("python train.py a={x:5}", home) == [python, "train.py", "a={x:5}"]  # no brace expansion
     for shell in (
         "python train.py > log",
         "python train.py a={1,2}",
+        "python train.py a={0..3}",
         "python train.py a=$UNSET",
         "python -m x",
     ):
@@ -213,8 +215,10 @@ def test_every_command_of_the_docs_runs_here_or_says_why_not():
     assert len(RUN) + sum(split_comment(c)[0] in NOT_RUN for _, c in ALL) == len(ALL)
 
 
-# What bash would read otherwise than shlex: operators, expansions, globs.
-SHELL_SYNTAX = set("|&;<>()$`*?{}~")
+# What bash would read otherwise than shlex: operators, expansions, globs, and a brace expansion
+# (a brace group with a comma or `..`; `{gsm8k:5}` stays as typed).
+SHELL_SYNTAX = set("|&;<>()$`*?~")
+BRACE_EXPANSION = re.compile(r"\{[^{}]*(?:,|\.\.)[^{}]*\}")
 VARIABLE = re.compile(r"\$(?:([A-Za-z_]\w*)|\{([A-Za-z_]\w*)\})")
 
 
@@ -234,9 +238,8 @@ def plain_python(code: str) -> bool:
     bash would run it, the script in this interpreter (`python` on the session's PATH is it), but
     forked from this process (tests/forked.py) instead of importing torch again."""
     words = shell_words(code)
-    return (
-        len(words) >= 2 and words[0] == "python" and words[1].endswith(".py") and not SHELL_SYNTAX & set(code)
-    )
+    plain = not (SHELL_SYNTAX & set(code) or BRACE_EXPANSION.search(code))
+    return len(words) >= 2 and words[0] == "python" and words[1].endswith(".py") and plain
 
 
 def argv(code: str, env: dict) -> list[str]:
