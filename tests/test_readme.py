@@ -243,8 +243,9 @@ def plain_python(code: str) -> bool:
 
 
 def argv(code: str, env: dict) -> list[str]:
-    if plain_python(expand(code, env)):
-        return [sys.executable, *shell_words(expand(code, env))[1:]]
+    expanded = expand(code, env)
+    if plain_python(expanded):
+        return [sys.executable, *shell_words(expanded)[1:]]
     return ["bash", "-c", code]
 
 
