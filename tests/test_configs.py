@@ -252,6 +252,22 @@ def test_demo_preset_runs_what_the_readme_says(tmp_path):
     assert (evaluator.heldout_pairs, evaluator.task_prompts) == (pairs, task)
 
 
+def test_debug_fast_evaluates_at_its_own_size_as_the_docs_say():
+    fast, full = compose_cfg(["debug=fast"]).eval, compose_cfg(["debug=fast", "eval=default"]).eval
+    sizes = ("heldout_pairs", "task_prompts", "max_new_tokens")
+    # One evaluation batch of each, greedy answers as long as the round's synthetic responses.
+    assert fast.heldout_pairs == fast.task_prompts == fast.batch_size
+    assert fast.max_new_tokens == compose_cfg(["debug=fast"]).generation.max_new_tokens
+    assert all(fast[k] < full[k] for k in sizes)
+    assert {k: v for k, v in fast.items() if k not in sizes} == {
+        k: v for k, v in full.items() if k not in sizes
+    }
+    for page in ("configuration.md", "evaluation.md"):
+        text = (ROOT / "docs" / page).read_text()
+        said = re.search(r"(\d+) held-out pairs, (\d+) task\s+prompts, (\d+)-token answers", text)
+        assert said and tuple(map(int, said.groups())) == tuple(fast[k] for k in sizes), page
+
+
 def test_paper_recipe_trains_each_round_as_the_paper_does(tmp_path):
     """arXiv 2401.01335, §5.1 and Appendix B, against what the preset builds: RMSprop without weight
     decay; per iteration 0..3 a peak lr of 5e-7, 5e-7, 1e-7, 1e-7 with 10 % linear warm-up then
