@@ -6,8 +6,13 @@ before it reads its first argument; the test process has imported them already. 
 <file>.py, args...]` start a child of this process that runs the script as `__main__` with those
 arguments, environment, working directory and file descriptors, then exits with its status, as
 the interpreter would. The child is a real process: it has its own PID, takes signals (SIGKILL
-included) and starts processes of its own (Lightning's other ranks, vLLM's engine) as a fresh
-interpreter would. Any other command starts as subprocess starts it.
+included) and starts processes of its own (vLLM's engine) as a fresh interpreter would. Any other
+command starts as subprocess starts it.
+
+A run's other ranks are forks too: Lightning's launcher starts them as `python <the same script>
+...` again, and in the child that command is forked from it (at the launcher, before any process
+group exists), which saves each two-process run a second import of everything.
+`fresh_ranks=True` starts them as fresh interpreters, as a user's run does (the README's commands).
 
 What a fork cannot give, and the tests that need it start a fresh interpreter instead: what
 happens while the libraries are imported (their warnings, a module that fails to import, an
@@ -54,10 +59,17 @@ def forkable(args) -> bool:
 
 
 class Popen(subprocess.Popen):
+    def __init__(self, *args, fresh_ranks: bool = False, **kwargs):
+        self.fresh_ranks = fresh_ranks
+        super().__init__(*args, **kwargs)
+
+    def forks(self, args) -> bool:
+        return forkable(args)
+
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                        creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
                        *rest):  # fmt: skip
-        if shell or executable is not None or preexec_fn is not None or not forkable(args):
+        if shell or executable is not None or preexec_fn is not None or not self.forks(args):
             return super()._execute_child(
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, creationflags,
                 shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest,
@@ -71,7 +83,7 @@ class Popen(subprocess.Popen):
             try:
                 status = child(
                     [str(a) for a in args[1:]], cwd, env, (p2cread, c2pwrite, errwrite),
-                    (p2cwrite, c2pread, errread), start_new_session,
+                    (p2cwrite, c2pread, errread), start_new_session, self.fresh_ranks,
                 )  # fmt: skip
             except BaseException:
                 traceback.print_exc()
@@ -82,7 +94,18 @@ class Popen(subprocess.Popen):
         self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
 
 
-def child(argv, cwd, env, ours, parents, new_session) -> int:
+class RankPopen(Popen):
+    """subprocess.Popen in a forked run: the run's other ranks, which Lightning's launcher starts as
+    `python <this script> ...` again, are forks of this process too; any other command starts as
+    subprocess starts it."""
+
+    script = ""
+
+    def forks(self, args) -> bool:
+        return forkable(args) and os.path.abspath(str(args[1])) == self.script
+
+
+def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
     """In the forked process: become `python argv...` and run it; its exit status."""
     if new_session:
         os.setsid()
@@ -124,6 +147,9 @@ def child(argv, cwd, env, ours, parents, new_session) -> int:
     torch.manual_seed(TORCH_INITIAL_SEED)
     random.seed()
     script = os.path.abspath(argv[0])
+    if not fresh_ranks:
+        RankPopen.script = script
+        subprocess.Popen = RankPopen
     sys.argv = list(argv)
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:0] = [os.path.dirname(script), *path]

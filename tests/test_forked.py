@@ -95,6 +95,35 @@ def test_a_child_killed_while_drawing_leaves_this_process_and_the_next_child_fre
     assert (out.returncode, out.stdout) == (0, "drawn\n")
 
 
+RELAUNCH = textwrap.dedent(
+    """
+    import subprocess, sys
+    fresh = b"again" in open("/proc/self/cmdline", "rb").read()  # a fork keeps its parent's command line
+    if sys.argv[1:] == ["again"]:
+        print(f"{sys.argv[0].rsplit('/', 1)[1]} fresh={fresh}", flush=True)
+    else:
+        subprocess.run([sys.executable, __file__, "again"], check=True)
+        subprocess.run([sys.executable, sys.argv[1], "again"], check=True)
+    """
+)
+
+
+@pytest.mark.parametrize("fresh_ranks", [False, True])
+def test_a_script_starting_itself_again_is_forked_unless_fresh_ranks_is_asked(tmp_path, fresh_ranks):
+    """What Lightning's launcher does for a run's other ranks: `python <the same script> ...`."""
+    command = script(tmp_path, RELAUNCH)
+    (tmp_path / "other.py").write_text(RELAUNCH)
+    out = forked.run(
+        [*command, str(tmp_path / "other.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        fresh_ranks=fresh_ranks,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"script.py fresh={fresh_ranks}\nother.py fresh=True\n"
+
+
 @pytest.mark.parametrize("command", [["echo", "not python"], [sys.executable, "-c", "print(1)"]])
 def test_other_commands_start_as_subprocess_starts_them(command):
     out = forked.run(command, capture_output=True, text=True, timeout=60)

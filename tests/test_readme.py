@@ -303,9 +303,11 @@ class Session:
                 how = "needs hub push"
             start = time.perf_counter()
             command_line = argv(code, self.env)
-            result = (forked.run if command_line[0] == sys.executable else subprocess.run)(
-                command_line, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800
-            )
+            options = dict(cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800)
+            if command_line[0] == sys.executable:  # a run's other ranks start as the user's would
+                result = forked.run(command_line, fresh_ranks=True, **options)
+            else:
+                result = subprocess.run(command_line, **options)
             self.results[index] = (result, time.perf_counter() - start, how)
         return self.results[index]
 

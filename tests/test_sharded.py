@@ -1,11 +1,12 @@
 """Sharded rounds: FSDP2 over 2 CPU processes (gloo) through every phase of a round.
 
 Every run here is a real `python train.py ... trainer=fsdp_cpu` with two processes: rank 0 forked
-from the test process (tests/forked.py), rank 1 started by Lightning's launcher as a fresh
-interpreter. One global batch of 4 pairs per step either way: one process at batch 4 (conftest's
+from the test process (tests/forked.py), rank 1 started by Lightning's launcher and forked from rank
+0 (the README's `trainer=fsdp_cpu` command starts it as a fresh interpreter). One global batch of 4 pairs per step either way: one process at batch 4 (conftest's
 reference run), or 2 processes at batch 2.
 """
 
+import builtins
 import csv
 import json
 import os
@@ -215,26 +216,26 @@ def test_generation_on_the_shards_in_lockstep_gives_the_same_synthetic_data(runs
 
 # Every process of a run counts the bytes the checksum code reads (spinlab.rundir's file reads),
 # one line per read: PID, bytes, file. `counting_open` stands in for spinlab.rundir's open.
-COUNTER = """
-import builtins, os
-
 class Counted:
     def __init__(self, f, name):
         self.f, self.name = f, name
+
     def read(self, n=-1):
         data = self.f.read(n)
         with builtins.open(os.environ["SPINLAB_TEST_READS"], "a") as log:
-            log.write(f"{os.getpid()} {len(data)} {self.name}\\n")
+            log.write(f"{os.getpid()} {len(data)} {self.name}\n")
         return data
+
     def __enter__(self):
         return self
+
     def __exit__(self, *exc):
         self.f.close()
 
+
 def counting_open(path, mode="r", *args, **kwargs):
-    f = builtins.open(path, mode, *args, **kwargs)
+    f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115  (closed by Counted or its caller)
     return Counted(f, str(path)) if "r" in mode else f
-"""
 
 
 def bytes_read(log) -> dict[int, int]:
@@ -254,16 +255,9 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path, m
     writes as it writes it and reads nothing back; a two-process restart reads each file of the
     checkpoint once, in one process, not once per process."""
     sharded = runs["sharded"]
-    # Rank 0, forked from this process, counts with the open put into spinlab.rundir here; rank 1, a
-    # fresh interpreter, with the same put there by a sitecustomize as it starts.
-    counter: dict = {}
-    exec(COUNTER, counter)
-    monkeypatch.setattr(rundir, "open", counter["counting_open"], raising=False)
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(
-        COUNTER + "\nfrom spinlab import rundir\nrundir.open = counting_open\n"
-    )
-    counted = {**env(), "PYTHONPATH": f"{tmp_path / 'site'}:{env()['PYTHONPATH']}"}
+    # Both ranks, forked from this process, count with the open put into spinlab.rundir here.
+    monkeypatch.setattr(rundir, "open", counting_open, raising=False)
+    counted = env()
     train(
         tmp_path / "extended",
         *SHARDED,
