@@ -126,11 +126,12 @@ def test_torn_partial_line_is_dropped(tmp_path):
 # signal kills, without importing the libraries again.
 
 COMMAND = [*REFERENCE, "hydra.verbose=[spinlab.module]"]  # per-step log lines to aim the kill at
+# In the order a run reaches them (see the test below).
 PHASES = {
+    "round model save": ("round 0: saving the policy", 1),
+    "checkpoint save": ("saving checkpoint", 1),
     "round 1 generation": ("round 1: generation batch written", 2),
     "round 1 mid-epoch": ("round 1 step", 2),
-    "checkpoint save": ("saving checkpoint", 1),
-    "round model save": ("round 0: saving the policy", 1),
 }
 
 
@@ -171,11 +172,14 @@ def uninterrupted(reference_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", list(PHASES))
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path, phase):
-    marker, occurrence = PHASES[phase]
+def test_sigkill_at_every_phase_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    """One run directory killed at each phase in turn, as a job preempted again after each restart:
+    each kill lands in the rerun of the one before (the round model save and the checkpoint save
+    in round 0 trained again, round 1's generation resumed from its partial file, then round 1's
+    training); the last rerun finishes. A rerun after each kill alone would redo the same phases."""
     run_dir = tmp_path / "run"
-    run_and_kill(run_dir, marker, occurrence)
+    killed = {phase: "".join(run_and_kill(run_dir, *PHASES[phase])) for phase in PHASES}
+    assert "round 1 generate: resuming generation, 8 of 16 prompts done" in killed["round 1 mid-epoch"]
     forked.run(train_command(run_dir), check=True, env=env(), capture_output=True, timeout=600)
     assert_same_run(uninterrupted, run_dir)
     for r in ("round_000", "round_001"):
