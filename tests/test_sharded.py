@@ -161,13 +161,13 @@ def test_bf16_mixed_sharded_round_finishes_and_loads(tmp_path):
     assert logits.shape == (1, 4, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize(
-    "marker", ["round 1: generation batch written", "round 1 step 5"], ids=["generation", "training"]
-)
-def test_sigkill_of_every_process_then_rerun_matches(runs, tmp_path, marker):
+def test_sigkill_of_every_process_in_generation_then_in_training_then_rerun_matches(runs, tmp_path):
+    """Every process killed in round 1's generation, then again in the rerun's training (a job
+    preempted again after its restart); the last rerun finishes."""
     sharded = runs["sharded"]
     run_dir = tmp_path / "run"
-    kill_all_at(run_dir, marker, *SHARDED)
+    kill_all_at(run_dir, "round 1: generation batch written", *SHARDED)
+    kill_all_at(run_dir, "round 1 step 5", *SHARDED)
     train(run_dir, *SHARDED)
     for r in ("round_000", "round_001"):
         synthetic = rows(run_dir / "rounds" / r / "synthetic.jsonl")
@@ -285,16 +285,9 @@ def test_extending_a_finished_sharded_run_matches_a_longer_run(runs, tmp_path, m
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "signum, marker, whole_group",
-    [(signal.SIGTERM, "round 1 step 5", True), (signal.SIGUSR1, "round 0 step 1", False)],
-    ids=["SIGTERM to every process", "SIGUSR1 to rank 1 alone"],
-)
-def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
-    runs, tmp_path, signum, marker, whole_group
-):
-    sharded = runs["sharded"]
-    run_dir = tmp_path / "run"
+def stop(run_dir, signum, marker, whole_group) -> None:
+    """Start the sharded run, send `signum` at the marker (to every process, or to rank 1 alone),
+    and check that every process saved the step the signal arrived in and exited with 75."""
     proc = start(run_dir, *SHARDED)
     seen = []
     for line in proc.stdout:
@@ -321,6 +314,15 @@ def test_a_stop_signal_saves_the_step_on_every_process_and_the_rerun_matches(
     step = int(out.split(f"stopped by {name} after step ")[1].split()[0])
     assert last.is_symlink() and f"-step{step:07d}-" in last.resolve().name
     assert step % 4  # inside a round (4 steps each), not at its end
+
+
+def test_stop_signals_save_the_step_on_every_process_and_the_rerun_matches(runs, tmp_path):
+    """SIGUSR1 to rank 1 alone in round 0, then SIGTERM to every process in the rerun's round 1
+    (a job preempted again after its restart); the last rerun finishes."""
+    sharded = runs["sharded"]
+    run_dir = tmp_path / "run"
+    stop(run_dir, signal.SIGUSR1, "round 0 step 1", whole_group=False)
+    stop(run_dir, signal.SIGTERM, "round 1 step 5", whole_group=True)
     train(run_dir, *SHARDED)
     for r in ("round_000", "round_001"):
         assert (run_dir / "rounds" / r / "synthetic.jsonl").read_bytes() == (
