@@ -38,8 +38,18 @@ def test_missing_local_directory_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_gguf_conversion_saves_a_reloadable_plain_model(tmp_path):
+def test_gguf_conversion_saves_a_reloadable_plain_model(tmp_path, monkeypatch):
+    import gguf
+
+    parsed = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(
+        gguf, "GGUFReader", lambda path, *a, **kw: parsed.append(path) or reader(path, *a, **kw)
+    )
     out = models.convert_gguf(models.embedded_gguf_path(), tmp_path / "smol")
+    assert len(parsed) == 1  # transformers reads it three times (tokenizer, config, weights): parsed once
+    # gguf as it was after the conversion: no cache left holding the file or the name maps
+    assert not hasattr(gguf.GGUFReader, "cache_info") and not hasattr(gguf.get_tensor_name_map, "cache_info")
     assert (out / "model.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
     loaded = models.pretrained(str(out))
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
