@@ -134,12 +134,39 @@ def test_greedy_vllm_equals_hf_on_every_prompt(saved_model):
     assert expected[PROMPTS.index("xy")]["synthetic"] == "z"
     assert sum(not r["finished"] for r in expected.values()) >= 3
     gen = engine(max_new_tokens=12, batch_size=4, do_sample=False)
-    with cpu_permitting():
+    # In a session (a round's start: its synthetic responses, then its held-out pairs'), a later
+    # phase on the same weights runs on the first one's engine, which has room for the session's
+    # longest prompt; the engine goes with the session.
+    longer = encode(loaded.tokenizer, ["the quick brown fox jumps over the lazy dog " * 2])
+    with cpu_permitting(), gen.session(longest_prompt=max(map(len, longer))):
         rows, stats = collect(gen, loaded, prompts, weights=path)
+        [pid] = engines_of(Path.cwd(), parent=os.getpid())
+        second, stats_second = collect(gen, loaded, longer, weights=path, round_index=1)
+        assert engines_of(Path.cwd(), parent=os.getpid()) == [pid]
+    assert engines_of(Path.cwd(), parent=os.getpid()) == []
     assert by_index(rows) == expected
     assert stats["backend"] == "vllm" and stats["responses"] == len(PROMPTS)
     assert stats["new_tokens"] == sum(r["tokens"] + r["finished"] for r in expected.values())
     assert 0 < stats["engine_start_seconds"] < stats["seconds"]
+    assert (stats["engine_reused"], stats_second["engine_reused"]) == (False, True)
+    assert second == collect(HFGenerator(max_new_tokens=12, batch_size=4, do_sample=False), loaded, longer)[0]
+
+
+def test_an_engine_is_kept_only_for_a_phase_it_can_run():
+    """Child.takes: the same weights and engine settings, alive, room for the phase's longest
+    prompt and response; anything else starts an engine of its own."""
+    from spinlab.generation.vllm import Child
+
+    child = Child.__new__(Child)
+    child.model, child.engine = "/w/round_0", {"dtype": "float32", "max_model_len": 100, "max_num_seqs": 8}
+    child.proc = SimpleNamespace(poll=lambda: None)
+    job = {"model": "/w/round_0", "engine": {"dtype": "float32", "max_model_len": 60, "max_num_seqs": 8}}
+    assert child.takes(job, 100)
+    assert not child.takes(job, 101)  # no room
+    assert not child.takes({**job, "model": "/w/round_1"}, 50)  # other weights
+    assert not child.takes({**job, "engine": {**job["engine"], "dtype": "bfloat16"}}, 50)
+    child.proc = SimpleNamespace(poll=lambda: -9)
+    assert not child.takes(job, 50)  # dead
 
 
 @pytest.mark.slow
@@ -305,6 +332,10 @@ def test_sigkill_during_a_vllm_phase_then_rerun_gives_one_row_per_prompt(tmp_pat
 
     out = forked.run(command, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    # One engine for the round's start (the rest of its synthetic responses, then the held-out
+    # pairs'), one for the evaluation on the trained policy.
+    log = out.stdout + out.stderr
+    assert (log.count("generation=vllm: engine process"), log.count("kept for the next phase")) == (3, 1), log
     rows = [json.loads(line) for line in (run_dir / "rounds" / "round_000" / "synthetic.jsonl").open()]
     assert len(rows) == prompts
     stats = json.loads((run_dir / "rounds" / "round_000" / "stats.json").read_text())["generation"]

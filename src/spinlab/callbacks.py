@@ -422,25 +422,31 @@ class SelfPlayCallback(L.Callback):
             total_steps=0,
             pairs=0,
         )
-        rows = self.pairs.build(trainer, pl_module, planned, self.run_dir, self.generator, self.num_samples)
-        if trainer.is_global_zero:  # the synthetic data's card, as soon as the data is on disk
-            write_round_cards(self.run_dir.root, index, model=False)
-        if fresh:
-            self.log_samples(trainer, index, rows[: self.num_samples])
-            self.log_generation(trainer, index)
-        dm.set_pairs(rows)
-        logps = self.pairs.opponent_logps(trainer, pl_module, planned, self.run_dir)
-        if logps is not None:
-            dm.set_opponent_logps(logps)
-        if fresh:
-            steps = dm.steps_per_epoch(trainer.accumulate_grad_batches, trainer.world_size)
-            planned.total_steps = max(1, self.epochs_per_round * steps)
-            planned.pairs = len(rows)
-            self.started[index] = planned
-        if self.evaluator is not None:
-            self.evaluator.prepare(index, trainer, pl_module, dm, self.generator, self.run_dir)
-            if index == 0 and -1 not in self.summaries:  # benchmarks of the start model: round -1
-                self.log_start(trainer, self.evaluator.evaluate_start(trainer, pl_module, dm, self.run_dir))
+        # The round's synthetic responses and its held-out pairs' come from the same opponent: one
+        # engine for both (generation=vllm), shut down before the round trains.
+        with self.generator.session(longest_prompt=dm.max_prompt_length or 0):
+            rows = self.pairs.build(
+                trainer, pl_module, planned, self.run_dir, self.generator, self.num_samples
+            )
+            if trainer.is_global_zero:  # the synthetic data's card, as soon as the data is on disk
+                write_round_cards(self.run_dir.root, index, model=False)
+            if fresh:
+                self.log_samples(trainer, index, rows[: self.num_samples])
+                self.log_generation(trainer, index)
+            dm.set_pairs(rows)
+            logps = self.pairs.opponent_logps(trainer, pl_module, planned, self.run_dir)
+            if logps is not None:
+                dm.set_opponent_logps(logps)
+            if fresh:
+                steps = dm.steps_per_epoch(trainer.accumulate_grad_batches, trainer.world_size)
+                planned.total_steps = max(1, self.epochs_per_round * steps)
+                planned.pairs = len(rows)
+                self.started[index] = planned
+            if self.evaluator is not None:
+                self.evaluator.prepare(index, trainer, pl_module, dm, self.generator, self.run_dir)
+        if self.evaluator is not None and index == 0 and -1 not in self.summaries:
+            # benchmarks of the start model: round -1
+            self.log_start(trainer, self.evaluator.evaluate_start(trainer, pl_module, dm, self.run_dir))
         pl_module.begin_round(planned, fresh=fresh)
         log.info("round %d: %d pairs, lam=%g, lr=%g", index, len(rows), planned.lam, planned.lr)
 

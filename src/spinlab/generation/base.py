@@ -11,6 +11,7 @@ static KV cache), `vllm.py` (a vLLM engine in a child process).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -96,6 +97,11 @@ class Generator:
         self.top_p = top_p
         self.top_k = top_k
         self.seed = seed
+
+    def session(self, longest_prompt: int = 0):
+        """A block whose phases may share what the backend starts for a phase (generation=vllm:
+        its engine process); a backend that starts nothing shares nothing."""
+        return contextlib.nullcontext(self)
 
     def greedy(self, max_new_tokens: int | None = None, batch_size: int | None = None) -> Generator:
         """This backend, with its engine settings, decoding greedily (e.g. for task answers)."""

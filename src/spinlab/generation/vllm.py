@@ -3,7 +3,9 @@
 The child (vllm_child.py beside this file, run by `generation.python`, vLLM's own environment) loads the
 opponent's weights from a Hugging Face directory, samples every prompt of this process's share and
 streams the finished responses back `batch_size` at a time; they go to `on_batch` (and so to the
-round's file) as they arrive. The child exits at the phase's end, which gives its memory back.
+round's file) as they arrive. The child exits at the phase's end, which gives its memory back; within
+a `session()` (a round's start: its synthetic responses, then its held-out pairs', on the same
+weights) it stays up for the next phase, and exits at the session's end, before training.
 
 Every request carries its own seed, derived from (seed, round, prompt index): a prompt's response
 does not depend on its batch, on how many processes share the prompts, or on where a resume cut in.
@@ -12,6 +14,7 @@ does not depend on its batch, on how many processes share the prompts, or on whe
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import hashlib
 import json
@@ -126,6 +129,20 @@ class VLLMGenerator(Generator):
             skip_tokenizer_init=True,
             **(engine_kwargs or {}),
         )
+        self._session: dict | None = None
+
+    @contextlib.contextmanager
+    def session(self, longest_prompt: int = 0):
+        """Phases inside the block on the same weights share one engine: its process stays up
+        between them and exits with the block. `longest_prompt` (tokens): the longest prompt the
+        phases may bring, so that the first phase's engine has room for the later ones'."""
+        self._session = {"longest": longest_prompt, "child": None}
+        try:
+            yield self
+        finally:
+            session, self._session = self._session, None
+            if session["child"] is not None:
+                session["child"].stop()
 
     def generate(self, model, tokenizer, prompt_ids, on_batch, done=frozenset(), *, weights=None, **kwargs):
         """As Generator.generate, with `weights`: a Hugging Face directory holding `model`'s weights
@@ -146,9 +163,11 @@ class VLLMGenerator(Generator):
             return None
         started = time.perf_counter()
         longest = max(len(prompt_ids[i]) for i in indices)
+        session = self._session
         engine = dict(self.engine_kwargs)
         engine["dtype"] = self.dtype or str(model.dtype).removeprefix("torch.")
-        engine["max_model_len"] = self.max_model_len or longest + self.max_new_tokens
+        room = max(longest, session["longest"]) if session else longest
+        engine["max_model_len"] = self.max_model_len or room + self.max_new_tokens
         if longest + self.max_new_tokens > engine["max_model_len"]:
             raise ConfigError(
                 f"generation.max_model_len={engine['max_model_len']} is below the longest prompt ({longest} "
@@ -170,18 +189,35 @@ class VLLMGenerator(Generator):
                 [i, list(prompt_ids[i]), request_seed(self.seed, phase.round_index, i)] for i in indices
             ],
         }
-        release_device_memory()
-        child = Child(self.python, job, self._env(model, phase.shard))
+        child = session["child"] if session else None
+        reused = child is not None and child.takes(job, longest + self.max_new_tokens)
+        if not reused:
+            if child is not None:
+                child.stop()
+            release_device_memory()
+            child = Child(self.python, job, self._env(model, phase.shard))
+            log.info("generation=vllm: engine process %d started on %s", child.proc.pid, child.model)
+            if session:
+                session["child"] = child
+        else:
+            log.info("generation=vllm: engine process %d kept for the next phase", child.proc.pid)
+        job["engine"] = child.engine
+        ok = False
         try:
+            child.send(job)
             ready = None
             for message in child.messages():
                 if "ready" in message:
                     ready = time.perf_counter() - started
                 elif "rows" in message:
                     emit([(i, tokens) for i, tokens in message["rows"]])
+            ok = True
         finally:
-            child.stop()
-        return {"engine_start_seconds": ready}
+            if not (ok and session):
+                child.stop()
+                if session:
+                    session["child"] = None
+        return {"engine_start_seconds": ready, "engine_reused": reused}
 
     def _env(self, model, shard: tuple[int, int]) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
@@ -226,13 +262,15 @@ def release_device_memory() -> None:
 
 
 class Child:
-    """The engine's process: a job on stdin, JSON lines on stdout, the last stderr lines kept."""
+    """The engine's process: jobs on stdin, JSON lines on stdout, the last stderr lines kept.
+    Its engine is built for the first job's weights and settings (`model`, `engine`)."""
 
     TAIL = 30
 
     def __init__(self, python: str, job: dict, env: dict):
         self.command = [python, str(CHILD)]
         self.model = job["model"]
+        self.engine = job["engine"]
         self.proc = subprocess.Popen(
             self.command,
             stdin=subprocess.PIPE,
@@ -245,11 +283,25 @@ class Child:
         self.tail: collections.deque[str] = collections.deque(maxlen=self.TAIL)
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
         self.reader.start()
+
+    def takes(self, job: dict, length: int) -> bool:
+        """Whether this engine can run `job`: alive, the same weights and settings, room for
+        `length` tokens (prompt and response)."""
+        mine = {k: v for k, v in self.engine.items() if k != "max_model_len"}
+        theirs = {k: v for k, v in job["engine"].items() if k != "max_model_len"}
+        return (
+            self.proc.poll() is None
+            and job["model"] == self.model
+            and mine == theirs
+            and length <= self.engine["max_model_len"]
+        )
+
+    def send(self, job: dict) -> None:
         try:
-            self.proc.stdin.write(json.dumps(job))
-            self.proc.stdin.close()
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
         except BrokenPipeError:
-            pass  # the child died at once: messages() reports why
+            pass  # the child died: messages() reports why
 
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:
@@ -279,7 +331,10 @@ class Child:
         )
 
     def stop(self) -> None:
+        """The engine's memory back at once: the process is killed, not asked to shut down."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.close()
         self.reader.join(timeout=5)

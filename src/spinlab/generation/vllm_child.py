@@ -1,10 +1,12 @@
-"""The child process of `generation=vllm`: one vLLM engine for one generation phase.
+"""The child process of `generation=vllm`: one vLLM engine for one or more generation phases.
 
 Run as a script by the interpreter in `generation.python` (vLLM's own environment), so it imports
-nothing of spinlab. It reads one job (JSON) on stdin: the weights directory, the engine's
-arguments, the sampling settings and the prompts with their seeds. It writes JSON lines on
-stdout: `{"rows": [[index, token_ids], ...]}` each time `block` responses have finished, then
-`{"done": true}` (`{"ready": true}` first, once the engine is up). Everything vLLM prints goes to stderr.
+nothing of spinlab. It reads jobs on stdin, one JSON line each: the weights directory, the engine's
+arguments, the sampling settings and the prompts with their seeds. The first job's weights and
+engine arguments build the engine; every later job must name the same (the parent starts another
+process for other weights). For each job it writes JSON lines on stdout: `{"ready": true}` once the
+engine is up, `{"rows": [[index, token_ids], ...]}` each time `block` responses have finished, then
+`{"done": true}`. It exits when stdin closes. Everything vLLM prints goes to stderr.
 """
 
 import json
@@ -31,7 +33,7 @@ def die_with_parent(parent: int) -> None:
 
 
 def main() -> None:
-    job = json.loads(sys.stdin.read())
+    job = json.loads(sys.stdin.readline())
     die_with_parent(job["parent"])
     rows_out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -50,12 +52,25 @@ def main() -> None:
     except Exception as err:
         print(f"SPINLAB_LOAD_FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
-    rows_out.write(json.dumps({"ready": True}) + "\n")
-    engine = llm.llm_engine
+    built = (job["model"], job["engine"])
+    while job is not None:
+        if (job["model"], job["engine"]) != built:
+            sys.exit(f"a job for other weights or engine settings than this engine's: {job['model']}")
+        rows_out.write(json.dumps({"ready": True}) + "\n")
+        run(llm.llm_engine, job, SamplingParams, rows_out)
+        rows_out.write(json.dumps({"done": True}) + "\n")
+        rows_out.flush()
+        line = sys.stdin.readline()
+        job = json.loads(line) if line.strip() else None
+
+
+def run(engine, job: dict, make_params, rows_out) -> None:
+    """Every prompt of the job, the finished responses written `block` at a time (`make_params`:
+    vLLM's SamplingParams)."""
     sampling = job["sampling"]
     eos = job["eos"]
     for index, ids, seed in job["prompts"]:
-        params = SamplingParams(
+        params = make_params(
             n=1,
             max_tokens=job["max_new_tokens"],
             stop_token_ids=[eos],
@@ -77,8 +92,6 @@ def main() -> None:
         if pending and (len(pending) >= job["block"] or not engine.has_unfinished_requests()):
             rows_out.write(json.dumps({"rows": pending}) + "\n")
             pending = []
-    rows_out.write(json.dumps({"done": True}) + "\n")
-    rows_out.flush()
 
 
 if __name__ == "__main__":
