@@ -93,16 +93,16 @@ LONGEST_FIRST = [
     "test_readme.py::TestDemo",
     "test_readme.py",
     "test_vllm.py",
-    "test_sharded.py",
     "test_families.py",
     "test_benchmarks.py",
     "test_faults.py",
-    "test_harness.py",
+    "test_sharded.py",
     "test_refusals.py",
     "test_reliability.py",
     "test_e2e.py",
-    "test_models.py",
+    "test_harness.py",
     "test_configs.py",
+    "test_models.py",
 ]
 
 

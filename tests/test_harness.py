@@ -235,6 +235,20 @@ def test_offline_builtin_task_without_cached_data_fails_before_weights_load(tmp_
     assert "hub reachable" in message and "local task" in message and "include_path" in message
 
 
+def test_the_builtin_task_index_is_made_once_per_process(monkeypatch):
+    """A sweep's jobs in one process share lm-eval's index of its built-in tasks (made here, or by
+    the test above in this process); each gets its own index of local tasks, which is quick."""
+    from lm_eval import tasks
+
+    made = []
+    real = tasks.TaskManager
+    monkeypatch.setattr(tasks, "TaskManager", lambda **kw: made.append(kw["include_defaults"]) or real(**kw))
+    first, second = Harness(tasks=["arithmetic_mc", "arc_easy"]), Harness(tasks=["arc_easy"])
+    assert first.manager() is second.manager() and "arc_easy" in first.manager().all_tasks
+    assert made.count(False) == 2 and made.count(True) <= 1
+    assert Harness(tasks=["arithmetic_mc"]).manager() is not first.manager()  # local tasks only
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tmp_path):
     """trainer=fsdp_cpu: every process runs the benchmarks on the gathered weights; no hang, and

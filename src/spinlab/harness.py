@@ -100,6 +100,20 @@ def flatten(task: str, numbers: dict, main_metric: str | None) -> dict[str, floa
 
 
 # -- the harness ----------------------------------------------------------------------------------
+_BUILTIN_INDEXES: dict = {}
+
+
+def builtin_index(include_path: str | None):
+    """lm-eval's index of its built-in tasks (and of `include_path`'s), made once per process: it
+    reads some 15,000 task files (5 s on one core, 15-20 s on a slow disk), and every job of a sweep
+    run in one process asks for the same. Loading a task from it makes new objects each time."""
+    if include_path not in _BUILTIN_INDEXES:
+        from lm_eval.tasks import TaskManager
+
+        _BUILTIN_INDEXES[include_path] = TaskManager(include_path=include_path, include_defaults=True)
+    return _BUILTIN_INDEXES[include_path]
+
+
 class Harness:
     """Runs lm-eval tasks on a model object.
 
@@ -158,7 +172,7 @@ class Harness:
             if all(t in own or t in local.all_tasks for t in self.tasks):
                 self._manager = local
             else:
-                self._manager = TaskManager(include_path=self.include_path, include_defaults=True)
+                self._manager = builtin_index(self.include_path)
                 unknown = [t for t in self.tasks if t not in own and t not in self._manager.all_tasks]
                 if unknown:
                     raise NotFoundError(
