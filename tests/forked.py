@@ -14,6 +14,11 @@ A run's other ranks are forks too: Lightning's launcher starts them as `python <
 group exists), which saves each two-process run a second import of everything.
 `fresh_ranks=True` starts them as fresh interpreters, as a user's run does (the README's commands).
 
+Commands that a shell script or another thread of the test process starts (a benchmark script's
+`"$PYTHON" script.py`) are forked too, from a `Zygote`: a fork of the test process, made while only
+its main thread runs, that forks again for each command its `python` shim passes it. The shim runs
+a script or `-c` code that way and hands anything else to the interpreter itself.
+
 What a fork cannot give, and the tests that need it start a fresh interpreter instead: what
 happens while the libraries are imported (their warnings, a module that fails to import, an
 import blocked for the test), and environment variables read only at import time.
@@ -27,19 +32,27 @@ in every later fork would wait on it forever. The child makes its own (`fresh_tq
 from __future__ import annotations
 
 import atexit
+import builtins
+import contextlib
 import faulthandler
 import gc
 import inspect
+import json
 import logging
 import os
 import random
 import runpy
+import select
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import traceback
 import warnings
 import weakref
+from pathlib import Path
 
 # The interpreter's own warning filters, before pytest's are applied around each test.
 STARTUP_WARNING_FILTERS = list(warnings.filters)
@@ -146,17 +159,29 @@ def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
     torch.manual_seed(TORCH_INITIAL_SEED)
     random.seed()
-    script = os.path.abspath(argv[0])
-    if not fresh_ranks:
-        RankPopen.script = script
-        subprocess.Popen = RankPopen
-    sys.argv = list(argv)
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:0] = [os.path.dirname(script), *path]
+    if argv[0] == "-c":  # `python -c code args...`
+        code = compile(argv[1], "<string>", "exec")
+        sys.argv = ["-c", *argv[2:]]
+        sys.path[:0] = ["", *path]
+
+        def main() -> None:
+            exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    else:
+        script = os.path.abspath(argv[0])
+        if not fresh_ranks:
+            RankPopen.script = script
+            subprocess.Popen = RankPopen
+        sys.argv = list(argv)
+        sys.path[:0] = [os.path.dirname(script), *path]
+
+        def main() -> None:
+            runpy.run_path(script, run_name="__main__")
+
     gc.collect()
     status = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        main()
     except SystemExit as exit:
         status = exit_status(exit.code)
     except BaseException:
@@ -221,3 +246,140 @@ def run(*popenargs, input=None, capture_output=False, timeout=None, check=False,
         if check and retcode:
             raise subprocess.CalledProcessError(retcode, process.args, output=stdout, stderr=stderr)
     return subprocess.CompletedProcess(process.args, retcode, stdout, stderr)
+
+
+# -- commands another program starts: the zygote and its `python` shim --------------------------------
+SHIM = '''#!{python} -IS
+"""`python` for the commands a shell script or a thread starts: a script or `-c` code runs in a fork
+of the zygote at $SPINLAB_ZYGOTE (tests/forked.py), anything else in {python} itself."""
+import json
+import os
+import signal
+import socket
+import sys
+
+PYTHON = {python!r}
+args = sys.argv[1:]
+address = os.environ.get("SPINLAB_ZYGOTE")
+forkable = args[:1] and (args[0].endswith(".py") or (args[0] == "-c" and len(args) >= 2))
+zygote = socket.socket(socket.AF_UNIX)
+try:
+    if not (address and forkable):
+        raise OSError("not for the zygote")
+    zygote.connect(address)
+except OSError:
+    os.execv(PYTHON, [PYTHON, *args])
+job = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+socket.send_fds(zygote, [len(job).to_bytes(8, "big")], [0, 1, 2])
+zygote.sendall(job)
+answers = zygote.makefile("rb")
+pid = int(answers.readline())
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(signum, lambda signum, frame: os.kill(pid, signum))
+status = int(answers.readline() or 1)
+if status < 0:  # killed by a signal: this process too, so that its caller sees the same
+    signal.signal(-status, signal.SIG_DFL)
+    os.kill(os.getpid(), -status)
+sys.exit(status)
+'''
+
+
+class Zygote:
+    """A fork of this process that forks again for each command its shim (`self.python`) passes it:
+    `python script.py ...` or `python -c code ...`, started by a shell script or by another thread
+    of this process, runs as `Popen` above runs it, with the shim's arguments, environment, working
+    directory and standard streams. The shim exits as the command did (killed by the same signal
+    where it was killed) and passes its signals on; a command whose shim is SIGKILLed is killed.
+    Use it as a context manager; `env` is what the commands' environment needs. `preload`: modules
+    the commands import that this process may not have yet, imported once, by the zygote."""
+
+    def __init__(self, preload: tuple[str, ...] = ()):
+        self.folder = Path(tempfile.mkdtemp(prefix="zygote-"))  # short: a socket path has 107 bytes
+        self.address = str(self.folder / "socket")
+        self.python = self.folder / "python"
+        self.python.write_text(SHIM.format(python=sys.executable))
+        self.python.chmod(0o755)
+        self.env = {"SPINLAB_ZYGOTE": self.address}
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(self.address)
+        listener.listen(16)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                serve(listener, preload)
+            finally:
+                os._exit(0)
+        listener.close()
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        for path in self.folder.iterdir():
+            path.unlink()
+        self.folder.rmdir()
+
+
+def serve(listener: socket.socket, preload: tuple[str, ...]) -> None:
+    """The zygote: one command per connection, forked at once; its exit status written back."""
+    import ctypes
+    import importlib
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: gone with the test process
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    for name in preload:
+        importlib.import_module(name)
+    commands: dict[int, socket.socket] = {}
+    while True:
+        if select.select([listener], [], [], 0.05 if commands else None)[0]:
+            shim, _ = listener.accept()
+            pid = start(shim, listener, commands)
+            shim.sendall(f"{pid}\n".encode())
+            commands[pid] = shim
+        while commands:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            shim = commands.pop(pid)
+            with contextlib.suppress(OSError):  # the shim may be gone
+                shim.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+            shim.close()
+
+
+def start(shim: socket.socket, listener: socket.socket, commands: dict) -> int:
+    header, fds, _, _ = socket.recv_fds(shim, 8, 3)
+    size, job = int.from_bytes(header, "big"), b""
+    while len(job) < size:
+        job += shim.recv(size - len(job))
+    job = json.loads(job)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            listener.close()
+            for other in commands.values():
+                other.close()
+            threading.Thread(target=die_with_shim, args=(shim,), daemon=True).start()
+            status = child(job["argv"], job["cwd"], job["env"], tuple(fds), (), False)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    for fd in fds:
+        os.close(fd)
+    return pid
+
+
+def die_with_shim(shim: socket.socket) -> None:
+    """The shim sends nothing after its command: the end of its connection is its death."""
+    try:
+        while shim.recv(1):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)

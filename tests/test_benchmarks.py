@@ -2,9 +2,10 @@
 size"), so a renamed module, option, config file or test file breaks here and not unseen. Nothing
 is measured: the figures are checked to be there and finite, never compared.
 
-The sides of a benchmark run in its own process (SPINLAB_BENCH_INLINE=1: one interpreter start
-per script, not per side); the scripts that start processes of their own run two at a time in the
-background while the others run here.
+The sides of a benchmark run in its own process (SPINLAB_BENCH_INLINE=1: one process per script,
+not per side); the scripts that start processes of their own run two at a time in the background
+while the others run here, each a fork of a zygote of this process (tests/forked.py), gpu_check.sh's
+steps too (its $PYTHON is the zygote's shim): none imports torch again.
 """
 
 import json
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from tests import forked
 from tests.conftest import ROOT
 
 BENCH = ROOT / "benchmarks"
@@ -30,9 +32,10 @@ TRAIN_TOY += ["--steps", "1", "--warmup", "1", "--threads", "1", "--timeout", "1
 GEN_BACKENDS = "hf,static,static@eager,static@generate"
 
 
-def env() -> dict:
+def env(zygote: forked.Zygote) -> dict:
     return {
         **os.environ,
+        **zygote.env,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
@@ -40,17 +43,20 @@ def env() -> dict:
         "TQDM_DISABLE": "1",
         "SPINLAB_BENCH_INLINE": "1",
         "OMP_NUM_THREADS": "1",  # two jobs at a time on two cores: no thread pools fighting
-        "PYTHON": PY,
+        "PYTHON": str(zygote.python),
         "GEN_BACKENDS": GEN_BACKENDS,
     }
 
 
-def run(cmd: list[str], timeout: float = 300) -> tuple[int, str, str]:
-    """A command in its own process group, killed whole (gpu_check.sh's children too) on timeout."""
+def run(cmd: list[str], zygote: forked.Zygote, timeout: float = 300) -> tuple[int, str, str]:
+    """A command in its own process group, killed whole (gpu_check.sh's children too) on timeout;
+    `python` commands through the zygote's shim."""
+    if cmd[0] == PY:
+        cmd = [str(zygote.python), *cmd[1:]]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=env(),
+        env=env(zygote),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -110,10 +116,13 @@ def jobs(request, tmp_path_factory):
     """The selected tests' background commands, started at the first one, two at a time."""
     tmp = tmp_path_factory.mktemp("bench")
     selected = {item.originalname for item in request.session.items if item.module is request.module}
-    pool = ThreadPoolExecutor(max_workers=2)
-    started = {name: pool.submit(run, cmd) for name, cmd in background_jobs(tmp).items() if name in selected}
-    yield tmp, started
-    pool.shutdown(wait=True, cancel_futures=True)
+    # Forked here, before the pool has threads; with what the benchmark scripts import.
+    with forked.Zygote(preload=("lightning", "transformers", "trl", "spinlab.run")) as zygote:
+        pool = ThreadPoolExecutor(max_workers=2)
+        jobs = background_jobs(tmp).items()
+        started = {name: pool.submit(run, cmd, zygote) for name, cmd in jobs if name in selected}
+        yield tmp, started
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def finished(jobs, name) -> str:

@@ -128,3 +128,59 @@ def test_a_script_starting_itself_again_is_forked_unless_fresh_ranks_is_asked(tm
 def test_other_commands_start_as_subprocess_starts_them(command):
     out = forked.run(command, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() in {"not python", "1"}
+
+
+# -- the zygote: `python` commands a shell script starts ----------------------------------------------
+COMMANDS = textwrap.dedent(
+    """
+    "$PYTHON" script.py a "b c"; echo "status $?"
+    "$PYTHON" -c 'import sys; print(sys.argv[1:], "torch" in sys.modules, __name__)' x
+    "$PYTHON" -S -c 'import sys; print("torch" in sys.modules)'
+    """
+)
+
+
+def test_a_shell_scripts_python_commands_are_forks_of_the_zygote(tmp_path):
+    (tmp_path / "script.py").write_text(
+        "import os, sys\nprint(sys.argv[1:], os.getcwd(), os.environ['ONLY_HERE'], 'torch' in sys.modules)\n"
+        "sys.exit(3)\n"
+    )
+    with forked.Zygote() as zygote:
+        env = {**os.environ, **zygote.env, "PYTHON": str(zygote.python), "ONLY_HERE": "x"}
+        out = subprocess.run(
+            ["bash", "-c", COMMANDS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 0, out.stderr
+    # a script and -c code: forks, torch already imported; anything else: the interpreter itself
+    assert out.stdout.splitlines() == [
+        f"['a', 'b c'] {tmp_path} x True",
+        "status 3",
+        "['x'] True __main__",
+        "False",
+    ]
+
+
+SLEEPER = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+
+
+# timeout's status when it sent the signal; with SIGKILL it kills itself too (its process group).
+@pytest.mark.parametrize(("signal_name", "statuses"), [("TERM", {124}), ("KILL", {137, -9})])
+def test_a_signal_to_the_shim_reaches_its_command(tmp_path, signal_name, statuses):
+    """What gpu_check.sh's `timeout` does to a step: SIGTERM is passed on; after a SIGKILL of the
+    shim, its command is killed too."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    pid_file = tmp_path / "pid"
+    with forked.Zygote() as zygote:
+        env = {**os.environ, **zygote.env}
+        command = ["timeout", "-s", signal_name, "3", str(zygote.python), "sleeper.py", str(pid_file)]
+        out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode in statuses, out.stderr
+        pid = int(pid_file.read_text())
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            select.select([], [], [], 0.05)
+        else:
+            pytest.fail(f"the command (pid {pid}) outlived its shim's SIG{signal_name}")

@@ -2,6 +2,7 @@
 process. Job on stdin: {"models": {name: directory}, "prompts": [[ids]], "new": n, "eos": id};
 one JSON line on stdout: {name: [[tokens] per prompt, EOS and after cut]}."""
 
+import gc
 import json
 import sys
 
@@ -11,6 +12,11 @@ from vllm import LLM, SamplingParams
 # vLLM inspects each architecture in a fresh interpreter so as not to initialise CUDA; there is none
 # here, and one import per family would cost more than the whole check.
 registry._run_in_subprocess = lambda fn: fn()
+
+# The imports' objects frozen, and kept frozen when an engine shuts down (vLLM unfreezes them
+# there): each engine's full collections then skip them, half of an engine's start.
+gc.freeze()
+gc.unfreeze = lambda: None
 
 job = json.loads(sys.stdin.read())
 params = SamplingParams(temperature=0.0, max_tokens=job["new"], stop_token_ids=[job["eos"]], detokenize=False)

@@ -130,8 +130,13 @@ def run(cfg: DictConfig, accepted=None) -> dict:
             raise Stopped(stop_message(stopped, cfg, run_dir)) from None
         except RuntimeError as err:
             if trainer.world_size > 1 and any(s in str(err) for s in PEER_GONE):
-                explaining.said = True  # the error says it; the observer's record need not again
-                raise RuntimeError(peer_stopped(trainer, last, str(err))) from err
+                message = peer_stopped(trainer, last, str(err))
+                # Said now: the launcher's observer may SIGKILL this process before Hydra prints
+                # the error, and its own record must not say it again.
+                if not explaining.said:
+                    print(message, file=sys.stderr, flush=True)
+                explaining.said = True
+                raise RuntimeError(message) from err
             raise
 
     summary = next(c for c in callbacks if hasattr(c, "summaries")).summaries
