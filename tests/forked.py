@@ -43,6 +43,7 @@ import os
 import random
 import runpy
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,28 +121,9 @@ class RankPopen(Popen):
 
 def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
     """In the forked process: become `python argv...` and run it; its exit status."""
-    if new_session:
-        os.setsid()
-    for fd, target in zip(ours, (0, 1, 2), strict=True):
-        if fd != -1:
-            os.dup2(fd, target)
-    for fd in {*ours, *parents} - {-1, 0, 1, 2}:
-        os.close(fd)
-    if cwd is not None:
-        os.chdir(cwd)
-    if env is not None:
-        os.environ.clear()
-        os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()})
-    # As the interpreter opens them: stdout block-buffered into a pipe, stderr line by line.
-    sys.stdin = open(0, closefd=False)  # noqa: SIM115
-    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    become(cwd, env, ours, parents, new_session)
     faulthandler.disable()  # pytest's, writing to the test's stderr
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # pytest-timeout's, in the test process
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     warnings.filters[:] = STARTUP_WARNING_FILTERS
     warnings.showwarning = warnings._showwarning_orig
     root = logging.getLogger()
@@ -159,8 +141,41 @@ def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
     torch.manual_seed(TORCH_INITIAL_SEED)
     random.seed()
+    if argv[0] != "-c" and not fresh_ranks:
+        RankPopen.script = os.path.abspath(argv[0])
+        subprocess.Popen = RankPopen
+    return run_main(argv)
+
+
+def become(cwd, env, ours, parents, new_session) -> None:
+    """The process's session, standard streams, directory, environment and signals, as a fresh
+    interpreter started with them has them."""
+    if new_session:
+        os.setsid()
+    for fd, target in zip(ours, (0, 1, 2), strict=True):
+        if fd != -1:
+            os.dup2(fd, target)
+    for fd in {*ours, *parents} - {-1, 0, 1, 2}:
+        os.close(fd)
+    if cwd is not None:
+        os.chdir(cwd)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()})
+    # As the interpreter opens them: stdout block-buffered into a pipe, stderr line by line.
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def run_main(argv) -> int:
+    """`python argv...` (a script or `-c` code) as `__main__`, its exit handlers run; its status."""
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if argv[0] == "-c":  # `python -c code args...`
+    if argv[0] == "-c":
         code = compile(argv[1], "<string>", "exec")
         sys.argv = ["-c", *argv[2:]]
         sys.path[:0] = ["", *path]
@@ -169,9 +184,6 @@ def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
             exec(code, {"__name__": "__main__", "__builtins__": builtins})
     else:
         script = os.path.abspath(argv[0])
-        if not fresh_ranks:
-            RankPopen.script = script
-            subprocess.Popen = RankPopen
         sys.argv = list(argv)
         sys.path[:0] = [os.path.dirname(script), *path]
 
@@ -249,9 +261,10 @@ def run(*popenargs, input=None, capture_output=False, timeout=None, check=False,
 
 
 # -- commands another program starts: the zygote and its `python` shim --------------------------------
-SHIM = '''#!{python} -IS
-"""`python` for the commands a shell script or a thread starts: a script or `-c` code runs in a fork
-of the zygote at $SPINLAB_ZYGOTE (tests/forked.py), anything else in {python} itself."""
+SHIM = """#!{python} -IS
+# `python` for the commands a shell script or another process starts: a script or `-c` code runs
+# in a fork of the zygote at {address} (tests/forked.py), anything else in {python} itself.
+import ctypes
 import json
 import os
 import signal
@@ -260,16 +273,16 @@ import sys
 
 PYTHON = {python!r}
 args = sys.argv[1:]
-address = os.environ.get("SPINLAB_ZYGOTE")
-forkable = args[:1] and (args[0].endswith(".py") or (args[0] == "-c" and len(args) >= 2))
 zygote = socket.socket(socket.AF_UNIX)
 try:
-    if not (address and forkable):
+    if not (args[:1] and (args[0].endswith(".py") or (args[0] == "-c" and len(args) >= 2))):
         raise OSError("not for the zygote")
-    zygote.connect(address)
+    zygote.connect({address!r})
 except OSError:
     os.execv(PYTHON, [PYTHON, *args])
-job = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: gone with its parent, as its command
+job = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "parent": os.getppid()}}
+job = json.dumps(job).encode()
 socket.send_fds(zygote, [len(job).to_bytes(8, "big")], [0, 1, 2])
 zygote.sendall(job)
 answers = zygote.makefile("rb")
@@ -281,50 +294,76 @@ if status < 0:  # killed by a signal: this process too, so that its caller sees 
     signal.signal(-status, signal.SIG_DFL)
     os.kill(os.getpid(), -status)
 sys.exit(status)
-'''
+"""
 
 
 class Zygote:
-    """A fork of this process that forks again for each command its shim (`self.python`) passes it:
-    `python script.py ...` or `python -c code ...`, started by a shell script or by another thread
-    of this process, runs as `Popen` above runs it, with the shim's arguments, environment, working
-    directory and standard streams. The shim exits as the command did (killed by the same signal
-    where it was killed) and passes its signals on; a command whose shim is SIGKILLed is killed.
-    Use it as a context manager; `env` is what the commands' environment needs. `preload`: modules
-    the commands import that this process may not have yet, imported once, by the zygote."""
+    """A process that forks for each command its shim (`self.python`, an executable) passes it:
+    `python script.py ...` or `python -c code ...`, started by a shell script, by another thread of
+    this process or by another process, runs with the shim's arguments, environment, working
+    directory and standard streams, and sees the shim's parent as its own (`os.getppid`). The shim
+    exits as the command did (killed by the same signal where it was killed) and passes its
+    signals on; a command whose shim dies (SIGKILL, or its parent's death) is killed.
 
-    def __init__(self, preload: tuple[str, ...] = ()):
+    By default the zygote is a fork of this process, made at once (before the caller starts threads),
+    and its commands run as `Popen` above runs them. With `python` (another interpreter, e.g. vLLM's
+    environment) it is a fresh process of that interpreter, and its commands run as that interpreter
+    would run them. `preload`: what the commands import that the zygote may not have yet (`module`
+    or `module:attribute`), imported once, by the zygote. Use it as a context manager, or `close` it."""
+
+    def __init__(self, preload: tuple[str, ...] = (), python: str | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="zygote-"))  # short: a socket path has 107 bytes
         self.address = str(self.folder / "socket")
-        self.python = self.folder / "python"
-        self.python.write_text(SHIM.format(python=sys.executable))
+        self.python = self.folder / "bin" / "python"  # in a venv's layout: <folder>/bin/python
+        self.python.parent.mkdir()
+        self.python.write_text(SHIM.format(python=python or sys.executable, address=self.address))
         self.python.chmod(0o755)
-        self.env = {"SPINLAB_ZYGOTE": self.address}
         listener = socket.socket(socket.AF_UNIX)
         listener.bind(self.address)
         listener.listen(16)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                serve(listener, preload)
-            finally:
-                os._exit(0)
+        if python is not None:
+            command = [python, __file__, "--zygote", str(listener.fileno()), *preload]
+            self.process = subprocess.Popen(command, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL)
+            self.pid = self.process.pid
+        else:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self.process, self.pid = None, os.fork()
+            if self.pid == 0:
+                try:
+                    serve(listener, preload, forked_command)
+                finally:
+                    os._exit(0)
         listener.close()
 
     def __enter__(self) -> Zygote:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pid is None:
+            return
         os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        for path in self.folder.iterdir():
-            path.unlink()
-        self.folder.rmdir()
+        if self.process is not None:
+            self.process.wait()
+        else:
+            os.waitpid(self.pid, 0)
+        self.pid = None
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def serve(listener: socket.socket, preload: tuple[str, ...]) -> None:
+def forked_command(job: dict, fds: tuple[int, ...]) -> int:
+    return child(job["argv"], job["cwd"], job["env"], fds, (), False)
+
+
+def plain_command(job: dict, fds: tuple[int, ...]) -> int:
+    become(job["cwd"], job["env"], fds, (), False)
+    return run_main(job["argv"])
+
+
+def serve(listener: socket.socket, preload, command) -> None:
     """The zygote: one command per connection, forked at once; its exit status written back."""
     import ctypes
     import importlib
@@ -333,12 +372,17 @@ def serve(listener: socket.socket, preload: tuple[str, ...]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     for name in preload:
-        importlib.import_module(name)
+        module, _, attribute = name.partition(":")
+        loaded = importlib.import_module(module)
+        if attribute:
+            getattr(loaded, attribute)
+    gc.collect()
+    gc.freeze()  # what every command shares, skipped by their collections
     commands: dict[int, socket.socket] = {}
     while True:
         if select.select([listener], [], [], 0.05 if commands else None)[0]:
             shim, _ = listener.accept()
-            pid = start(shim, listener, commands)
+            pid = start(shim, listener, commands, command)
             shim.sendall(f"{pid}\n".encode())
             commands[pid] = shim
         while commands:
@@ -351,7 +395,7 @@ def serve(listener: socket.socket, preload: tuple[str, ...]) -> None:
             shim.close()
 
 
-def start(shim: socket.socket, listener: socket.socket, commands: dict) -> int:
+def start(shim: socket.socket, listener: socket.socket, commands: dict, command) -> int:
     header, fds, _, _ = socket.recv_fds(shim, 8, 3)
     size, job = int.from_bytes(header, "big"), b""
     while len(job) < size:
@@ -365,7 +409,8 @@ def start(shim: socket.socket, listener: socket.socket, commands: dict) -> int:
             for other in commands.values():
                 other.close()
             threading.Thread(target=die_with_shim, args=(shim,), daemon=True).start()
-            status = child(job["argv"], job["cwd"], job["env"], tuple(fds), (), False)
+            os.getppid = lambda: job["parent"]
+            status = command(job, tuple(fds))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -383,3 +428,8 @@ def die_with_shim(shim: socket.socket) -> None:
     except OSError:
         pass
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--zygote"]:  # Zygote(python=...): its process
+    del sys.path[0]  # tests/: none of its modules may stand in for a package the commands import
+    serve(socket.socket(fileno=int(sys.argv[2])), sys.argv[3:], plain_command)

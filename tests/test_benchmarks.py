@@ -35,7 +35,6 @@ GEN_BACKENDS = "hf,static,static@eager,static@generate"
 def env(zygote: forked.Zygote) -> dict:
     return {
         **os.environ,
-        **zygote.env,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",

@@ -133,6 +133,7 @@ def test_other_commands_start_as_subprocess_starts_them(command):
 # -- the zygote: `python` commands a shell script starts ----------------------------------------------
 COMMANDS = textwrap.dedent(
     """
+    echo "bash $$"
     "$PYTHON" script.py a "b c"; echo "status $?"
     "$PYTHON" -c 'import sys; print(sys.argv[1:], "torch" in sys.modules, __name__)' x
     "$PYTHON" -S -c 'import sys; print("torch" in sys.modules)'
@@ -140,20 +141,25 @@ COMMANDS = textwrap.dedent(
 )
 
 
-def test_a_shell_scripts_python_commands_are_forks_of_the_zygote(tmp_path):
+@pytest.mark.parametrize("fresh", [False, True], ids=["fork of this process", "fresh interpreter"])
+def test_a_shell_scripts_python_commands_are_forks_of_the_zygote(tmp_path, fresh):
     (tmp_path / "script.py").write_text(
         "import os, sys\nprint(sys.argv[1:], os.getcwd(), os.environ['ONLY_HERE'], 'torch' in sys.modules)\n"
-        "sys.exit(3)\n"
+        "print('parent', os.getppid())\nsys.exit(3)\n"
     )
-    with forked.Zygote() as zygote:
-        env = {**os.environ, **zygote.env, "PYTHON": str(zygote.python), "ONLY_HERE": "x"}
+    # A fresh zygote has what it preloads; a fork has what this process has.
+    with forked.Zygote(preload=("torch",), python=sys.executable if fresh else None) as zygote:
+        env = {**os.environ, "PYTHON": str(zygote.python), "ONLY_HERE": "x"}
         out = subprocess.run(
             ["bash", "-c", COMMANDS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
         )
     assert out.returncode == 0, out.stderr
-    # a script and -c code: forks, torch already imported; anything else: the interpreter itself
-    assert out.stdout.splitlines() == [
+    bash = out.stdout.splitlines()[0].split()[1]
+    # a script and -c code: forks, torch already imported, the shell their parent; anything else:
+    # the interpreter itself
+    assert out.stdout.splitlines()[1:] == [
         f"['a', 'b c'] {tmp_path} x True",
+        f"parent {bash}",
         "status 3",
         "['x'] True __main__",
         "False",
@@ -171,9 +177,8 @@ def test_a_signal_to_the_shim_reaches_its_command(tmp_path, signal_name, statuse
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     pid_file = tmp_path / "pid"
     with forked.Zygote() as zygote:
-        env = {**os.environ, **zygote.env}
         command = ["timeout", "-s", signal_name, "3", str(zygote.python), "sleeper.py", str(pid_file)]
-        out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert out.returncode in statuses, out.stderr
         pid = int(pid_file.read_text())
         for _ in range(100):
