@@ -119,8 +119,10 @@ class RankPopen(Popen):
         return forkable(args) and os.path.abspath(str(args[1])) == self.script
 
 
-def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
-    """In the forked process: become `python argv...` and run it; its exit status."""
+def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False, every_script=False) -> int:
+    """In the forked process: become `python argv...` and run it; its exit status. The scripts it
+    starts in turn: its own script again (a run's other ranks) forked unless `fresh_ranks`, every
+    `python script.py` forked with `every_script`."""
     become(cwd, env, ours, parents, new_session)
     faulthandler.disable()  # pytest's, writing to the test's stderr
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # pytest-timeout's, in the test process
@@ -141,7 +143,9 @@ def child(argv, cwd, env, ours, parents, new_session, fresh_ranks=False) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
     torch.manual_seed(TORCH_INITIAL_SEED)
     random.seed()
-    if argv[0] != "-c" and not fresh_ranks:
+    if every_script:
+        subprocess.Popen = Popen
+    elif argv[0] != "-c" and not fresh_ranks:
         RankPopen.script = os.path.abspath(argv[0])
         subprocess.Popen = RankPopen
     return run_main(argv)
@@ -306,7 +310,8 @@ class Zygote:
     signals on; a command whose shim dies (SIGKILL, or its parent's death) is killed.
 
     By default the zygote is a fork of this process, made at once (before the caller starts threads),
-    and its commands run as `Popen` above runs them. With `python` (another interpreter, e.g. vLLM's
+    and its commands run as `Popen` above runs them, forking the python scripts they start in turn
+    (a benchmark's `python train.py` runs). With `python` (another interpreter, e.g. vLLM's
     environment) it is a fresh process of that interpreter, and its commands run as that interpreter
     would run them. `preload`: what the commands import that the zygote may not have yet (`module`
     or `module:attribute`), imported once, by the zygote. Use it as a context manager, or `close` it."""
@@ -355,7 +360,7 @@ class Zygote:
 
 
 def forked_command(job: dict, fds: tuple[int, ...]) -> int:
-    return child(job["argv"], job["cwd"], job["env"], fds, (), False)
+    return child(job["argv"], job["cwd"], job["env"], fds, (), False, every_script=True)
 
 
 def plain_command(job: dict, fds: tuple[int, ...]) -> int:
