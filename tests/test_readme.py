@@ -284,9 +284,11 @@ class Session:
             words = shell_words(code)
             how = "as written"
             if needs_vllm(words) and not (self.cwd / ".venv-vllm").exists():
-                from tests.test_vllm import vllm_python  # skips, saying why, without the venv
+                # The interpreter itself: the engines start as a user's do (skips, saying why,
+                # without the venv).
+                from tests.test_vllm import fresh_vllm_python
 
-                (self.cwd / ".venv-vllm").symlink_to(Path(vllm_python()).parent.parent)
+                (self.cwd / ".venv-vllm").symlink_to(Path(fresh_vllm_python()).parent.parent)
             if "smollm2-135m-instruct" in code:
                 # The directory `make demo` converts on a fresh machine: under pytest-xdist the
                 # demo runs in another worker (and has converted it by now); converted here if not.
@@ -401,9 +403,9 @@ def test_readme_train_command_passes_the_start_checks(command, tmp_path, monkeyp
     code, comment = split_comment(command)
     words = shell_words(code)
     if needs_vllm(words):  # its generation.python is relative to the copy, as after `make vllm`
-        from tests.test_vllm import vllm_python
+        from tests.test_vllm import fresh_vllm_python
 
-        (tmp_path / ".venv-vllm").symlink_to(Path(vllm_python()).parent.parent)
+        (tmp_path / ".venv-vllm").symlink_to(Path(fresh_vllm_python()).parent.parent)
         monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(train_overrides(words))
     OmegaConf.resolve(cfg)

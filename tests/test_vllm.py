@@ -61,7 +61,17 @@ def vllm_python() -> str:
     vLLM (tests/forked.py), so that an engine's process, a fork of it, does not import torch and
     vLLM again (about 9 of the 11 CPU-seconds an engine takes to start here). The engine's process
     is otherwise as generation=vllm starts it: its own process, with its stdin, stdout, stderr,
-    environment and directory, killed with its parent or by a SIGKILL to its `python`."""
+    environment and directory, killed with its parent or by a SIGKILL to its `python`. The README's
+    command runs the interpreter itself (`fresh_vllm_python`), as a user's run does."""
+    path = fresh_vllm_python()
+    if path not in _zygotes:
+        _zygotes[path] = forked.Zygote(preload=VLLM_IMPORTS, python=path)
+        atexit.register(_zygotes[path].close)
+    return str(_zygotes[path].python)
+
+
+def fresh_vllm_python() -> str:
+    """SPINLAB_VLLM_PYTHON itself; skips, saying why, where it is missing or vLLM cannot run."""
     value = os.environ.get("SPINLAB_VLLM_PYTHON")
     if not value:
         pytest.skip("SPINLAB_VLLM_PYTHON is not set (`make test` sets it to .venv-vllm/bin/python)")
@@ -70,10 +80,7 @@ def vllm_python() -> str:
         pytest.skip(f"SPINLAB_VLLM_PYTHON={value} does not exist: `make .venv-vllm/.installed` builds it")
     if _cannot_run:
         pytest.skip(_cannot_run[0])
-    if str(path) not in _zygotes:
-        _zygotes[str(path)] = forked.Zygote(preload=VLLM_IMPORTS, python=str(path))
-        atexit.register(_zygotes[str(path)].close)
-    return str(_zygotes[str(path)].python)
+    return str(path)
 
 
 @contextlib.contextmanager
