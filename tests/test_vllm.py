@@ -3,8 +3,9 @@
 The engine runs under the interpreter in SPINLAB_VLLM_PYTHON (`make test` sets it to
 .venv-vllm/bin/python). Without it, or on a CPU the build cannot run on, these tests skip and
 say why. vLLM's CPU attention takes head sizes of 32 and up: the tiny model here has 2 heads of 32.
-Every test that starts an engine is `slow` (each start imports torch and vLLM: 15-50 s on 2 shared
-cores); CI runs them.
+Every test that starts an engine is `slow` (the first start in a test process imports torch and
+vLLM, 10-20 s on 2 shared cores; the later ones are forks of a process that has: `vllm_python`);
+CI runs them.
 """
 
 import atexit

@@ -43,7 +43,7 @@ def main() -> None:
     from vllm.platforms import current_platform
 
     # What the imports made lives as long as the process: frozen, it is skipped by the full
-    # collections vLLM runs while building the engine (half the engine's start on CPU).
+    # collections vLLM runs while building the engine (half of building it, on CPU).
     gc.freeze()
 
     engine_args = dict(job["engine"])
