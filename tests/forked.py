@@ -14,10 +14,12 @@ A run's other ranks are forks too: Lightning's launcher starts them as `python <
 group exists), which saves each two-process run a second import of everything.
 `fresh_ranks=True` starts them as fresh interpreters, as a user's run does (the README's commands).
 
-Commands that a shell script or another thread of the test process starts (a benchmark script's
-`"$PYTHON" script.py`) are forked too, from a `Zygote`: a fork of the test process, made while only
-its main thread runs, that forks again for each command its `python` shim passes it. The shim runs
-a script or `-c` code that way and hands anything else to the interpreter itself.
+Commands that a shell script, another thread or another process starts (a benchmark script's
+`"$PYTHON" script.py`, vLLM's engine) are forked too, from a `Zygote`: a process that has imported
+what they import and forks again for each command its `python` shim passes it. It is a fork of the
+test process, made before the test starts threads, or a fresh process of another interpreter (vLLM's
+environment). The shim runs a script or `-c` code that way and hands anything else to the
+interpreter itself.
 
 What a fork cannot give, and the tests that need it start a fresh interpreter instead: what
 happens while the libraries are imported (their warnings, a module that fails to import, an
